@@ -1,0 +1,381 @@
+"""Per-sample loss engine: the total negative log-likelihood of each text under one causal LM.
+
+The contract (DESIGN.md §3): a sample's `nll` is the sum, in nats, over every token of its text
+(encoded without special tokens) of -log p(token | preceding tokens), with exactly one prefix token
+(BOS, else EOS) in front. A document longer than the context is cut into lm-evaluation-harness's
+rolling windows: disjoint blocks of `max_length` predicted tokens, each block conditioned on the
+`max_length` tokens before its end, so every token is predicted once and `nll` equals lm-eval's
+`loglikelihood_rolling`. With `stride < max_length`, later blocks are `stride` tokens long and each is
+conditioned on a full window of earlier text: more compute, lower (better-conditioned) estimates.
+
+How it runs: all windows of all documents are cut from one flat token array, sorted by length and
+packed into batches of at most `batch_tokens` padded tokens. Right padding needs no attention mask
+under causal attention (real tokens never attend to later positions). Where the model is a backbone
+followed by a linear head (checked on a probe input at load time), only the scored positions go
+through the head, in row chunks, so full-vocabulary fp32 logits never exist for a whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+import xarray as xr
+from tqdm.auto import tqdm
+
+import mmc
+from mmc import MMCError
+from mmc.corpus import fingerprint, load_samples
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HEAD_CHUNK_ELEMENTS = 2**26  # logits per head chunk: 256 MiB in fp32
+CONTEXT_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+DEFAULT_CONTEXT = 2048  # as lm-eval, when neither config nor tokenizer says
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    revision: str
+    dtype: torch.dtype
+    device: torch.device
+    split_head: bool  # True when backbone + linear head reproduces the model's logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_local_weights(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").exists():
+        raise MMCError(f"'{path}' is not a Hugging Face model directory (no config.json)")
+    safetensors = list(path.glob("*.safetensors")) + list(path.glob("*.safetensors.index.json"))
+    pickles = [p for pattern in ("*.bin", "*.pt", "*.pth", "*.bin.index.json") for p in path.glob(pattern)]
+    if not safetensors and not pickles:
+        raise MMCError(f"model directory '{path}' has no weights (*.safetensors); save the model there first")
+    if not safetensors and not allow_pickle:
+        raise MMCError(
+            f"model directory '{path}' has only pickle weights ({pickles[0].name}), which can run code on "
+            "load; convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MMCError(f"device '{device}' was asked for but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a GPU that supports it (fp32 loss accumulation still), fp32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in choices:
+        raise MMCError(f"unknown dtype '{dtype}'; choose auto, float32, bfloat16 or float16")
+    return choices[dtype]
+
+
+def load_model(
+    model: str,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id or a local directory, in eval mode."""
+    path = Path(model)
+    if path.exists():
+        _check_local_weights(path, allow_pickle)
+    elif not HUB_ID.match(model) or model.count("/") > 1:
+        raise MMCError(f"model '{model}' is neither a local directory nor a Hugging Face hub id")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    common = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model, **common)
+        kwargs = dict(common, dtype=torch_dtype, use_safetensors=None if allow_pickle else True)
+        if device_map:
+            kwargs["device_map"] = device_map
+        try:
+            lm = transformers.AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", **kwargs)
+        except ValueError as error:  # architectures without SDPA support
+            if "sdpa" not in str(error).lower():
+                raise
+            lm = transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except MMCError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = "check the id, revision and network access" if not path.exists() else "check the directory"
+        raise MMCError(f"cannot load model '{model}': {first_line} ({hint})") from error
+    if not device_map:
+        lm.to(torch_device)
+    lm.eval()
+    input_device = lm.get_input_embeddings().weight.device
+    loaded = LoadedModel(lm, tokenizer, model, revision or "", torch_dtype, input_device, False)
+    loaded.split_head = _head_split_matches(loaded)
+    return loaded
+
+
+def _backbone_and_head(model: torch.nn.Module):
+    backbone = getattr(model, "base_model", None)
+    head = model.get_output_embeddings()
+    if backbone is None or backbone is model or not isinstance(head, torch.nn.Linear):
+        return None, None
+    return backbone, head
+
+
+@torch.inference_mode()
+def _head_split_matches(loaded: LoadedModel) -> bool:
+    """Whether backbone + head gives the model's own logits (false for soft-capped or scaled logits)."""
+    backbone, head = _backbone_and_head(loaded.model)
+    if backbone is None:
+        return False
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    probe = torch.arange(7, device=loaded.device).remainder(vocab)[None, :]
+    reference = loaded.model(input_ids=probe, use_cache=False).logits.float()
+    hidden = backbone(input_ids=probe, use_cache=False)[0]
+    tolerance = 1e-4 if loaded.dtype == torch.float32 else 2e-2
+    return torch.allclose(head(hidden).float(), reference, rtol=tolerance, atol=tolerance)
+
+
+def context_length(loaded: LoadedModel) -> int:
+    """The model's context, found as lm-eval finds it: config keys, then the tokenizer, then 2048."""
+    config = getattr(loaded.model.config, "text_config", None) or loaded.model.config
+    for key in CONTEXT_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        if value is not None:
+            return int(value)
+    model_max = getattr(loaded.tokenizer, "model_max_length", None)
+    if model_max is not None and model_max < 1e29:
+        return int(model_max)
+    return DEFAULT_CONTEXT
+
+
+def prefix_token(tokenizer) -> int:
+    """BOS when the tokenizer has one, else EOS: the one token every text is conditioned on."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise MMCError("the tokenizer has neither a BOS nor an EOS token to condition the first token on")
+    return int(token)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """Total unique parameters, and those outside the token/position embeddings and the output head."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    head = model.get_output_embeddings()
+    if head is not None:
+        embedding_params |= {id(p) for p in head.parameters()}
+    embedding = sum(p.numel() for p in model.parameters() if id(p) in embedding_params)
+    return total, total - embedding
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows
+
+
+@dataclass
+class Windows:
+    """Every window of every document, cut from one flat array of prefixed token sequences.
+
+    Window w reads `flat[start[w] : start[w] + length[w]]` and is scored on its last `n_pred[w]`
+    positions, whose targets are the following tokens.
+    """
+
+    flat: np.ndarray  # all documents as [prefix, t1, ..., tT], concatenated
+    doc: np.ndarray  # document index of each window
+    start: np.ndarray  # offset of the window's first input token in `flat`
+    length: np.ndarray  # number of input tokens
+    n_pred: np.ndarray  # number of scored (predicted) positions, at the end of the window
+
+
+def make_windows(token_lists: list[list[int]], prefix: int, max_length: int, stride: int | None = None) -> Windows:
+    """Cut documents into rolling windows (stride None or = max_length) or overlapping ones (stride < max_length)."""
+    stride = max_length if stride is None else stride
+    if not 1 <= stride <= max_length:
+        raise MMCError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
+    n_tokens = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    seq_start = np.concatenate([[0], np.cumsum(n_tokens + 1)[:-1]])
+    flat = np.empty(int((n_tokens + 1).sum()), dtype=np.int64)
+    is_prefix = np.zeros(flat.size, dtype=bool)
+    is_prefix[seq_start] = True
+    flat[is_prefix] = prefix
+    flat[~is_prefix] = np.fromiter((t for tokens in token_lists for t in tokens), dtype=np.int64, count=int(n_tokens.sum()))
+
+    # Block j of a document predicts sequence positions (s, t]; block 0 is max_length long, later ones stride.
+    n_windows = np.where(n_tokens > 0, 1 + -(-np.maximum(n_tokens - max_length, 0) // stride), 0)
+    doc = np.repeat(np.arange(len(token_lists)), n_windows)
+    j = np.arange(doc.size) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)
+    block_start = np.where(j == 0, 0, max_length + (j - 1) * stride)
+    block_end = np.minimum(np.where(j == 0, max_length, block_start + stride), n_tokens[doc])
+    input_start = np.maximum(block_end - max_length, 0)
+    return Windows(flat, doc, seq_start[doc] + input_start, block_end - input_start, block_end - block_start)
+
+
+def batches(windows: Windows, batch_tokens: int) -> list[np.ndarray]:
+    """Window indices grouped into batches, longest first, each at most `batch_tokens` padded tokens.
+
+    A window longer than the budget gets a batch of its own.
+    """
+    order = np.lexsort((np.arange(windows.length.size), -windows.length))
+    groups, i = [], 0
+    while i < order.size:
+        longest = int(windows.length[order[i]])
+        size = max(1, batch_tokens // longest)
+        groups.append(order[i : i + size])
+        i += size
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+@torch.inference_mode()
+def window_nll(loaded: LoadedModel, windows: Windows, batch: np.ndarray, split_head: bool | None = None) -> np.ndarray:
+    """Summed NLL (nats) of the scored positions of each window in `batch` (fp32 log-softmax)."""
+    lengths = windows.length[batch]
+    width = int(lengths.max())
+    positions = np.arange(width + 1)
+    gather = np.minimum(windows.start[batch, None] + positions, windows.flat.size - 1)
+    tokens = torch.from_numpy(windows.flat[gather]).to(loaded.device)
+    valid_end = torch.from_numpy(lengths).to(loaded.device)[:, None]
+    first_scored = valid_end - torch.from_numpy(windows.n_pred[batch]).to(loaded.device)[:, None]
+    column = torch.arange(width, device=loaded.device)[None, :]
+    scored = (column >= first_scored) & (column < valid_end)
+    inputs = torch.where(column < valid_end, tokens[:, :width], 0)
+    targets = tokens[:, 1:][scored]
+    row_of_score = torch.arange(len(batch), device=loaded.device)[:, None].expand(-1, width)[scored]
+
+    use_split = loaded.split_head if split_head is None else split_head
+    if use_split:
+        backbone, head = _backbone_and_head(loaded.model)
+        hidden = backbone(input_ids=inputs, use_cache=False)[0][scored]
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // head.out_features)
+        token_nll = torch.cat([
+            F.cross_entropy(head(hidden[i : i + chunk]).float(), targets[i : i + chunk], reduction="none")
+            for i in range(0, hidden.shape[0], chunk)
+        ])
+    else:
+        logits = loaded.model(input_ids=inputs, use_cache=False).logits[scored].float()
+        token_nll = F.cross_entropy(logits, targets, reduction="none")
+    per_window = torch.zeros(len(batch), dtype=torch.float64, device=loaded.device)
+    per_window.index_add_(0, row_of_score, token_nll.double())
+    return per_window.cpu().numpy()
+
+
+def score_texts(
+    loaded: LoadedModel,
+    texts: list[str],
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_tokens: int = 16384,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-text total NLL (nats, float64) and number of scored tokens."""
+    limit = context_length(loaded)
+    max_length = limit if max_length is None else max_length
+    if not 1 <= max_length <= limit:
+        raise MMCError(f"max_length must be between 1 and the model's context ({limit}), got {max_length}")
+    token_lists = loaded.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    windows = make_windows(token_lists, prefix_token(loaded.tokenizer), max_length, stride)
+    nll_per_window = np.zeros(windows.doc.size)
+    groups = batches(windows, batch_tokens)
+    bar = tqdm(total=int(windows.n_pred.sum()), unit="tok", desc="scoring", disable=None if progress is None else not progress)
+    for batch in groups:
+        nll_per_window[batch] = window_nll(loaded, windows, batch)
+        bar.update(int(windows.n_pred[batch].sum()))
+    bar.close()
+    nll = np.bincount(windows.doc, weights=nll_per_window, minlength=len(texts))
+    n_tokens = np.bincount(windows.doc, weights=windows.n_pred, minlength=len(texts)).astype(np.int64)
+    return nll, n_tokens
+
+
+def compute_losses(
+    model: str,
+    data_dir: str | Path,
+    *,
+    split: str = "eval",
+    family: str = "",
+    revision: str | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_tokens: int = 16384,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    limit: int | None = None,
+) -> xr.Dataset:
+    """Score an evaluation set with one model: the loss store's content (DESIGN.md §3, "Loss store")."""
+    samples = load_samples(data_dir, split)
+    if limit is not None:
+        samples = samples.select(range(min(limit, len(samples))))
+    sample_ids, texts = list(samples["sample_id"]), list(samples["text"])
+    loaded = load_model(model, revision=revision, device=device, dtype=dtype, device_map=device_map,
+                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    window_length = context_length(loaded) if max_length is None else max_length
+    nll, n_tokens = score_texts(loaded, texts, max_length=window_length, stride=stride, batch_tokens=batch_tokens)
+    if "n_bytes" in samples.column_names:
+        n_bytes = np.asarray(samples["n_bytes"], dtype=np.int64)
+    else:
+        n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    n_params, n_params_nonembedding = count_parameters(loaded.model)
+    prefix = prefix_token(loaded.tokenizer)
+    coords = {"sample": np.asarray(sample_ids, dtype=object)}
+    if "domain" in samples.column_names:
+        coords["domain"] = ("sample", np.asarray(samples["domain"], dtype=object))
+    attrs = {
+        "model": model,
+        "revision": loaded.revision,
+        "family": family,
+        "n_params": int(n_params),
+        "n_params_nonembedding": int(n_params_nonembedding),
+        "tokenizer": f"{type(loaded.tokenizer).__name__}:{getattr(loaded.tokenizer, 'name_or_path', model)}",
+        "vocab_size": int(len(loaded.tokenizer)),
+        "max_length": int(window_length),
+        "window": "rolling" if stride in (None, window_length) else f"stride={stride}",
+        "prefix_token": json.dumps({"id": prefix, "token": loaded.tokenizer.convert_ids_to_tokens(prefix)}),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "head": "chunked" if loaded.split_head else "full-logits",
+        "dataset_fingerprint": fingerprint(sample_ids, texts),
+        "n_samples": len(sample_ids),
+        "mmc_version": mmc.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    return xr.Dataset(
+        {
+            "nll": ("sample", nll.astype(np.float64), {"units": "nats", "long_name": "total negative log-likelihood"}),
+            "n_tokens": ("sample", n_tokens),
+            "n_bytes": ("sample", n_bytes),
+        },
+        coords=coords,
+        attrs=attrs,
+    )
+
+
+def bits_per_byte(nll: np.ndarray, n_bytes: np.ndarray) -> float:
+    """Corpus-level bits per byte: Σ nll / (Σ n_bytes · ln 2)."""
+    return float(np.sum(nll) / (np.sum(n_bytes) * math.log(2)))
