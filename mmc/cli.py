@@ -38,9 +38,9 @@ def _run_losses(args: argparse.Namespace) -> None:
           f"{float(dataset.nll.sum()):.1f} nats")
 
 
-def _add_losses(subparsers) -> None:
+def _add_losses(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
-        "losses", help="score an evaluation set with one causal LM into a Zarr loss store",
+        "losses", parents=[common], help="score an evaluation set with one causal LM into a Zarr loss store",
         description="Per-sample total NLL (nats) of every text, lm-eval rolling windows for long ones.",
         epilog=EPILOG_LOSSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face hub id or local model directory")
@@ -64,29 +64,103 @@ def _add_losses(subparsers) -> None:
     parser.set_defaults(run=_run_losses)
 
 
-COMMANDS: list[Callable] = [_add_losses]
+EPILOG_CORPUS = """examples:
+  mmc corpus --out data/corpus                      # Python's standard library: no network needed
+  mmc corpus --source files --path 'texts/**/*.jsonl' --domain-field topic --out data/corpus
+  mmc corpus --source hf --hf-name allenai/c4 --hf-config en --hf-split 'validation[:20000]' \\
+             --max-eval-docs-per-domain 2000 --out data/corpus
+"""
+
+
+def _comma_list(text: str) -> list[str] | None:
+    return [item.strip() for item in text.split(",") if item.strip()] or None
+
+
+def _run_corpus(args: argparse.Namespace) -> None:
+    from mmc.corpus import make_corpus
+
+    metadata = make_corpus(
+        args.out, args.source, path=args.path, hf_name=args.hf_name, hf_config=args.hf_config,
+        hf_split=args.hf_split, text_field=args.text_field, domain_field=args.domain_field,
+        max_chars=args.max_chars, eval_fraction=args.eval_fraction,
+        max_train_docs_per_domain=args.max_train_docs_per_domain,
+        max_eval_docs_per_domain=args.max_eval_docs_per_domain, domains=args.domains,
+    )
+    splits = ", ".join(f"{name} {counts['n_docs']} docs {counts['n_bytes'] / 1e6:.2f} MB"
+                       for name, counts in metadata["splits"].items())
+    print(f"wrote {args.out}: {splits}, {len(metadata['domains'])} domains, fingerprint {metadata['fingerprint']}")
+
+
+def _add_corpus(subparsers, common: argparse.ArgumentParser) -> None:
+    # defaults are spelled out (tests/test_corpus.py checks them against mmc.corpus): importing it here
+    # would load datasets and pandas for every command, --help included
+    parser = subparsers.add_parser(
+        "corpus", parents=[common],
+        help="build the train/eval text corpus (default: Python's standard library, offline)",
+        description="Read documents from a source, cut them at line ends into chunks of at most --max-chars, drop "
+                    "empty and duplicate texts, split train/eval by a hash of each text, cap each domain, and save "
+                    "a datasets DatasetDict (sample_id, domain, text, n_bytes) plus corpus.json, atomically.",
+        epilog=EPILOG_CORPUS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="stdlib", choices=("stdlib", "hf", "files"),
+                        help="stdlib (sources and docs of this Python), hf (datasets.load_dataset) or files "
+                             "(local .txt/.jsonl/.json/.parquet); default stdlib")
+    parser.add_argument("--out", default="data/corpus", help="output folder, replaced atomically (default data/corpus)")
+    parser.add_argument("--path", help="files: glob of input files, quoted; ** reaches into subfolders")
+    parser.add_argument("--hf-name", help="hf: hub dataset id or local data folder")
+    parser.add_argument("--hf-config", type=_optional_str, default=None, help="hf: dataset configuration name")
+    parser.add_argument("--hf-split", default="train",
+                        help="hf: split, slicing allowed, e.g. 'train[:10000]' (default train)")
+    parser.add_argument("--text-field", default="text", help="hf/files: field holding the text (default text)")
+    parser.add_argument("--domain-field", type=_optional_str, default=None,
+                        help="hf/files: field holding the domain label (default: dataset name, or the file's folder)")
+    parser.add_argument("--max-chars", type=int, default=2000,
+                        help="longest document in characters; longer ones are cut at line ends (default 2000)")
+    parser.add_argument("--eval-fraction", type=float, default=0.1,
+                        help="share of documents hashed into eval (default 0.1)")
+    parser.add_argument("--max-train-docs-per-domain", type=_optional_int, default=2000,
+                        help="train documents kept per domain, or none for all (default 2000)")
+    parser.add_argument("--max-eval-docs-per-domain", type=_optional_int, default=200,
+                        help="eval documents kept per domain, or none for all (default 200)")
+    parser.add_argument("--domains", type=_comma_list, default=None,
+                        help="comma-separated domains to keep (default: all)")
+    parser.set_defaults(run=_run_corpus)
+
+
+COMMANDS: list[Callable] = [_add_losses, _add_corpus]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    common.add_argument("--stage", default="", help="DVC stage name shown in error messages (e.g. losses@gpt2-s)")
     parser = argparse.ArgumentParser(
         prog="mmc", description="Scaling laws of multi-model collaboration and model merging.")
     parser.add_argument("--version", action="version", version=f"mmc {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.add_argument("--context", default="", help=argparse.SUPPRESS)  # e.g. losses@slug, for messages
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
-        add(subparsers)
+        add(subparsers, common)
     return parser
+
+
+def _quiet_libraries_off_terminal() -> None:
+    """Library progress bars only on a terminal: DVC logs and CI output stay readable."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries_off_terminal()
     try:
         args.run(args)
     except MMCError as error:
         if args.debug:
             raise
-        where = args.context or args.command
+        where = args.stage or args.command
         print(f"mmc {where}: error: {error}", file=sys.stderr)
         return 2
     return 0

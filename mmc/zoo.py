@@ -6,11 +6,14 @@ text and total NLLs in nats are comparable across tokenizers.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 
 from mmc import MMCError
 
@@ -78,3 +81,86 @@ def save_model(model: transformers.PreTrainedModel, tokenizer, path: str | Path)
     """Save weights (safetensors) and tokenizer as a directory `from_pretrained` loads."""
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
+    """All texts as one token array, each preceded by the prefix token (as they are scored)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    token_lists = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
+    stream = np.empty(int(lengths.sum()), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    is_prefix = np.zeros(stream.size, dtype=bool)
+    is_prefix[starts] = True
+    stream[is_prefix] = prefix
+    stream[~is_prefix] = np.fromiter((t for tokens in token_lists for t in tokens), dtype=np.int64,
+                                     count=int(lengths.sum()) - len(token_lists))
+    return stream
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to a tenth of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_member(
+    train_texts: list[str],
+    *,
+    family: str,
+    tokenizer_kind: str,
+    vocab_size: int,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    context: int,
+    train_tokens: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int,
+    seed: int,
+    device: str = "auto",
+    log_every: int = 10,
+    progress: bool | None = None,
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerFast, list[dict]]:
+    """Train one zoo member from scratch on a token budget: its own tokenizer, AdamW, cosine schedule.
+
+    Batches are random windows of `context + 1` tokens from the concatenated training stream,
+    drawn from a generator seeded with `seed`, so a run is reproducible on the same machine.
+    """
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                ("cpu" if device == "auto" else device))
+    tokenizer = train_tokenizer(tokenizer_kind, train_texts, vocab_size)
+    stream = torch.from_numpy(token_stream(tokenizer, train_texts))
+    if stream.numel() < 2 * (context + 1):
+        raise MMCError(f"the training split has only {stream.numel()} tokens; it needs more than one context")
+    config = model_config(family, tokenizer, d_model=d_model, n_layers=n_layers, n_heads=n_heads, context=context)
+    model = init_model(config, seed).to(torch_device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.95))
+    steps = max(1, train_tokens // (batch_size * context))
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(context + 1)
+    log: list[dict] = []
+    bar = tqdm(range(steps), desc=f"train {family} d={d_model} L={n_layers}", unit="step",
+               disable=None if progress is None else not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup_steps)
+        starts = torch.randint(0, stream.numel() - context - 1, (batch_size,), generator=generator)
+        window = stream[starts[:, None] + offsets].to(torch_device)
+        logits = model(input_ids=window[:, :-1], use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % log_every == 0 or step == steps - 1:
+            log.append({"step": step, "tokens": (step + 1) * batch_size * context,
+                        "loss": round(float(loss), 5), "lr": optimizer.param_groups[0]["lr"]})
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    return model.eval().cpu(), tokenizer, log

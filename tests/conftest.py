@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import datasets
-import pytest
-
-from mmc import zoo
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+
+from mmc import zoo  # noqa: E402
+
+datasets.disable_progress_bars()
 
 CONTEXT = 32
 
@@ -57,7 +59,8 @@ def save_eval_set(path: Path, texts: list[str], domains: list[str] | None = None
     columns = {"sample_id": [f"s{i:03d}" for i in range(len(texts))], "text": texts}
     if domains is not None:
         columns["domain"] = domains
-    datasets.Dataset.from_dict(columns).save_to_disk(str(path))
+    features = datasets.Features({name: datasets.Value("string") for name in columns})
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(path))
     return path
 
 
