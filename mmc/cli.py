@@ -73,6 +73,8 @@ EPILOG_CORPUS = """examples:
 
 
 def _comma_list(text: str) -> list[str] | None:
+    if _optional_str(text) is None:
+        return None
     return [item.strip() for item in text.split(",") if item.strip()] or None
 
 
@@ -105,8 +107,9 @@ def _add_corpus(subparsers, common: argparse.ArgumentParser) -> None:
                         help="stdlib (sources and docs of this Python), hf (datasets.load_dataset) or files "
                              "(local .txt/.jsonl/.json/.parquet); default stdlib")
     parser.add_argument("--out", default="data/corpus", help="output folder, replaced atomically (default data/corpus)")
-    parser.add_argument("--path", help="files: glob of input files, quoted; ** reaches into subfolders")
-    parser.add_argument("--hf-name", help="hf: hub dataset id or local data folder")
+    parser.add_argument("--path", type=_optional_str, default=None,
+                        help="files: glob of input files, quoted; ** reaches into subfolders")
+    parser.add_argument("--hf-name", type=_optional_str, default=None, help="hf: hub dataset id or local data folder")
     parser.add_argument("--hf-config", type=_optional_str, default=None, help="hf: dataset configuration name")
     parser.add_argument("--hf-split", default="train",
                         help="hf: split, slicing allowed, e.g. 'train[:10000]' (default train)")
@@ -126,7 +129,60 @@ def _add_corpus(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_corpus)
 
 
-COMMANDS: list[Callable] = [_add_losses, _add_corpus]
+EPILOG_ZOO = """example:
+  mmc zoo train --corpus data/corpus/train --family llama --tokenizer metaspace_bpe --vocab-size 1024 \\
+                --d-model 64 --n-layers 2 --n-heads 2 --context 128 --train-tokens 600000 --batch-size 16 \\
+                --lr 0.006 --warmup-steps 20 --seed 0 --out data/zoo/llama-s --log plots/zoo/llama-s.csv
+"""
+
+
+def _run_zoo_train(args: argparse.Namespace) -> None:
+    from mmc.zoo import train_zoo_member
+
+    summary = train_zoo_member(
+        args.corpus, args.out, args.log, family=args.family, tokenizer_kind=args.tokenizer,
+        vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+        context=args.context, train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
+    )
+    print(f"wrote {args.out}: {args.family}, {summary['n_params']:,} parameters "
+          f"({summary['n_params_nonembedding']:,} non-embedding), final train loss {summary['final_train_loss']:.4f}")
+
+
+def _add_zoo(subparsers, common: argparse.ArgumentParser) -> None:
+    # choices are spelled out (tests/test_zoo.py checks them against mmc.zoo): importing it here would load
+    # torch and transformers for every command, --help included
+    parser = subparsers.add_parser("zoo", help="the embedded model zoo: train small causal LMs from scratch",
+                                   description="The embedded model zoo (see `mmc zoo train --help`).")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = actions.add_parser(
+        "train", parents=[common], help="train one zoo member (its own tokenizer, then the model) on a train split",
+        description="Train a tokenizer of the given kind on the train split, then a causal LM of the given family "
+                    "and size from scratch on random windows of the tokenised split (AdamW, linear warm-up then "
+                    "cosine decay to a tenth, seeded). Saves a Hugging Face model directory atomically.",
+        epilog=EPILOG_ZOO, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--corpus", required=True, help="train split saved with save_to_disk (e.g. data/corpus/train)")
+    train.add_argument("--out", required=True, help="output model directory, written atomically")
+    train.add_argument("--log", type=_optional_str, default=None, help="CSV of the training curve (for dvc plots)")
+    train.add_argument("--family", required=True, choices=("gpt2", "llama", "gpt_neox"), help="architecture family")
+    train.add_argument("--tokenizer", required=True, choices=("byte_bpe", "byte_bpe_bos", "metaspace_bpe"),
+                       help="tokenizer kind (all lossless): byte_bpe (GPT-2, EOS only), byte_bpe_bos "
+                            "(Pythia-style BOS=EOS), metaspace_bpe (Llama-style, byte fallback, BOS <s>)")
+    train.add_argument("--vocab-size", type=int, required=True, help="tokenizer vocabulary size")
+    train.add_argument("--d-model", type=int, required=True, help="hidden width (the MLP is 4x wider)")
+    train.add_argument("--n-layers", type=int, required=True, help="number of transformer blocks")
+    train.add_argument("--n-heads", type=int, required=True, help="attention heads (must divide --d-model)")
+    train.add_argument("--context", type=int, default=128, help="context length in tokens (default 128)")
+    train.add_argument("--train-tokens", type=int, required=True, help="training budget in tokens")
+    train.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
+    train.add_argument("--lr", type=float, required=True, help="peak learning rate")
+    train.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps (default 20)")
+    train.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch sampling (default 0)")
+    train.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    train.set_defaults(run=_run_zoo_train)
+
+
+COMMANDS: list[Callable] = [_add_losses, _add_corpus, _add_zoo]
 
 
 def build_parser() -> argparse.ArgumentParser:

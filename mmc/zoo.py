@@ -6,16 +6,20 @@ text and total NLLs in nats are comparable across tokenizers.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
+import mmc
 from mmc import MMCError
+from mmc.store import atomic_path
 
 # Tokenizer kinds: how text becomes tokens, and which special tokens frame it.
 TOKENIZER_KINDS = ("byte_bpe", "byte_bpe_bos", "metaspace_bpe")
@@ -98,6 +102,21 @@ def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
     return stream
 
 
+def unigram_nll(tokenizer, train_texts: list[str], eval_texts: list[str]) -> np.ndarray:
+    """Per-text NLL (nats) of `eval_texts` under the tokenizer's unigram distribution on `train_texts`.
+
+    The baseline a language model must beat: token frequencies of the training split, add-one smoothed over
+    the vocabulary, scored on the same tokens (text without special tokens) the loss engine scores.
+    """
+    counts = np.bincount(np.concatenate(tokenizer(train_texts, add_special_tokens=False, verbose=False)["input_ids"]),
+                         minlength=len(tokenizer)).astype(np.float64) + 1.0
+    log_prob = np.log(counts / counts.sum())
+    token_lists = tokenizer(eval_texts, add_special_tokens=False, verbose=False)["input_ids"]
+    lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+    token_nll = -log_prob[np.concatenate(token_lists).astype(np.int64)]
+    return np.bincount(np.repeat(np.arange(len(token_lists)), lengths), weights=token_nll, minlength=len(token_lists))
+
+
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up to `peak`, then cosine decay to a tenth of it."""
     if step < warmup:
@@ -132,6 +151,10 @@ def train_member(
     """
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 ("cpu" if device == "auto" else device))
+    if d_model % n_heads:
+        raise MMCError(f"--n-heads {n_heads} must divide --d-model {d_model}")
+    if train_tokens < batch_size * context:
+        raise MMCError(f"--train-tokens {train_tokens} is less than one batch ({batch_size} x {context} tokens)")
     tokenizer = train_tokenizer(tokenizer_kind, train_texts, vocab_size)
     stream = torch.from_numpy(token_stream(tokenizer, train_texts))
     if stream.numel() < 2 * (context + 1):
@@ -161,6 +184,34 @@ def train_member(
         optimizer.step()
         if step % log_every == 0 or step == steps - 1:
             log.append({"step": step, "tokens": (step + 1) * batch_size * context,
-                        "loss": round(float(loss), 5), "lr": optimizer.param_groups[0]["lr"]})
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+                        "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval().cpu(), tokenizer, log
+
+
+def train_zoo_member(corpus_train: str | Path, out: str | Path, log_csv: str | Path | None = None,
+                     **hyperparameters) -> dict:
+    """What `mmc zoo train` does: train one member on a corpus's train split and save it, atomically.
+
+    `out` becomes a Hugging Face model directory (config, safetensors weights, tokenizer) plus `mmc_zoo.json`
+    (the hyperparameters, parameter counts and final training loss); `log_csv` gets the training curve
+    (step, tokens, loss, lr) for `dvc plots`. Returns the content of `mmc_zoo.json`.
+    """
+    from mmc.corpus import load_samples
+    from mmc.losses import count_parameters
+
+    texts = list(load_samples(corpus_train, split="train")["text"])
+    model, tokenizer, log = train_member(texts, **hyperparameters)
+    n_params, n_params_nonembedding = count_parameters(model)
+    summary = {"hyperparameters": hyperparameters, "n_params": n_params,
+               "n_params_nonembedding": n_params_nonembedding, "vocab_size": len(tokenizer),
+               "final_train_loss": log[-1]["loss"], "train_tokens_seen": log[-1]["tokens"],
+               "mmc_version": mmc.__version__}
+    with atomic_path(out) as tmp:
+        save_model(model, tokenizer, tmp)
+        (tmp / "mmc_zoo.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if log_csv is not None:
+        Path(log_csv).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(log_csv) as tmp:
+            pd.DataFrame(log).to_csv(tmp, index=False)
+    return summary

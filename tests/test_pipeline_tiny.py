@@ -1,0 +1,86 @@
+"""The whole pipeline on the tiny preset, as a user runs it: `dvc repro` in a fresh copy of the project."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+import yaml
+
+from mmc import zoo
+from mmc.corpus import load_samples
+from mmc.store import open_store
+from test_pipeline_losses import ran_stages, sh
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "stages", "mmc", "presets", "pyproject.toml", "README.md")
+TINY_BUDGET_S = 180  # issue 3: the tiny preset runs the whole pipeline in at most 3 minutes on 2 CPU cores
+
+
+def make_project(repo: Path, params: Path) -> Path:
+    """A fresh git+DVC repository holding the project's pipeline, with `params` as its params.yaml."""
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, repo / name)
+    shutil.copy(params, repo / "params.yaml")
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "config", "core.analytics", "false")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> tuple[Path, list[str], float]:
+    """The tiny preset, reproduced once: (repo, stages that ran, seconds)."""
+    repo = make_project(tmp_path_factory.mktemp("tiny") / "repo", ROOT / "presets" / "tiny.yaml")
+    start = time.perf_counter()
+    output = sh(repo, "dvc", "repro")
+    return repo, ran_stages(output), time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_tiny_preset_runs_every_stage_within_budget(tiny_repo):
+    repo, ran, seconds = tiny_repo
+    print(f"tiny preset: dvc repro took {seconds:.1f} s")
+    stages = sorted(line.split()[0] for line in sh(repo, "dvc", "stage", "list").splitlines() if line.strip())
+    assert ran == stages
+    assert seconds <= TINY_BUDGET_S
+    assert ran_stages(sh(repo, "dvc", "repro")) == []
+
+
+@pytest.mark.slow
+def test_tiny_zoo_members_are_real_models_that_beat_unigram(tiny_repo):
+    repo, _, _ = tiny_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    train = list(load_samples(repo / "data" / "corpus" / "train")["text"])
+    evaluation = load_samples(repo / "data" / "corpus" / "eval")
+    corpus = json.loads((repo / "data" / "corpus" / "corpus.json").read_text())
+    vocabularies: dict[str, set[int]] = {}
+    for member, spec in params["zoo"]["members"].items():
+        path = repo / "data" / "zoo" / member
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        assert model.config.model_type == spec["family"] and model.config.hidden_size == spec["d_model"]
+        store = open_store(repo / "data" / "losses" / f"{member}.zarr")
+        assert store.attrs["dataset_fingerprint"] == corpus["fingerprint"]
+        assert store.attrs["n_params"] == sum(p.numel() for p in model.parameters())
+        curve = (repo / "plots" / "zoo" / f"{member}.csv").read_text().splitlines()
+        assert curve[0] == "step,tokens,loss,lr"
+        unigram = zoo.unigram_nll(tokenizer, train, list(evaluation["text"]))
+        assert float(store.nll.sum()) < 0.95 * unigram.sum(), member
+        vocabularies.setdefault(spec["family"], set()).add(len(tokenizer))
+    # at least three families, each with its own tokenizer (one vocabulary per family, no two alike)
+    assert len(vocabularies) >= 3 and all(len(sizes) == 1 for sizes in vocabularies.values())
+    assert len(set.union(*vocabularies.values())) == len(vocabularies)
+    assert np.array_equal(np.sort(open_store(repo / "data" / "losses" / "gpt2-xs.zarr").sample.values),
+                          np.sort(np.asarray(evaluation["sample_id"])))
