@@ -140,7 +140,7 @@ def _run_zoo_train(args: argparse.Namespace) -> None:
     from mmc.zoo import train_zoo_member
 
     summary = train_zoo_member(
-        args.corpus, args.out, args.log, family=args.family, tokenizer_kind=args.tokenizer,
+        args.corpus, args.out, args.log, domains=args.domains, family=args.family, tokenizer_kind=args.tokenizer,
         vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
         context=args.context, train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
@@ -168,6 +168,8 @@ def _add_zoo(subparsers, common: argparse.ArgumentParser) -> None:
     train.add_argument("--tokenizer", required=True, choices=("byte_bpe", "byte_bpe_bos", "metaspace_bpe"),
                        help="tokenizer kind (all lossless): byte_bpe (GPT-2, EOS only), byte_bpe_bos "
                             "(Pythia-style BOS=EOS), metaspace_bpe (Llama-style, byte fallback, BOS <s>)")
+    train.add_argument("--domains", type=_comma_list, default=None,
+                       help="comma-separated domains of the split to train on (default: all)")
     train.add_argument("--vocab-size", type=int, required=True, help="tokenizer vocabulary size")
     train.add_argument("--d-model", type=int, required=True, help="hidden width (the MLP is 4x wider)")
     train.add_argument("--n-layers", type=int, required=True, help="number of transformer blocks")
@@ -182,7 +184,50 @@ def _add_zoo(subparsers, common: argparse.ArgumentParser) -> None:
     train.set_defaults(run=_run_zoo_train)
 
 
-COMMANDS: list[Callable] = [_add_losses, _add_corpus, _add_zoo]
+EPILOG_EXPERTS = """example:
+  mmc experts train --base data/zoo/gpt2-m --corpus data/corpus/train --domain tests --train-tokens 60000 \\
+                    --lr 0.001 --out data/experts/gpt2-m/tests --log plots/experts/gpt2-m-tests.csv
+"""
+
+
+def _run_experts_train(args: argparse.Namespace) -> None:
+    from mmc.zoo import train_expert
+
+    summary = train_expert(
+        args.base, args.corpus, args.domain, args.out, args.log, revision=args.revision, context=args.context,
+        train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        seed=args.seed, device=args.device,
+    )
+    print(f"wrote {args.out}: {args.base} fine-tuned on {args.domain}, final train loss {summary['final_train_loss']:.4f}")
+
+
+def _add_experts(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser("experts", help="domain experts: fine-tune a base model on one domain",
+                                   description="Domain experts for model merging (see `mmc experts train --help`).")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = actions.add_parser(
+        "train", parents=[common], help="fully fine-tune a base causal LM on one domain of a train split",
+        description="Fine-tune every weight of BASE on the documents of one domain (random windows of the base's "
+                    "context, AdamW without weight decay, warm-up then cosine decay, seeded) and save the expert "
+                    "as a Hugging Face model directory with the base's tokenizer, atomically.",
+        epilog=EPILOG_EXPERTS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--base", required=True, help="base model: local directory or hub id")
+    train.add_argument("--revision", type=_optional_str, default=None, help="hub revision of the base")
+    train.add_argument("--corpus", required=True, help="train split saved with save_to_disk, with a domain column")
+    train.add_argument("--domain", required=True, help="the domain to specialise in")
+    train.add_argument("--out", required=True, help="output model directory, written atomically")
+    train.add_argument("--log", type=_optional_str, default=None, help="CSV of the training curve (for dvc plots)")
+    train.add_argument("--context", type=_optional_int, default=None, help="window length (default: the base's)")
+    train.add_argument("--train-tokens", type=int, required=True, help="fine-tuning budget in tokens")
+    train.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
+    train.add_argument("--lr", type=float, required=True, help="peak learning rate")
+    train.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default 10)")
+    train.add_argument("--seed", type=int, default=0, help="seed for batch sampling (default 0)")
+    train.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    train.set_defaults(run=_run_experts_train)
+
+
+COMMANDS: list[Callable] = [_add_losses, _add_corpus, _add_zoo, _add_experts]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,12 +58,14 @@ def train_tokenizer(kind: str, texts, vocab_size: int) -> transformers.PreTraine
 
 
 def model_config(family: str, tokenizer, *, d_model: int, n_layers: int, n_heads: int, context: int):
-    """A transformers config for one zoo member; the feed-forward width is 4·d_model."""
+    """A transformers config for one zoo member; the feed-forward width is 4·d_model, no dropout (as for
+    the other families: runs far shorter than an epoch do not need it)."""
     common = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id or tokenizer.eos_token_id,
               "eos_token_id": tokenizer.eos_token_id}
     if family == "gpt2":
         return transformers.GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=context,
-                                       n_inner=4 * d_model, **common)
+                                       n_inner=4 * d_model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       **common)
     if family == "llama":
         return transformers.LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
                                         num_key_value_heads=n_heads, intermediate_size=4 * d_model,
@@ -144,33 +146,60 @@ def train_member(
     log_every: int = 10,
     progress: bool | None = None,
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerFast, list[dict]]:
-    """Train one zoo member from scratch on a token budget: its own tokenizer, AdamW, cosine schedule.
+    """Train one zoo member from scratch on a token budget: its own tokenizer, then the model (`fit_model`)."""
+    if d_model % n_heads:
+        raise MMCError(f"--n-heads {n_heads} must divide --d-model {d_model}")
+    tokenizer = train_tokenizer(tokenizer_kind, train_texts, vocab_size)
+    config = model_config(family, tokenizer, d_model=d_model, n_layers=n_layers, n_heads=n_heads, context=context)
+    model = init_model(config, seed)
+    log = fit_model(model, token_stream(tokenizer, train_texts), context=context, train_tokens=train_tokens,
+                    batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, weight_decay=0.1, seed=seed,
+                    device=device, log_every=log_every, progress=progress,
+                    description=f"train {family} d={d_model} L={n_layers}")
+    return model, tokenizer, log
 
-    Batches are random windows of `context + 1` tokens from the concatenated training stream,
-    drawn from a generator seeded with `seed`, so a run is reproducible on the same machine.
+
+def fit_model(
+    model: transformers.PreTrainedModel,
+    stream: np.ndarray,
+    *,
+    context: int,
+    train_tokens: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int,
+    weight_decay: float,
+    seed: int,
+    device: str = "auto",
+    log_every: int = 10,
+    progress: bool | None = None,
+    description: str = "train",
+) -> list[dict]:
+    """Train `model` in place on random windows of a token stream; returns the training log.
+
+    The one training loop of the project (zoo members from scratch, experts from a base): AdamW (no decay on
+    biases and norms), linear warm-up then cosine decay to a tenth of `lr`, gradient clipping at 1, batches of
+    `batch_size` windows of `context + 1` tokens drawn from a generator seeded with `seed`, so a run is
+    reproducible on the same machine. The model ends in eval mode on the CPU.
     """
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 ("cpu" if device == "auto" else device))
-    if d_model % n_heads:
-        raise MMCError(f"--n-heads {n_heads} must divide --d-model {d_model}")
     if train_tokens < batch_size * context:
         raise MMCError(f"--train-tokens {train_tokens} is less than one batch ({batch_size} x {context} tokens)")
-    tokenizer = train_tokenizer(tokenizer_kind, train_texts, vocab_size)
-    stream = torch.from_numpy(token_stream(tokenizer, train_texts))
-    if stream.numel() < 2 * (context + 1):
-        raise MMCError(f"the training split has only {stream.numel()} tokens; it needs more than one context")
-    config = model_config(family, tokenizer, d_model=d_model, n_layers=n_layers, n_heads=n_heads, context=context)
-    model = init_model(config, seed).to(torch_device).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.95))
+    if stream.size < 2 * (context + 1):
+        raise MMCError(f"the training text has only {stream.size} tokens; it needs more than one context")
+    stream = torch.from_numpy(stream)
+    torch.manual_seed(seed)  # dropout and other stochastic layers of a base draw from the global generator
+    model.to(torch_device).train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     steps = max(1, train_tokens // (batch_size * context))
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.arange(context + 1)
     log: list[dict] = []
-    bar = tqdm(range(steps), desc=f"train {family} d={d_model} L={n_layers}", unit="step",
-               disable=None if progress is None else not progress)
+    bar = tqdm(range(steps), desc=description, unit="step", disable=None if progress is None else not progress)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup_steps)
@@ -186,12 +215,30 @@ def train_member(
             log.append({"step": step, "tokens": (step + 1) * batch_size * context,
                         "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval().cpu(), tokenizer, log
+    model.eval().cpu()
+    return log
+
+
+def domain_texts(samples, domains: list[str] | None) -> list[str]:
+    """The texts of `samples` (a dataset with `text` and `domain` columns) in `domains`; all of them for None."""
+    if not domains:
+        return list(samples["text"])
+    if "domain" not in samples.column_names:
+        raise MMCError("--domains needs a training split with a 'domain' column")
+    frame = samples.select_columns(["domain", "text"]).to_pandas()
+    unknown = sorted(set(domains) - set(frame.domain))
+    if unknown:
+        raise MMCError(f"--domains names {', '.join(unknown)}, which the training split lacks "
+                       f"(it has: {', '.join(sorted(set(frame.domain)))})")
+    return frame.text[frame.domain.isin(domains)].tolist()
 
 
 def train_zoo_member(corpus_train: str | Path, out: str | Path, log_csv: str | Path | None = None,
-                     **hyperparameters) -> dict:
+                     domains: list[str] | None = None, **hyperparameters) -> dict:
     """What `mmc zoo train` does: train one member on a corpus's train split and save it, atomically.
+
+    `domains` restricts training (tokenizer and model) to those domains of the split: members of different
+    families can be given different data mixes, as real model families are.
 
     `out` becomes a Hugging Face model directory (config, safetensors weights, tokenizer) plus `mmc_zoo.json`
     (the hyperparameters, parameter counts and final training loss); `log_csv` gets the training curve
@@ -200,10 +247,10 @@ def train_zoo_member(corpus_train: str | Path, out: str | Path, log_csv: str | P
     from mmc.corpus import load_samples
     from mmc.losses import count_parameters
 
-    texts = list(load_samples(corpus_train, split="train")["text"])
+    texts = domain_texts(load_samples(corpus_train, split="train"), domains)
     model, tokenizer, log = train_member(texts, **hyperparameters)
     n_params, n_params_nonembedding = count_parameters(model)
-    summary = {"hyperparameters": hyperparameters, "n_params": n_params,
+    summary = {"hyperparameters": hyperparameters, "domains": domains, "n_params": n_params,
                "n_params_nonembedding": n_params_nonembedding, "vocab_size": len(tokenizer),
                "final_train_loss": log[-1]["loss"], "train_tokens_seen": log[-1]["tokens"],
                "mmc_version": mmc.__version__}
@@ -211,7 +258,41 @@ def train_zoo_member(corpus_train: str | Path, out: str | Path, log_csv: str | P
         save_model(model, tokenizer, tmp)
         (tmp / "mmc_zoo.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if log_csv is not None:
-        Path(log_csv).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(log_csv) as tmp:
-            pd.DataFrame(log).to_csv(tmp, index=False)
+        write_log(log, log_csv)
+    return summary
+
+
+def write_log(log: list[dict], path: str | Path) -> None:
+    """A training log as a CSV (step, tokens, loss, lr) for `dvc plots`, written atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pd.DataFrame(log).to_csv(tmp, index=False)
+
+
+def train_expert(base: str, corpus_train: str | Path, domain: str, out: str | Path,
+                 log_csv: str | Path | None = None, *, revision: str | None = None, context: int | None = None,
+                 train_tokens: int, batch_size: int, lr: float, warmup_steps: int, seed: int,
+                 device: str = "auto") -> dict:
+    """What `mmc experts train` does: fully fine-tune `base` on one domain of a train split; save atomically.
+
+    The expert keeps the base's architecture and tokenizer, so experts of one base can be merged in weight
+    space. `context` defaults to the base's. `out` gets the model directory plus `mmc_expert.json`.
+    """
+    from mmc.corpus import load_samples
+    from mmc.losses import context_length, load_model
+
+    loaded = load_model(base, revision=revision, device="cpu", dtype="float32")
+    texts = domain_texts(load_samples(corpus_train, split="train"), [domain])
+    context = context or context_length(loaded)
+    log = fit_model(loaded.model, token_stream(loaded.tokenizer, texts), context=context, train_tokens=train_tokens,
+                    batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, weight_decay=0.0, seed=seed,
+                    device=device, description=f"expert {domain}")
+    summary = {"base": base, "revision": revision, "domain": domain, "context": context,
+               "train_tokens": train_tokens, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps,
+               "seed": seed, "final_train_loss": log[-1]["loss"], "mmc_version": mmc.__version__}
+    with atomic_path(out) as tmp:
+        save_model(loaded.model, loaded.tokenizer, tmp)
+        (tmp / "mmc_expert.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if log_csv is not None:
+        write_log(log, log_csv)
     return summary
