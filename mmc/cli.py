@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from mmc import MMCError, __version__
 
@@ -227,7 +228,171 @@ def _add_experts(subparsers, common: argparse.ArgumentParser) -> None:
     train.set_defaults(run=_run_experts_train)
 
 
-COMMANDS: list[Callable] = [_add_losses, _add_corpus, _add_zoo, _add_experts]
+EPILOG_ASSEMBLE = """example:
+  mmc assemble --out data/pool.zarr data/losses/gpt2-s.zarr data/losses/llama-s.zarr data/losses/neox-s.zarr
+"""
+
+
+def _run_assemble(args: argparse.Namespace) -> None:
+    from mmc.store import assemble_pool, write_store
+
+    pool = assemble_pool({Path(path).name.removesuffix(".zarr"): path for path in args.stores})
+    write_store(pool, args.out)
+    print(f"wrote {args.out}: {pool.sizes['model']} models x {pool.sizes['sample']} samples")
+
+
+def _add_assemble(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "assemble", parents=[common], help="combine loss stores into the pool dataset (model x sample)",
+        description="Combine loss stores into one Zarr store over (model, sample): nll and n_tokens, model coords "
+                    "family, n_params, n_params_nonembedding, sample coords domain and n_bytes. Each store's "
+                    "file name (without .zarr) names its model. Stores that scored different eval sets are refused.",
+        epilog=EPILOG_ASSEMBLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stores", nargs="+", help="loss stores written by `mmc losses`")
+    parser.add_argument("--out", required=True, help="the pool store, written atomically")
+    parser.set_defaults(run=_run_assemble)
+
+
+EPILOG_ORACLE = """example:
+  mmc oracle --pool data/pool.zarr --out data/oracle --max-subsets-per-k 200 --seed 0
+"""
+
+
+def _run_oracle(args: argparse.Namespace) -> None:
+    from mmc.oracle import run_oracle, write_oracle_outputs
+    from mmc.store import open_store
+
+    pool = open_store(args.pool, chunks={"sample": args.sample_chunk})
+    results = run_oracle(pool, args.max_subsets_per_k, args.seed, sample_chunk=args.sample_chunk)
+    write_oracle_outputs(results, args.out)
+    table = results["ensembles"]
+    print(f"wrote {args.out}: {len(table)} ensembles "
+          f"({', '.join(f'{n} {kind}' for kind, n in table.kind.value_counts().items())}), "
+          f"Pareto frontier of {len(results['pareto'])}")
+
+
+def _add_oracle(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "oracle", parents=[common], help="oracle ensembles of the pool: losses, expected curves, Pareto, attribution",
+        description="Per ensemble (every single model, homogeneous and heterogeneous ensembles of every size), the "
+                    "oracle loss (per-sample minimum over members); the exact expected oracle loss of a random "
+                    "k-subset of the pool and of each family; the Pareto frontier over total parameters; win shares "
+                    "and exact Shapley values. Streams the pool in blocks of samples. Writes ensembles.parquet and "
+                    "one CSV per table.",
+        epilog=EPILOG_ORACLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", required=True, help="pool store written by `mmc assemble`")
+    parser.add_argument("--out", required=True, help="output folder, replaced atomically")
+    parser.add_argument("--max-subsets-per-k", type=int, default=200,
+                        help="enumerate a (kind, k) exactly up to this many subsets, else draw this many (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random subsets (default 0)")
+    parser.add_argument("--sample-chunk", type=int, default=65536, help="samples per block read (default 65536)")
+    parser.set_defaults(run=_run_oracle)
+
+
+EPILOG_FIT = """example:
+  mmc fit --pool data/pool.zarr --oracle data/oracle --out metrics/laws.json --plots plots/laws --bootstrap 200
+"""
+
+
+def _run_fit(args: argparse.Namespace) -> None:
+    import json
+
+    import pandas as pd
+
+    from mmc.laws import collaboration_laws
+    from mmc.oracle import bootstrap_ensembles
+    from mmc.store import atomic_path, open_store
+
+    table = pd.read_parquet(Path(args.oracle) / "ensembles.parquet")
+    replicates = None
+    if args.bootstrap:
+        pool = open_store(args.pool, chunks={"sample": args.sample_chunk})
+        replicates, _ = bootstrap_ensembles(pool, table.members.tolist(), args.bootstrap, args.seed, args.sample_chunk)
+    metrics, points, curves = collaboration_laws(table, replicates, seed=args.seed)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(args.plots) as tmp:
+        tmp.mkdir()
+        points.to_csv(tmp / "points.csv", index=False)
+        curves.to_csv(tmp / "curves.csv", index=False)
+    floor = metrics["comparisons"]["floor"]
+    print(f"wrote {args.out}: {len(metrics['fits'])} fits; floor single {floor['single']} vs multi {floor['multi']}")
+
+
+def _add_fit(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "fit", parents=[common], help="fit single-model and multi-model scaling laws with bootstrap intervals",
+        description="Fit L = E + A * x^-alpha (bits per byte against total parameters) to single models (per "
+                    "family and pooled) and to ensembles (Pareto frontier, heterogeneous, homogeneous per family), "
+                    "with 95% intervals from resampling the samples (oracle losses recomputed on every resample) "
+                    "and a held-out check on the largest budgets. Writes a JSON metrics file and tidy CSVs.",
+        epilog=EPILOG_FIT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", required=True, help="pool store written by `mmc assemble`")
+    parser.add_argument("--oracle", required=True, help="folder written by `mmc oracle`")
+    parser.add_argument("--out", required=True, help="metrics JSON, written atomically")
+    parser.add_argument("--plots", required=True, help="folder for points.csv and curves.csv, replaced atomically")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the samples; 0 = none")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resamples and fits (default 0)")
+    parser.add_argument("--sample-chunk", type=int, default=65536, help="samples per block read (default 65536)")
+    parser.set_defaults(run=_run_fit)
+
+
+EPILOG_MERGE = """examples:
+  mmc merge --base data/zoo/gpt2-m --experts data/experts/gpt2-m/tests data/experts/gpt2-m/gui \\
+            --method ties --density 0.2 --out data/merged/gpt2-m-ties --emit-mergekit-config ties.yaml
+  mmc merge --base data/zoo/gpt2-m --experts data/experts/gpt2-m/* --method dare --drop 0.9 --seed 1 \\
+            --out data/merged/gpt2-m-dare
+"""
+
+
+def _run_merge(args: argparse.Namespace) -> None:
+    from mmc.merging import MergeSpec, merge_models
+
+    spec = MergeSpec(args.method, density=args.density, lambda_=args.lambda_, drop=args.drop, seed=args.seed)
+    summary = merge_models(args.base, args.experts, spec, args.out, dtype=args.dtype,
+                           mergekit_yaml=args.emit_mergekit_config)
+    settings = ", ".join(f"{name} {value}" for name, value in summary["settings"].items())
+    print(f"wrote {args.out}: {spec.method} of {len(args.experts)} experts of {args.base}"
+          + (f" ({settings})" if settings else "")
+          + (f"; mergekit config {args.emit_mergekit_config}" if args.emit_mergekit_config else ""))
+
+
+def _add_merge(subparsers, common: argparse.ArgumentParser) -> None:
+    # methods and defaults are spelled out (tests/test_merging.py checks them against mmc.merging): importing it
+    # here would load torch for every command, --help included
+    parser = subparsers.add_parser(
+        "merge", parents=[common], help="merge experts of one base in weight space into one model",
+        description="Merge expert models fine-tuned from BASE, each with the same weight: average (mean of the "
+                    "experts), task_arithmetic (base + lambda * sum of task vectors), ties (trim each task vector "
+                    "to its top --density by magnitude, elect signs, disjoint mean, times lambda), dare (drop task "
+                    "vector entries with probability --drop, rescale by 1/(1-drop), sum, times lambda) or "
+                    "dare_ties (that drop, then ties's sign election and disjoint mean). Only floating-point "
+                    "tensors are merged; tied weights stay tied. Writes a Hugging Face model directory with the "
+                    "base's tokenizer, atomically.",
+        epilog=EPILOG_MERGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="base model: local directory or hub id")
+    parser.add_argument("--experts", required=True, nargs="+", metavar="EXPERT",
+                        help="expert model directories fine-tuned from the base (DARE masks are keyed by each "
+                             "one's directory name, or its path where two names coincide)")
+    parser.add_argument("--method", required=True, choices=("average", "task_arithmetic", "ties", "dare", "dare_ties"),
+                        help="merge method")
+    parser.add_argument("--density", type=float, default=None,
+                        help="ties: share of each task vector's entries kept, by magnitude, per tensor (default 0.2)")
+    parser.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="LAMBDA",
+                        help="task_arithmetic, ties, dare, dare_ties: scale of the merged task vector (default 1.0)")
+    parser.add_argument("--drop", type=float, default=None,
+                        help="dare, dare_ties: probability of dropping a task vector entry (default 0.9)")
+    parser.add_argument("--seed", type=int, default=None, help="dare, dare_ties: seed of the drop masks (default 0)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the written weights (merging itself runs in float64; default float32)")
+    parser.add_argument("--out", required=True, help="output model directory, written atomically")
+    parser.add_argument("--emit-mergekit-config", type=_optional_str, default=None, metavar="FILE",
+                        help="also write the equivalent mergekit YAML (mergekit-yaml FILE OUT reproduces the merge)")
+    parser.set_defaults(run=_run_merge)
+
+
+COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_assemble, _add_oracle, _add_fit, _add_experts,
+                            _add_merge]
 
 
 def build_parser() -> argparse.ArgumentParser:

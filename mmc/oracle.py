@@ -86,7 +86,9 @@ def _loss_matrix(nll: np.ndarray) -> np.ndarray:
 class _Chunk:
     """A block of samples, stored sample-major so that sorts run along contiguous memory."""
 
-    def __init__(self, nll: np.ndarray) -> None:
+    def __init__(self, nll: np.ndarray, offset: int = 0, n_bytes: np.ndarray | None = None) -> None:
+        self.offset = offset  # position of the block's first sample in the pool
+        self.n_bytes = n_bytes  # (samples,) UTF-8 bytes, when the block came from a pool
         self.by_model = np.asarray(nll, dtype=np.float64)  # (models, samples)
         self.losses = np.ascontiguousarray(self.by_model.T)  # (samples, models)
         self.n_samples, self.n_models = self.losses.shape
@@ -258,11 +260,11 @@ def _stream(pool: xr.Dataset, accumulators: Sequence[_Accumulator], sample_chunk
         block = np.asarray(nll[:, start:stop].values, dtype=np.float64)
         if not np.isfinite(block).all():
             raise MMCError(f"nll has NaN or infinite values among samples {start}..{stop - 1}")
-        chunk = _Chunk(block)
+        chunk = _Chunk(block, start, np.asarray(n_bytes[start:stop].values, dtype=np.float64))
         for accumulator in accumulators:
             accumulator.update(chunk)
         totals.n_samples += chunk.n_samples
-        totals.n_bytes += float(np.asarray(n_bytes[start:stop].values, dtype=np.float64).sum())
+        totals.n_bytes += float(chunk.n_bytes.sum())
     return totals
 
 
@@ -303,6 +305,14 @@ class _EnsembleMinima:
         self.model_sums = np.zeros(n_models)
 
     def update(self, chunk: _Chunk) -> None:
+        for start, stop, first, last, minima in self.block_minima(chunk):
+            self.sorted_sums[first:last] += minima.sum(axis=1)
+            if first == 0:  # summed block by block like the minima, so a single's gain comes out exactly 0
+                self.model_sums += chunk.by_model[:, start:stop].sum(axis=1)
+
+    def block_minima(self, chunk: _Chunk) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
+        """(start, stop, first, last, minima): per-sample minima of ensembles [first, last) (in size order)
+        on samples [start, stop) of the chunk, one cache-sized block at a time."""
         ranks = chunk.ranks
         buffer = np.empty(ENSEMBLE_BLOCK * SAMPLE_BLOCK, dtype=ranks.dtype)
         for start in range(0, chunk.n_samples, SAMPLE_BLOCK):
@@ -321,14 +331,43 @@ class _EnsembleMinima:
                     np.minimum(best_rank, member_ranks, out=best_rank)
                 index = best_rank.astype(np.intp)
                 index += row_offsets
-                self.sorted_sums[first:last] += np.take(block_ascending, index).sum(axis=1)
-            # summed exactly like a single's minima above, so a single's gain comes out exactly 0
-            self.model_sums += chunk.by_model[:, start:stop].sum(axis=1)
+                yield start, stop, first, last, np.take(block_ascending, index)
 
     @property
     def sums(self) -> np.ndarray:
         sums = np.empty_like(self.sorted_sums)
         sums[self.by_size] = self.sorted_sums
+        return sums
+
+
+class _BootstrapMinima(_EnsembleMinima):
+    """Ensemble and model loss sums under Poisson(1) bootstrap weights of the samples, for every replicate.
+
+    A sample's weights come from a generator seeded with (seed, the sample's block offset), so replicates do
+    not depend on the order blocks are read in (they do on `sample_chunk`, which sets the blocks).
+    """
+
+    def __init__(self, ensembles: Sequence[Ensemble], n_models: int, n_bootstrap: int, seed: int) -> None:
+        super().__init__(ensembles, n_models)
+        self.n_bootstrap, self.seed = n_bootstrap, seed
+        self.sorted_boot_sums = np.zeros((len(ensembles), n_bootstrap))
+        self.model_boot_sums = np.zeros((n_models, n_bootstrap))
+        self.boot_bytes = np.zeros(n_bootstrap)
+
+    def update(self, chunk: _Chunk) -> None:
+        weights = None
+        for start, stop, first, last, minima in self.block_minima(chunk):
+            if first == 0:
+                weights = np.random.default_rng([self.seed, chunk.offset + start]).poisson(
+                    1.0, (stop - start, self.n_bootstrap)).astype(np.float64)
+                self.model_boot_sums += chunk.by_model[:, start:stop] @ weights
+                self.boot_bytes += chunk.n_bytes[start:stop] @ weights
+            self.sorted_boot_sums[first:last] += minima @ weights
+
+    @property
+    def boot_sums(self) -> np.ndarray:
+        sums = np.empty_like(self.sorted_boot_sums)
+        sums[self.by_size] = self.sorted_boot_sums
         return sums
 
 
@@ -468,6 +507,27 @@ def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
         "pareto": pareto_frontier(table),
         "attribution": _attribution_frame(models, sums, totals),
     }
+
+
+def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[str], n_bootstrap: int, seed: int,
+                        sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Bits per byte of every ensemble and every model on `n_bootstrap` Poisson resamples of the samples.
+
+    `members` are the ensembles as comma-separated model names (the `members` column of the ensemble table).
+    Returns (ensembles, replicates) and (models, replicates) arrays, from one streaming pass over the pool.
+    """
+    models = _Models.of(pool)
+    index = {name: i for i, name in enumerate(models.names)}
+    try:
+        ensembles = [Ensemble(tuple(sorted(index[name] for name in text.split(","))), "") for text in members]
+    except KeyError as error:
+        raise MMCError(f"ensemble member {error} is not a model of the pool") from None
+    if n_bootstrap < 1:
+        raise MMCError(f"the number of bootstrap resamples must be at least 1 (got {n_bootstrap})")
+    sums = _BootstrapMinima(ensembles, models.count, n_bootstrap, seed)
+    _stream(pool, [sums], sample_chunk)
+    denominator = sums.boot_bytes * LN2
+    return sums.boot_sums / denominator, sums.model_boot_sums / denominator
 
 
 OUTPUT_CSVS = ("ensembles", "expected_curves", "pareto", "attribution")

@@ -8,7 +8,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import xarray as xr
@@ -71,3 +71,40 @@ def open_store(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
             dataset[name] = variable.astype(str) if chunks is None else variable
     return dataset
 
+
+
+def assemble_pool(stores: Mapping[str, str | Path]) -> xr.Dataset:
+    """Combine loss stores (slug -> path) into the pool dataset over (model, sample) (DESIGN.md §3, "Pool").
+
+    Every store must have scored the same eval set: the same dataset fingerprint and the same samples in the
+    same order. The model coordinate takes the slugs, with `family`, `n_params` and `n_params_nonembedding`
+    from each store's attrs.
+    """
+    if not stores:
+        raise MMCError("the pool is empty: give at least one loss store")
+    opened = {slug: open_store(path) for slug, path in stores.items()}
+    fingerprints: dict[str, list[str]] = {}
+    for slug, dataset in opened.items():
+        fingerprints.setdefault(dataset.attrs.get("dataset_fingerprint", "missing"), []).append(slug)
+    if len(fingerprints) > 1:
+        groups = "; ".join(f"{', '.join(slugs)} scored {fp}" for fp, slugs in fingerprints.items())
+        raise MMCError(f"loss stores scored different eval sets: {groups}; rerun their losses stages on one dataset")
+    first_slug, first = next(iter(opened.items()))
+    for slug, dataset in opened.items():
+        if not np.array_equal(dataset.sample.values, first.sample.values):
+            raise MMCError(f"loss stores {first_slug} and {slug} hold different samples despite one fingerprint")
+    pool = xr.Dataset(
+        {name: xr.concat([dataset[name] for dataset in opened.values()], dim="model") for name in ("nll", "n_tokens")},
+        coords={
+            "model": list(opened),
+            "family": ("model", [dataset.attrs.get("family", "") for dataset in opened.values()]),
+            "n_params": ("model", [int(dataset.attrs["n_params"]) for dataset in opened.values()]),
+            "n_params_nonembedding": ("model", [int(dataset.attrs["n_params_nonembedding"])
+                                                for dataset in opened.values()]),
+            "n_bytes": first.n_bytes,
+        },
+        attrs={"dataset_fingerprint": next(iter(fingerprints)), "n_models": len(opened)},
+    )
+    if "domain" in first.coords:
+        pool = pool.assign_coords(domain=first.domain)
+    return pool.transpose("model", "sample")
