@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -230,13 +231,15 @@ def _add_experts(subparsers, common: argparse.ArgumentParser) -> None:
 
 EPILOG_ASSEMBLE = """example:
   mmc assemble --out data/pool.zarr data/losses/gpt2-s.zarr data/losses/llama-s.zarr data/losses/neox-s.zarr
+
+then, in Python: xarray.open_zarr("data/pool.zarr").nll.sel(model="gpt2-s")
 """
 
 
 def _run_assemble(args: argparse.Namespace) -> None:
     from mmc.store import assemble_pool, write_store
 
-    pool = assemble_pool({Path(path).name.removesuffix(".zarr"): path for path in args.stores})
+    pool = assemble_pool(args.stores)
     write_store(pool, args.out)
     print(f"wrote {args.out}: {pool.sizes['model']} models x {pool.sizes['sample']} samples")
 
@@ -245,8 +248,10 @@ def _add_assemble(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "assemble", parents=[common], help="combine loss stores into the pool dataset (model x sample)",
         description="Combine loss stores into one Zarr store over (model, sample): nll and n_tokens, model coords "
-                    "family, n_params, n_params_nonembedding, sample coords domain and n_bytes. Each store's "
-                    "file name (without .zarr) names its model. Stores that scored different eval sets are refused.",
+                    "family, n_params, n_params_nonembedding, source, sample coords domain and n_bytes, stored in "
+                    "chunks of samples so that readers stream it. Each store's file name (without .zarr) names its "
+                    "model. Stores that scored different eval sets (dataset fingerprints), hold different samples, "
+                    "or share a name are refused.",
         epilog=EPILOG_ASSEMBLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stores", nargs="+", help="loss stores written by `mmc losses`")
     parser.add_argument("--out", required=True, help="the pool store, written atomically")
@@ -262,7 +267,7 @@ def _run_oracle(args: argparse.Namespace) -> None:
     from mmc.oracle import run_oracle, write_oracle_outputs
     from mmc.store import open_store
 
-    pool = open_store(args.pool, chunks={"sample": args.sample_chunk})
+    pool = open_store(args.pool, chunks={})  # dask-backed in the stored chunks; blocks of --sample-chunk are read
     results = run_oracle(pool, args.max_subsets_per_k, args.seed, sample_chunk=args.sample_chunk)
     write_oracle_outputs(results, args.out)
     table = results["ensembles"]
@@ -285,38 +290,44 @@ def _add_oracle(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-subsets-per-k", type=int, default=200,
                         help="enumerate a (kind, k) exactly up to this many subsets, else draw this many (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subsets (default 0)")
-    parser.add_argument("--sample-chunk", type=int, default=65536, help="samples per block read (default 65536)")
+    parser.add_argument("--sample-chunk", type=int, default=65536,
+                        help="samples per block streamed from the pool; memory grows with it (default 65536)")
     parser.set_defaults(run=_run_oracle)
 
 
 EPILOG_FIT = """example:
-  mmc fit --pool data/pool.zarr --oracle data/oracle --out metrics/laws.json --plots plots/laws --bootstrap 200
+  mmc fit --pool data/pool.zarr --oracle data/oracle --out metrics/laws.json --plots plots/laws \\
+          --bootstrap 200 --seed 0 --holdout-fraction 0.2
 """
 
 
 def _run_fit(args: argparse.Namespace) -> None:
-    import json
-
     import pandas as pd
 
     from mmc.laws import collaboration_laws
     from mmc.oracle import bootstrap_ensembles
     from mmc.store import atomic_path, open_store
 
-    table = pd.read_parquet(Path(args.oracle) / "ensembles.parquet")
+    table_path = Path(args.oracle) / "ensembles.parquet"
+    if not table_path.is_file():
+        raise MMCError(f"'{table_path}' does not exist: give the folder written by `mmc oracle`")
+    table = pd.read_parquet(table_path)
     replicates = None
     if args.bootstrap:
-        pool = open_store(args.pool, chunks={"sample": args.sample_chunk})
-        replicates, _ = bootstrap_ensembles(pool, table.members.tolist(), args.bootstrap, args.seed, args.sample_chunk)
-    metrics, points, curves = collaboration_laws(table, replicates, seed=args.seed)
+        pool = open_store(args.pool, chunks={})
+        replicates = bootstrap_ensembles(pool, table.members.tolist(), args.bootstrap, args.seed, args.sample_chunk)
+    metrics, points, curves = collaboration_laws(table, replicates, seed=args.seed,
+                                                 holdout_fraction=args.holdout_fraction)
     with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     with atomic_path(args.plots) as tmp:
         tmp.mkdir()
         points.to_csv(tmp / "points.csv", index=False)
         curves.to_csv(tmp / "curves.csv", index=False)
     floor = metrics["comparisons"]["floor"]
-    print(f"wrote {args.out}: {len(metrics['fits'])} fits; floor single {floor['single']} vs multi {floor['multi']}")
+    fitted = sum("params" in fit for fit in metrics["fits"].values())
+    print(f"wrote {args.out} and {args.plots}: {fitted} of {len(metrics['fits'])} laws fitted; floor (bits per "
+          f"byte) single {floor['single']} vs multi {floor['multi']}")
 
 
 def _add_fit(subparsers, common: argparse.ArgumentParser) -> None:
@@ -324,16 +335,22 @@ def _add_fit(subparsers, common: argparse.ArgumentParser) -> None:
         "fit", parents=[common], help="fit single-model and multi-model scaling laws with bootstrap intervals",
         description="Fit L = E + A * x^-alpha (bits per byte against total parameters) to single models (per "
                     "family and pooled) and to ensembles (Pareto frontier, heterogeneous, homogeneous per family), "
-                    "with 95% intervals from resampling the samples (oracle losses recomputed on every resample) "
-                    "and a held-out check on the largest budgets. Writes a JSON metrics file and tidy CSVs.",
+                    "with 95% intervals from resampling the samples (oracle losses recomputed on every resample, "
+                    "in one streaming pass over the pool) and a held-out check on the largest budgets. Writes a "
+                    "JSON metrics file (DVC metrics) and tidy CSVs of the points and fitted curves (dvc plots).",
         epilog=EPILOG_FIT, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", required=True, help="pool store written by `mmc assemble`")
     parser.add_argument("--oracle", required=True, help="folder written by `mmc oracle`")
     parser.add_argument("--out", required=True, help="metrics JSON, written atomically")
     parser.add_argument("--plots", required=True, help="folder for points.csv and curves.csv, replaced atomically")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the samples; 0 = none")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resamples and fits (default 0)")
-    parser.add_argument("--sample-chunk", type=int, default=65536, help="samples per block read (default 65536)")
+    parser.add_argument("--bootstrap", type=int, default=200,
+                        help="bootstrap resamples of the samples; 0 = no intervals (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
+    parser.add_argument("--holdout-fraction", type=float, default=0.2,
+                        help="held-out check: fit on the smaller budgets, predict this share of the largest distinct "
+                             "budgets, at least one (default 0.2)")
+    parser.add_argument("--sample-chunk", type=int, default=65536,
+                        help="samples per block streamed from the pool; memory grows with it (default 65536)")
     parser.set_defaults(run=_run_fit)
 
 
@@ -391,8 +408,206 @@ def _add_merge(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_merge)
 
 
+EPILOG_REPORT = """example:
+  mmc report --laws metrics/laws.json --law-plots plots/laws --oracle data/oracle \\
+             --merge-law metrics/merge_law.json --merge-plots plots/merging --out reports
+"""
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from mmc.report import write_report
+
+    figures = write_report(args.laws, args.law_plots, args.oracle, args.out, merge_law_path=args.merge_law,
+                           merge_plots=args.merge_plots, plan_path=args.plan)
+    print(f"wrote {args.out}: README.md and {len(figures)} figures ({', '.join(figures)})")
+
+
+def _add_report(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "report", parents=[common], help="PNG figures of the fitted laws and a readable summary (reports/README.md)",
+        description="Draw the scaling figures (log-log, fitted laws with 95% bands): single vs multi-model, "
+                    "heterogeneous vs homogeneous, expected oracle loss against k, attribution, merging; and "
+                    "write README.md with the tables of fitted parameters. Replaces OUT atomically.",
+        epilog=EPILOG_REPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--laws", required=True, help="metrics JSON written by `mmc fit`")
+    parser.add_argument("--law-plots", required=True, help="folder of points.csv and curves.csv from `mmc fit`")
+    parser.add_argument("--oracle", required=True, help="folder written by `mmc oracle`")
+    parser.add_argument("--merge-law", type=_optional_str, default=None, help="metrics JSON of the merging law")
+    parser.add_argument("--merge-plots", type=_optional_str, default=None, help="folder of the merging curves")
+    parser.add_argument("--plan", type=_optional_str, default=None, help="JSON written by `mmc plan`")
+    parser.add_argument("--out", required=True, help="output folder (figures and README.md)")
+    parser.set_defaults(run=_run_report)
+
+
+EPILOG_MERGE_SWEEP = """example:
+  mmc merge-sweep --base data/zoo/neox-m --experts-dir data/experts/neox-m --domains core,tests,tooling \\
+                  --data data/corpus/eval --docs-per-domain 10 --methods average,ties --out data/merging/neox-m.zarr
+"""
+
+
+def _run_merge_sweep(args: argparse.Namespace) -> None:
+    from mmc.merging import MergeSpec, merge_sweep
+    from mmc.store import write_store
+
+    settings = {"average": {}, "task_arithmetic": {"lambda_": args.task_arithmetic_lambda},
+                "ties": {"density": args.ties_density, "lambda_": args.ties_lambda},
+                "dare": {"drop": args.dare_drop, "lambda_": args.dare_lambda, "seed": args.seed},
+                "dare_ties": {"drop": args.dare_drop, "lambda_": args.dare_lambda, "seed": args.seed}}
+    unknown = [method for method in args.methods if method not in settings]
+    if unknown:
+        raise MMCError(f"unknown merge method(s) {', '.join(unknown)}; choose among {', '.join(settings)}")
+    specs = [MergeSpec(method, **settings[method]) for method in args.methods]
+    experts = {domain: Path(args.experts_dir) / domain for domain in args.domains}
+    store = merge_sweep(args.base, experts, args.data, specs, max_subsets_per_k=args.max_subsets_per_k,
+                        seed=args.seed, docs_per_domain=args.docs_per_domain, batch_tokens=args.batch_tokens,
+                        device=args.device)
+    write_store(store, args.out)
+    print(f"wrote {args.out}: {store.sizes['merge']} merges (base included) x {store.sizes['sample']} samples")
+
+
+def _add_merge_sweep(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "merge-sweep", parents=[common], help="merge every k-subset of a base's experts with each method; score each",
+        description="For each method and each k from 1 to the number of experts, every subset of k experts (or "
+                    "seeded draws where there are more than --max-subsets-per-k) is merged in memory and scored on "
+                    "the eval samples of every domain. Writes per-sample losses over (merge, sample), atomically.",
+        epilog=EPILOG_MERGE_SWEEP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the base model (directory or hub id)")
+    parser.add_argument("--experts-dir", required=True, help="folder holding one expert directory per domain")
+    parser.add_argument("--domains", required=True, type=_comma_list, help="comma-separated expert domains")
+    parser.add_argument("--data", required=True, help="eval split saved with save_to_disk, with a domain column")
+    parser.add_argument("--out", required=True, help="output Zarr store")
+    parser.add_argument("--methods", type=_comma_list, default=["average", "task_arithmetic", "ties", "dare"],
+                        help="comma-separated merge methods (default average,task_arithmetic,ties,dare)")
+    parser.add_argument("--task-arithmetic-lambda", type=float, default=1.0, help="task arithmetic's lambda")
+    parser.add_argument("--ties-density", type=float, default=0.2, help="TIES: share of entries kept")
+    parser.add_argument("--ties-lambda", type=float, default=1.0, help="TIES: lambda")
+    parser.add_argument("--dare-drop", type=float, default=0.9, help="DARE: drop probability")
+    parser.add_argument("--dare-lambda", type=float, default=1.0, help="DARE: lambda")
+    parser.add_argument("--max-subsets-per-k", type=int, default=10, help="subsets per k at most (default 10)")
+    parser.add_argument("--docs-per-domain", type=_optional_int, default=None,
+                        help="eval samples per domain (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of subset draws and DARE masks (default 0)")
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per scoring batch")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.set_defaults(run=_run_merge_sweep)
+
+
+EPILOG_FIT_MERGE = """example:
+  mmc fit-merge --out metrics/merge_law.json --plots plots/merging --bootstrap 100 data/merging/*.zarr
+"""
+
+
+def _run_fit_merge(args: argparse.Namespace) -> None:
+    from mmc.merging import fit_merge_laws
+    from mmc.store import atomic_path
+
+    metrics, points, curves = fit_merge_laws(args.stores, bootstrap=args.bootstrap, seed=args.seed,
+                                             holdout_k=args.holdout_k)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(args.plots) as tmp:
+        tmp.mkdir()
+        points.to_csv(tmp / "points.csv", index=False)
+        curves.to_csv(tmp / "curves.csv", index=False)
+    print(f"wrote {args.out}: merging law fitted for {', '.join(metrics['fits'])}")
+
+
+def _add_fit_merge(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "fit-merge", parents=[common], help="fit the merging law L(N, k) per method and jointly, with intervals",
+        description="From merge-sweep stores of bases of several sizes: in-domain loss (macro-average over the "
+                    "expert domains) and cross-domain loss (over the other domains) of every merge, their mean "
+                    "and spread over subsets per base, method and k, and L = L* + B N^-beta + A0 N^-gamma / (k + b) "
+                    "fitted per method and over all methods, with bootstrap intervals over the eval samples and a "
+                    "held-out check on the largest k.",
+        epilog=EPILOG_FIT_MERGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stores", nargs="+", help="stores written by `mmc merge-sweep`, one per base")
+    parser.add_argument("--out", required=True, help="metrics JSON, written atomically")
+    parser.add_argument("--plots", required=True, help="folder for points.csv and curves.csv")
+    parser.add_argument("--bootstrap", type=int, default=100, help="resamples of the eval samples (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
+    parser.add_argument("--holdout-k", type=int, default=2, help="largest k values held out of the check fit")
+    parser.set_defaults(run=_run_fit_merge)
+
+
+EPILOG_PLAN = """examples:
+  mmc plan --law metrics/merge_law.json --target 2.1 --epsilon 0.005 --budget-multiple 4 --out metrics/plan.json
+  mmc plan --law metrics/merge_law.json --method ties --n-params 1.2e6 --budget 6e6 --sizes 3e5 1.2e6 4.8e6
+"""
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("", "none", "null") else float(text)
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+    from mmc.laws import plan_merging
+    from mmc.store import atomic_path
+
+    path = Path(args.law)
+    if not path.is_file():
+        raise MMCError(f"'{path}' does not exist: fit the merging law first (`mmc fit-merge`, or dvc repro fit_merge)")
+    law = json.loads(path.read_text(encoding="utf-8"))
+    fit = law["fits"].get(args.method, {}).get(args.loss, {})
+    if "params" not in fit:
+        raise MMCError(f"'{path}' has no fitted {args.loss} law for method '{args.method}' "
+                       f"({fit.get('error') or 'it has: ' + ', '.join(law['fits'])})")
+    sizes = args.sizes or law["bases"]["n_params"]
+    n_params = args.n_params or max(sizes)
+    if args.budget is not None and args.budget_multiple is not None:
+        raise MMCError("give --budget or --budget-multiple, not both")
+    budget = args.budget if args.budget_multiple is None else args.budget_multiple * max(sizes)
+    plan = plan_merging(fit["params"], n_params, target=args.target, epsilon=args.epsilon, budget=budget,
+                        sizes=sizes)
+    plan.update(method=args.method, loss=args.loss, law=str(path))
+    print(f"plan for {args.method} ({args.loss} loss, bits per byte) at N = {n_params:,.0f}: "
+          f"floor {plan['floor']:.4f}, A(N) {plan['amplitude']:.4f}, one expert {plan['predicted_at_k1']:.4f}")
+    if "target" in plan:
+        answer = plan["target"]
+        print(f"  (a) target {answer['target']}: " + (f"k = {answer['k']} (predicted {answer['predicted']:.4f})"
+                                                     if answer["k"] else f"unreachable: {answer['reason']}"))
+    stop = plan["stop"]
+    print(f"  (b) stop at k = {stop['k']}: the next expert gains {stop['marginal_gain_at_k']:.5f} < {stop['epsilon']}; "
+          f"within epsilon of the floor from k = {stop['k_within_epsilon_of_floor']:.1f}")
+    print("      " + ", ".join(f"{row['fraction']:.0%} of the gain beyond one expert at k = {row['k']}"
+                               for row in plan["gain_fractions"]))
+    if "budget" in plan:
+        print(f"  (c) budget {plan['budget']['budget']:,.0f} expert-parameters (k experts of size N cost k*N):")
+        for option in plan["budget"]["options"]:
+            best = " <- best" if option == plan["budget"]["best"] else ""
+            print(f"      N = {option['n_params']:>12,.0f}  k = {option['k']:>3}  predicted {option['predicted']:.4f}{best}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+
+
+def _add_plan(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "plan", parents=[common], help="plan merges from the fitted law: experts for a target, when to stop, budget",
+        description="From a fitted merging law: (a) the smallest k reaching --target at base size N, or why none "
+                    "does; (b) the k past which one more expert gains less than --epsilon, and the k reaching 80%% "
+                    "and 90%% of the gain; (c) for a budget of expert-parameters (k experts of size N cost k*N), the "
+                    "predicted loss of each base size and the best.",
+        epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--law", required=True, help="metrics JSON written by `mmc fit-merge`")
+    parser.add_argument("--method", default="joint", help="method whose fit to use, or joint (default)")
+    parser.add_argument("--loss", default="in_domain", choices=("in_domain", "cross_domain"), help="which loss")
+    parser.add_argument("--n-params", type=_optional_float, default=None,
+                        help="base size N (default: the largest base)")
+    parser.add_argument("--target", type=_optional_float, default=None, help="(a) target loss in bits per byte")
+    parser.add_argument("--epsilon", type=float, default=0.005, help="(b) smallest worthwhile gain (default 0.005)")
+    parser.add_argument("--budget", type=_optional_float, default=None, help="(c) budget in expert-parameters")
+    parser.add_argument("--budget-multiple", type=_optional_float, default=None,
+                        help="(c) budget as a multiple of the largest base size (instead of --budget)")
+    parser.add_argument("--sizes", type=float, nargs="*", default=None, help="(c) base sizes (default: the bases')")
+    parser.add_argument("--out", type=_optional_str, default=None, help="write the answers as JSON")
+    parser.set_defaults(run=_run_plan)
+
+
 COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_assemble, _add_oracle, _add_fit, _add_experts,
-                            _add_merge]
+                            _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import pandas as pd
 from scipy.optimize import OptimizeResult, minimize
 
 from mmc import MMCError
+from mmc.oracle import pareto_indices
 
 HUBER_DELTA = 1e-3
 # fitted log-scales stay within e^±40 of the data's typical loss at its typical inputs
@@ -263,7 +264,8 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     `starts` maps a parameter to its start values (scales as fractions of the data's typical loss; default
     DEFAULT_STARTS). The default bootstrap resamples the points with replacement (as multiplicity weights);
     `resample(rng) -> (inputs, loss)` supplies other resampled data sets instead. Bootstrap fits start from the
-    point estimate; resamples whose fit does not converge are left out of the intervals (and counted).
+    point estimate; resamples whose fit does not converge, or whose data cannot determine the law, are left out
+    of the intervals (`n_bootstrap_converged` counts the others).
     """
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
@@ -298,7 +300,10 @@ def _bootstrap(fit: Fit, problem: _Problem, theta_hat: np.ndarray, n_resamples: 
             counts = np.bincount(rng.integers(0, fit.n_points, fit.n_points), minlength=fit.n_points)
             result = problem.minimise(theta_hat, counts.astype(np.float64))
         else:
-            inputs, loss = _check_data(fit.law, *resample(rng))
+            try:
+                inputs, loss = _check_data(fit.law, *resample(rng))
+            except MMCError:  # a resample that cannot determine the law (too few points, NaN) counts as failed
+                continue
             result = _Problem(fit.law, inputs, loss, centre=problem.centre).minimise(theta_hat)
         if result.success:
             estimates.append(problem.to_natural(result.x))
@@ -373,30 +378,53 @@ def holdout_check(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.nda
     distinct = np.unique(inputs[split_on])
     if not 1 <= n_holdout < len(distinct):
         raise MMCError(f"law {law.name}: cannot hold out {n_holdout} of {len(distinct)} distinct {split_on} values")
-    held = inputs[split_on] >= distinct[-n_holdout]
+    return predict_held_out(law, inputs, loss, inputs[split_on] >= distinct[-n_holdout], split_on, starts=starts)
+
+
+def predict_held_out(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, held: np.ndarray,
+                     split_on: str, *, starts: Mapping[str, Sequence[float]] | None = None) -> HoldoutCheck:
+    """Fit on the points where `held` is False and predict those where it is True (`split_on` names the input
+    whose held-out values are reported)."""
+    law = get_law(law)
+    inputs, loss = _check_data(law, inputs, loss)
+    held = np.asarray(held, dtype=bool)
+    if not held.any() or held.all():
+        raise MMCError(f"law {law.name}: a held-out check needs points on both sides of the split")
     fit = fit_law(law, {name: values[~held] for name, values in inputs.items()}, loss[~held], starts=starts)
-    return HoldoutCheck(fit=fit, split_on=split_on, held_out=distinct[-n_holdout:].tolist(), observed=loss[held],
-                        predicted=fit.predict(**{name: values[held] for name, values in inputs.items()}))
+    return HoldoutCheck(fit=fit, split_on=split_on, held_out=np.unique(inputs[split_on][held]).tolist(),
+                        observed=loss[held], predicted=fit.predict(**{name: values[held] for name, values in inputs.items()}))
 
 
 # ---------------------------------------------------------------------------------------------- collaboration
 
 COLLABORATION_LAW = "power"
-HOLDOUT_FRACTION = 0.2  # share of the largest budgets (distinct x) predicted by the held-out check
+HOLDOUT_FRACTION = 0.2  # default share of the largest budgets (distinct x) predicted by the held-out check
+POINT_COLUMNS = ["series", "total_params", "bpb"]
+CURVE_COLUMNS = ["series", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb"]
 
 
-def _series_points(table: pd.DataFrame) -> dict[str, np.ndarray | tuple[str, np.ndarray]]:
-    """The point sets the collaboration laws are fitted to: a boolean row mask of the ensemble table, or
-    ('pareto', mask): the Pareto frontier of the masked rows, recomputed on every bootstrap resample.
+def _series_points(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The point sets the collaboration laws are fitted to, as boolean row masks of the ensemble table.
 
     single/pareto (the best single model at each size) against multi/pareto (the best ensemble at each total
-    size) is the paper's comparison of floors; single/pooled mixes families and is reported for reference."""
+    size) is the paper's comparison of floors; single/pooled mixes families and is reported for reference. The
+    frontiers are chosen once, on all samples: bootstrap resamples vary the losses of those ensembles (choosing
+    the frontier again on each resample would pick the ensembles that were lucky on it, biasing its floor low).
+    """
     single = (table.kind == "single").to_numpy()
-    series: dict[str, np.ndarray | str] = {"single/pareto": ("pareto", single), "single/pooled": single}
+    params = table.total_params.to_numpy(np.float64)
+    bpb = table.oracle_bpb.to_numpy(np.float64)
+
+    def frontier(rows: np.ndarray) -> np.ndarray:
+        mask = np.zeros(len(table), dtype=bool)
+        mask[np.flatnonzero(rows)[pareto_indices(params[rows], bpb[rows])]] = True
+        return mask
+
+    series = {"single/pareto": frontier(single), "single/pooled": single}
     families = sorted(set(table.families[single]))
     for family in families:
         series[f"single/{family}"] = single & (table.families == family).to_numpy()
-    series["multi/pareto"] = ("pareto", np.ones(len(table), dtype=bool))
+    series["multi/pareto"] = frontier(np.ones(len(table), dtype=bool))
     series["multi/heterogeneous"] = (table.kind == "heterogeneous").to_numpy()
     for family in families:
         own = (table.families == family).to_numpy()
@@ -404,68 +432,94 @@ def _series_points(table: pd.DataFrame) -> dict[str, np.ndarray | tuple[str, np.
     return series
 
 
-def _select(table: pd.DataFrame, selection: np.ndarray | tuple[str, np.ndarray], bpb: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(total params, bits per byte) of one point set, for one vector of ensemble losses."""
-    params = table.total_params.to_numpy(np.float64)
-    if isinstance(selection, tuple):  # the Pareto frontier: strictly better than every cheaper-or-equal row
-        rows = np.flatnonzero(selection[1])
-        order = rows[np.lexsort((bpb[rows], params[rows]))]
-        best_before = np.concatenate([[np.inf], np.minimum.accumulate(bpb[order])[:-1]])
-        keep = order[bpb[order] < best_before]
-        return params[keep], bpb[keep]
-    return params[selection], bpb[selection]
+def _fit_series(x: np.ndarray, y: np.ndarray, replicates: np.ndarray | None, seed: int) -> Fit:
+    """The collaboration law on one point set (x, y); `replicates` (points, resamples) give the bootstrap fits."""
+    n_bootstrap = 0 if replicates is None else replicates.shape[1]
+    columns = iter(() if replicates is None else replicates.T)
+
+    def resample(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        return {"x": x}, next(columns)
+
+    return fit_law(COLLABORATION_LAW, {"x": x}, y, bootstrap=n_bootstrap, seed=seed,
+                   resample=resample if n_bootstrap else None)
+
+
+def _holdout(x: np.ndarray, y: np.ndarray, fraction: float) -> dict:
+    """Fit on the smaller budgets, predict the largest `fraction` of the distinct budgets (at least one)."""
+    n_holdout = max(1, round(fraction * len(np.unique(x))))
+    try:
+        return holdout_check(COLLABORATION_LAW, {"x": x}, y, "x", n_holdout=n_holdout).to_dict()
+    except MMCError as error:
+        return {"error": str(error)}
+
+
+def _curve(name: str, fit: Fit, x: np.ndarray, grid_points: int) -> pd.DataFrame:
+    """The fitted law from the smallest budget to 4x the largest, with its 95% bootstrap band."""
+    grid = np.geomspace(x.min(), x.max() * 4, grid_points)
+    curve = pd.DataFrame({"series": name, "total_params": grid, "predicted_bpb": fit.predict(x=grid)})
+    if fit.bootstrap_params is not None:
+        draws = np.array([fit.law.predict(dict(zip(fit.law.params, theta)), x=grid) for theta in fit.bootstrap_params])
+        curve["lower_bpb"], curve["upper_bpb"] = np.percentile(draws, [2.5, 97.5], axis=0)
+    return curve.reindex(columns=CURVE_COLUMNS)
 
 
 def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None, *, seed: int = 0,
-                       grid_points: int = 50) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+                       holdout_fraction: float = HOLDOUT_FRACTION, grid_points: int = 50
+                       ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Fit the single-model and multi-model laws (L = E + A·x^-alpha on bits per byte, x = total parameters).
 
     `table` is the oracle's ensemble table; `replicates` (ensembles, resamples) its `oracle_bpb` recomputed on
-    bootstrap resamples of the samples (`mmc.oracle.bootstrap_ensembles`), which give the 95% intervals.
-    Returns the metrics (fits, held-out checks, the paper's two comparisons), the fitted points and the fitted
-    curves with bootstrap bands, both tidy for `dvc plots`.
+    bootstrap resamples of the samples (`mmc.oracle.bootstrap_ensembles`), which give the 95% intervals
+    (a resample that drew no sample, possible only on tiny pools, is NaN: left out and counted). A series with
+    fewer points than the law has parameters gets {"error": ...} instead of a fit. The held-out check predicts
+    the largest `holdout_fraction` of each series' distinct budgets.
+    Returns the metrics (fits, held-out checks, the paper's two comparisons; JSON-ready, NaN as None), the
+    fitted points and the fitted curves with bootstrap bands, both tidy for `dvc plots`.
     """
-    bpb = table.oracle_bpb.to_numpy(np.float64)
-    n_bootstrap = 0 if replicates is None else replicates.shape[1]
+    if not 0 < holdout_fraction < 1:
+        raise MMCError(f"holdout_fraction must be between 0 and 1 (got {holdout_fraction})")
+    if replicates is not None and replicates.shape[0] != len(table):
+        raise MMCError(f"{replicates.shape[0]} rows of bootstrap replicates for {len(table)} ensembles")
+    params, bpb = table.total_params.to_numpy(np.float64), table.oracle_bpb.to_numpy(np.float64)
     fits, points, curves = {}, [], []
-    for name, selection in _series_points(table).items():
-        x, y = _select(table, selection, bpb)
-        if len(x) < len(LAWS[COLLABORATION_LAW].params):
-            fits[name] = {"error": f"{len(x)} points cannot determine {len(LAWS[COLLABORATION_LAW].params)} parameters"}
-            continue
-        columns = iter(range(n_bootstrap))
-
-        def resample(rng, selection=selection):
-            x_r, y_r = _select(table, selection, replicates[:, next(columns)])
-            return {"x": x_r}, y_r
-
-        fit = fit_law(COLLABORATION_LAW, {"x": x}, y, bootstrap=n_bootstrap, seed=seed,
-                      resample=resample if n_bootstrap else None)
-        result = fit.to_dict()
-        distinct = np.unique(x)
-        n_holdout = max(1, int(round(HOLDOUT_FRACTION * len(distinct))))
+    for name, rows in _series_points(table).items():
+        x, y = params[rows], bpb[rows]
         try:
-            result["holdout"] = holdout_check(COLLABORATION_LAW, {"x": x}, y, "x", n_holdout=n_holdout).to_dict()
+            fit = _fit_series(x, y, None if replicates is None else replicates[rows], seed)
         except MMCError as error:
-            result["holdout"] = {"error": str(error)}
-        fits[name] = result
+            fits[name] = {"error": str(error)}
+            continue
+        fits[name] = {**fit.to_dict(), "holdout": _holdout(x, y, holdout_fraction)}
         points.append(pd.DataFrame({"series": name, "total_params": x, "bpb": y}))
-        grid = np.geomspace(x.min(), x.max() * 4, grid_points)
-        curve = pd.DataFrame({"series": name, "total_params": grid, "predicted_bpb": fit.predict(x=grid)})
-        if fit.bootstrap_params is not None:
-            draws = np.array([LAWS[COLLABORATION_LAW].predict(dict(zip(fit.law.params, theta)), x=grid)
-                              for theta in fit.bootstrap_params])
-            curve["lower_bpb"], curve["upper_bpb"] = np.percentile(draws, [2.5, 97.5], axis=0)
-        curves.append(curve)
+        curves.append(_curve(name, fit, x, grid_points))
     metrics = {
         "loss": "corpus bits per byte: sum of per-sample nll / (sum of bytes * ln 2)",
         "law": f"{COLLABORATION_LAW}: {LAWS[COLLABORATION_LAW].formula}, x = total parameters of the ensemble",
-        "bootstrap": {"resamples": n_bootstrap, "over": "samples (Poisson weights), oracle losses recomputed"},
+        "bootstrap": {"resamples": 0 if replicates is None else replicates.shape[1],
+                      "over": "samples (Poisson weights), oracle losses recomputed; Pareto frontiers chosen on all "
+                              "samples"},
+        "holdout": {"fraction": holdout_fraction,
+                    "rule": "fit on the smaller budgets, predict the largest fraction of distinct budgets "
+                            "(at least 1)"},
         "fits": fits,
         "comparisons": _comparisons(table, fits),
     }
-    return metrics, pd.concat(points, ignore_index=True), pd.concat(curves, ignore_index=True)
+    points = pd.concat(points, ignore_index=True) if points else pd.DataFrame(columns=POINT_COLUMNS)
+    curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
+    return _json_ready(metrics), points, curves
+
+
+def _json_ready(value: object) -> object:
+    """Plain Python values for json.dumps(allow_nan=False): numpy scalars unwrapped, NaN and infinities as None."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _comparisons(table: pd.DataFrame, fits: dict) -> dict:
@@ -514,3 +568,87 @@ def _predictions_at_budgets(table: pd.DataFrame, fits: dict) -> dict:
     return {name: {"total_params": x, **{series: float(law.predict(fits[series]["params"], x=x))
                                          for series in ("single/pareto", "multi/pareto") if "params" in fits.get(series, {})}}
             for name, x in budgets.items()}
+
+
+# ---------------------------------------------------------------------------------------------- merging
+
+MERGING_LAW = "merging"
+FORECAST_FROM_K = (1, 2, 4)  # the paper forecasts the whole curve from merges at these k
+GAIN_FRACTIONS = (0.8, 0.9)  # the paper's "k reaching 80% / 90% of the total gain"
+
+
+def fit_merging_law(curves: pd.DataFrame, target: str, replicates: Sequence[pd.DataFrame] = (), *, seed: int = 0,
+                    holdout_k: int = 2, forecast_from: Sequence[int] = FORECAST_FROM_K) -> dict:
+    """The merging law L(N, k) fitted to the `target` column of merge curves (one row per base size N and k).
+
+    `replicates` are the same curves recomputed on bootstrap resamples of the eval samples (they give the 95%
+    intervals). Two held-out checks: `holdout` fits on k <= K - holdout_k and predicts the rest; `forecast`
+    fits on the merges at k in `forecast_from` alone (the paper's {1, 2, 4}) and predicts every other k.
+    """
+    curves = curves.dropna(subset=[target])
+    inputs = {"N": curves.n_params.to_numpy(np.float64), "k": curves.k.to_numpy(np.float64)}
+    loss = curves[target].to_numpy()
+    columns = iter(replicates)
+
+    def resample(rng):
+        again = next(columns).dropna(subset=[target])
+        return {"N": again.n_params.to_numpy(np.float64), "k": again.k.to_numpy(np.float64)}, again[target].to_numpy()
+
+    fit = fit_law(MERGING_LAW, inputs, loss, bootstrap=len(replicates), seed=seed,
+                  resample=resample if len(replicates) else None)
+    result = fit.to_dict()
+    checks = {"holdout": lambda: holdout_check(MERGING_LAW, inputs, loss, "k", n_holdout=holdout_k),
+              "forecast": lambda: predict_held_out(MERGING_LAW, inputs, loss, ~np.isin(inputs["k"], forecast_from), "k")}
+    for name, check in checks.items():
+        try:
+            result[name] = check().to_dict()
+        except MMCError as error:
+            result[name] = {"error": str(error)}
+    return result
+
+
+def plan_merging(params: Mapping[str, float], n_params: float, *, target: float | None = None,
+                 epsilon: float = 0.01, budget: float | None = None, sizes: Sequence[float] = (),
+                 gain_fractions: Sequence[float] = GAIN_FRACTIONS) -> dict:
+    """Planning answers from a fitted merging law at base size `n_params` (DESIGN.md §1).
+
+    With floor(N) = L* + B·N^-β and A(N) = A0·N^-γ, so that L(N, k) = floor + A / (k + b):
+    (a) the smallest k with L(N, k) <= target, or why there is none (the floor is not below the target);
+    (b) the stop rule: the first k at which one more expert gains less than `epsilon` (the marginal gain
+        L(k) - L(k+1) = A / ((k+b)(k+1+b))), and k_ε = A/ε − b, the experts needed to come within ε of the floor;
+    (c) for a budget of `budget` expert-parameters (k experts of size N cost k·N), the predicted loss of each base
+        size in `sizes` with as many experts as the budget buys, and the best;
+    and, for each fraction f in `gain_fractions`, the smallest k that reaches f of the gain merging can still
+    give beyond one expert, L(1) − L(∞) = A / (1 + b): k ≥ (1 + b) / (1 − f) − b.
+    """
+    law = get_law(MERGING_LAW)
+    if epsilon <= 0:
+        raise MMCError(f"epsilon must be positive (got {epsilon})")
+    if n_params <= 0:
+        raise MMCError(f"the base size must be positive (got {n_params})")
+    floor = params["L_star"] + params["B"] * n_params ** -params["beta"]
+    amplitude = params["A0"] * n_params ** -params["gamma"]
+    b = params["b"]
+    answer: dict = {"n_params": n_params, "floor": floor, "amplitude": amplitude,
+                    "predicted_at_k1": floor + amplitude / (1 + b)}
+    if target is not None:
+        if target <= floor:
+            answer["target"] = {"target": target, "k": None,
+                                "reason": f"the floor at this size ({floor:.6g}) is not below the target"}
+        else:
+            k = max(1, math.ceil(amplitude / (target - floor) - b - 1e-12))
+            answer["target"] = {"target": target, "k": k, "predicted": float(law.predict(params, N=n_params, k=k))}
+    # (k+b)(k+1+b) > A/ε beyond the positive root of the quadratic
+    root = (-(2 * b + 1) + math.sqrt(1 + 4 * amplitude / epsilon)) / 2
+    stop = max(1, math.floor(root) + 1)
+    answer["stop"] = {"epsilon": epsilon, "k": stop, "marginal_gain_at_k": amplitude / ((stop + b) * (stop + 1 + b)),
+                      "k_within_epsilon_of_floor": amplitude / epsilon - b}
+    answer["gain_fractions"] = [{"fraction": f, "k": max(1, math.ceil((1 + b) / (1 - f) - b - 1e-12))}
+                                for f in gain_fractions]
+    if budget is not None:
+        options = [{"n_params": float(size), "k": math.floor(budget / size),
+                    "predicted": float(law.predict(params, N=float(size), k=math.floor(budget / size)))}
+                   for size in sizes if budget >= size]
+        answer["budget"] = {"budget": budget, "options": options,
+                            "best": min(options, key=lambda option: option["predicted"]) if options else None}
+    return answer

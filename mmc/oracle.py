@@ -26,6 +26,7 @@ DEFAULT_SAMPLE_CHUNK = 65_536
 # ensemble minima are taken for this many ensembles × samples at a time: small enough for the CPU caches
 ENSEMBLE_BLOCK = 256
 SAMPLE_BLOCK = 2048
+WEIGHT_BLOCK = 2048  # bootstrap weights are drawn for fixed blocks of this many samples (see poisson_weights)
 KINDS = ("single", "homogeneous", "heterogeneous")
 
 
@@ -340,27 +341,34 @@ class _EnsembleMinima:
         return sums
 
 
-class _BootstrapMinima(_EnsembleMinima):
-    """Ensemble and model loss sums under Poisson(1) bootstrap weights of the samples, for every replicate.
+def poisson_weights(seed: int, start: int, stop: int, n_bootstrap: int) -> np.ndarray:
+    """(samples, replicates) Poisson(1) bootstrap weights of the pool's samples [start, stop).
 
-    A sample's weights come from a generator seeded with (seed, the sample's block offset), so replicates do
-    not depend on the order blocks are read in (they do on `sample_chunk`, which sets the blocks).
+    Drawn per fixed block of WEIGHT_BLOCK samples from a generator seeded with (seed, block index), so a
+    sample's weights depend on its position alone, not on how the pool is chunked or streamed.
     """
+    first, last = start // WEIGHT_BLOCK, -(-stop // WEIGHT_BLOCK)
+    blocks = [np.random.default_rng([seed, block]).poisson(1.0, (WEIGHT_BLOCK, n_bootstrap))
+              for block in range(first, last)]
+    offset = first * WEIGHT_BLOCK
+    return np.concatenate(blocks)[start - offset:stop - offset].astype(np.float64)
+
+
+class _BootstrapMinima(_EnsembleMinima):
+    """Σ_s w[s, r] · min_{m∈S} nll[m, s] for every ensemble S and bootstrap replicate r, and Σ_s w[s, r] · bytes:
+    (minima block) @ (weights block), accumulated in the streaming pass that takes the minima."""
 
     def __init__(self, ensembles: Sequence[Ensemble], n_models: int, n_bootstrap: int, seed: int) -> None:
         super().__init__(ensembles, n_models)
         self.n_bootstrap, self.seed = n_bootstrap, seed
         self.sorted_boot_sums = np.zeros((len(ensembles), n_bootstrap))
-        self.model_boot_sums = np.zeros((n_models, n_bootstrap))
         self.boot_bytes = np.zeros(n_bootstrap)
 
     def update(self, chunk: _Chunk) -> None:
         weights = None
         for start, stop, first, last, minima in self.block_minima(chunk):
-            if first == 0:
-                weights = np.random.default_rng([self.seed, chunk.offset + start]).poisson(
-                    1.0, (stop - start, self.n_bootstrap)).astype(np.float64)
-                self.model_boot_sums += chunk.by_model[:, start:stop] @ weights
+            if first == 0:  # the first block of ensembles on new samples
+                weights = poisson_weights(self.seed, chunk.offset + start, chunk.offset + stop, self.n_bootstrap)
                 self.boot_bytes += chunk.n_bytes[start:stop] @ weights
             self.sorted_boot_sums[first:last] += minima @ weights
 
@@ -460,15 +468,22 @@ def _curves_frame(models: _Models, sorted_sums: _SortedSums, totals: _Totals) ->
     return pd.concat(frames, ignore_index=True)
 
 
+def pareto_indices(cost: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Positions of the Pareto frontier in ascending cost: the points whose loss is strictly below that of
+    every point of lower or equal cost (ties go to the earlier point)."""
+    cost, loss = np.asarray(cost), np.asarray(loss)
+    order = np.lexsort((loss, cost))
+    best_before = np.concatenate([[np.inf], np.minimum.accumulate(loss[order])[:-1]])
+    return order[loss[order] < best_before]
+
+
 def pareto_frontier(table: pd.DataFrame) -> pd.DataFrame:
     """Rows whose oracle_nll is strictly below that of every row with fewer or equal total_params.
 
     These are the best oracle losses reachable at each parameter budget, in ascending total_params.
     """
-    ordered = table.sort_values(["total_params", "oracle_nll"], kind="stable")
-    losses = ordered["oracle_nll"].to_numpy()
-    best_before = np.concatenate([[np.inf], np.minimum.accumulate(losses)[:-1]])
-    return ordered[losses < best_before].reset_index(drop=True)
+    rows = pareto_indices(table["total_params"].to_numpy(), table["oracle_nll"].to_numpy())
+    return table.iloc[rows].reset_index(drop=True)
 
 
 def attribution(pool: xr.Dataset, sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> pd.DataFrame:
@@ -510,11 +525,13 @@ def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
 
 
 def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[str], n_bootstrap: int, seed: int,
-                        sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Bits per byte of every ensemble and every model on `n_bootstrap` Poisson resamples of the samples.
+                        sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> np.ndarray:
+    """(ensembles, replicates): each ensemble's oracle bits per byte on `n_bootstrap` resamples of the samples.
 
     `members` are the ensembles as comma-separated model names (the `members` column of the ensemble table).
-    Returns (ensembles, replicates) and (models, replicates) arrays, from one streaming pass over the pool.
+    A replicate weighs each sample by an independent Poisson(1) count (`poisson_weights`: seeded, and the same
+    however the pool is chunked); all replicates come from one streaming pass over the pool. A replicate that
+    drew no sample at all (possible only for tiny pools) is NaN.
     """
     models = _Models.of(pool)
     index = {name: i for i, name in enumerate(models.names)}
@@ -526,8 +543,8 @@ def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[str], n_bootstrap: i
         raise MMCError(f"the number of bootstrap resamples must be at least 1 (got {n_bootstrap})")
     sums = _BootstrapMinima(ensembles, models.count, n_bootstrap, seed)
     _stream(pool, [sums], sample_chunk)
-    denominator = sums.boot_bytes * LN2
-    return sums.boot_sums / denominator, sums.model_boot_sums / denominator
+    with np.errstate(invalid="ignore"):
+        return sums.boot_sums / (sums.boot_bytes * LN2)
 
 
 OUTPUT_CSVS = ("ensembles", "expected_curves", "pareto", "attribution")

@@ -253,21 +253,26 @@ def test_run_oracle_writes_outputs_atomically(tmp_path):
 
 def test_bootstrap_replicates_are_weighted_ensemble_losses():
     rng = np.random.default_rng(3)
-    nll = rng.gamma(2.0, 50.0, (4, 300))
-    n_bytes = rng.integers(50, 500, 300)
+    nll = rng.gamma(2.0, 50.0, (4, 3000))
+    n_bytes = rng.integers(50, 500, 3000)
     pool = xr.Dataset({"nll": (("model", "sample"), nll)},
                       coords={"model": ["a", "b", "c", "d"], "family": ("model", ["x", "x", "y", "y"]),
                               "n_params": ("model", [1, 2, 3, 4]), "n_params_nonembedding": ("model", [1, 2, 3, 4]),
                               "n_bytes": ("sample", n_bytes)})
     members = ["a", "a,c", "b,c,d"]
-    ensemble_bpb, model_bpb = oracle.bootstrap_ensembles(pool, members, n_bootstrap=5, seed=1, sample_chunk=128)
-    assert ensemble_bpb.shape == (3, 5) and model_bpb.shape == (4, 5)
-    np.testing.assert_allclose(ensemble_bpb[0], model_bpb[0], rtol=1e-12)
-    # rebuild the weights the way the accumulator draws them: per block of samples, seeded by its offset
-    weights = np.concatenate([np.random.default_rng([1, start]).poisson(1.0, (min(128, 300 - start), 5))
-                              for start in range(0, 300, 128)])
+    replicates = oracle.bootstrap_ensembles(pool, members, n_bootstrap=5, seed=1, sample_chunk=1000)
+    assert replicates.shape == (3, 5)
+    # the weights are drawn per fixed block of samples, seeded by (seed, block index)
+    weights = np.concatenate([np.random.default_rng([1, block]).poisson(1.0, (oracle.WEIGHT_BLOCK, 5))
+                              for block in range(-(-3000 // oracle.WEIGHT_BLOCK))])[:3000]
+    np.testing.assert_array_equal(oracle.poisson_weights(1, 0, 3000, 5), weights)
+    np.testing.assert_array_equal(oracle.poisson_weights(1, 1500, 2500, 5), weights[1500:2500])
     for row, rows in enumerate([[0], [0, 2], [1, 2, 3]]):
         minima = nll[rows].min(axis=0)
         expected = (minima @ weights) / ((n_bytes @ weights) * np.log(2))
-        np.testing.assert_allclose(ensemble_bpb[row], expected, rtol=1e-10)
-    assert not np.allclose(ensemble_bpb[2], ensemble_bpb[2, 0])  # replicates differ
+        np.testing.assert_allclose(replicates[row], expected, rtol=1e-10)
+    assert not np.allclose(replicates[2], replicates[2, 0])  # replicates differ
+    # the same replicates however the pool is chunked or streamed
+    for sample_chunk, chunks in [(7, None), (65536, {"sample": 999})]:
+        again = oracle.bootstrap_ensembles(pool if chunks is None else pool.chunk(chunks), members, 5, 1, sample_chunk)
+        np.testing.assert_allclose(again, replicates, rtol=1e-12)

@@ -1,0 +1,231 @@
+"""The report: PNG figures of the fitted laws and a readable summary (reports/README.md).
+
+Reads only the pipeline's outputs (metrics JSON, tidy CSVs); every figure is on log-log axes where the law is
+a power law, with the fitted curves and their 95% bootstrap bands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mmc import MMCError  # noqa: E402
+from mmc.store import atomic_path  # noqa: E402
+
+STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+         "axes.spines.right": False, "legend.frameon": False, "font.size": 10}
+PARAMS_LABEL = "parameters (total of the ensemble)"
+BPB_LABEL = "eval loss (bits per byte)"
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise MMCError(f"'{path}' does not exist: run the stage that writes it first (dvc repro)")
+    return pd.read_csv(path)
+
+
+def _family_colors(families) -> dict[str, str]:
+    palette = plt.get_cmap("tab10").colors
+    return {family: palette[i % len(palette)] for i, family in enumerate(sorted(set(families)))}
+
+
+def _band(ax, curves: pd.DataFrame, series: str, color, label: str, style: str = "-") -> None:
+    curve = curves[curves.series == series]
+    if curve.empty:
+        return
+    ax.plot(curve.total_params, curve.predicted_bpb, style, color=color, label=label, lw=1.6)
+    if "lower_bpb" in curve and curve.lower_bpb.notna().all():
+        ax.fill_between(curve.total_params, curve.lower_bpb, curve.upper_bpb, color=color, alpha=0.15, lw=0)
+
+
+def _log_axes(ax, title: str, xlabel: str = PARAMS_LABEL) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(BPB_LABEL)
+    ax.set_title(title)
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+
+
+def figure_scaling(points: pd.DataFrame, curves: pd.DataFrame, ensembles: pd.DataFrame, path: Path) -> None:
+    """Single-model vs multi-model scaling: every ensemble, the two Pareto frontiers and their fitted laws."""
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    others = ensembles[ensembles.kind != "single"]
+    ax.scatter(others.total_params, others.oracle_bpb, s=6, color="0.75", label="ensembles (oracle)", zorder=1)
+    colors = _family_colors(ensembles.families[ensembles.kind == "single"])
+    for family, color in colors.items():
+        singles = ensembles[(ensembles.kind == "single") & (ensembles.families == family)]
+        ax.scatter(singles.total_params, singles.oracle_bpb, s=28, color=color, label=f"{family} models", zorder=3)
+    frontier = points[points.series == "multi/pareto"]
+    ax.scatter(frontier.total_params, frontier.bpb, s=14, marker="s", facecolor="none", edgecolor="black",
+               label="multi-model Pareto frontier", zorder=2)
+    _band(ax, curves, "single/pareto", "tab:red", "single-model law", "--")
+    _band(ax, curves, "multi/pareto", "black", "multi-model law")
+    _log_axes(ax, "Single-model vs multi-model (oracle) scaling")
+    ax.legend(fontsize=8, loc="lower left")
+    _save(fig, path)
+
+
+def figure_kinds(points: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
+    """Heterogeneous vs homogeneous ensembles: points and fitted laws."""
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    hetero = points[points.series == "multi/heterogeneous"]
+    ax.scatter(hetero.total_params, hetero.bpb, s=5, color="0.6", alpha=0.6, label="heterogeneous ensembles")
+    _band(ax, curves, "multi/heterogeneous", "black", "heterogeneous law")
+    homogeneous = sorted(s for s in points.series.unique() if s.startswith("multi/homogeneous/"))
+    colors = _family_colors(s.rsplit("/", 1)[1] for s in homogeneous)
+    for series in homogeneous:
+        family = series.rsplit("/", 1)[1]
+        own = points[points.series == series]
+        ax.scatter(own.total_params, own.bpb, s=18, color=colors[family], label=f"homogeneous {family}")
+        _band(ax, curves, series, colors[family], f"{family} law", "--")
+    _log_axes(ax, "Heterogeneous vs homogeneous ensembles")
+    ax.legend(fontsize=8, loc="lower left", ncol=2)
+    _save(fig, path)
+
+
+def figure_expected(expected: pd.DataFrame, path: Path) -> None:
+    """The exact expected oracle loss of a random k-subset, for the pool and each family."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = _family_colors(s for s in expected.scope.unique() if s != "pool")
+    for scope, curve in expected.groupby("scope", sort=False):
+        ax.plot(curve.k, curve.expected_oracle_bpb, "o-", ms=3, lw=1.6 if scope == "pool" else 1.2,
+                color="black" if scope == "pool" else colors[scope], label="whole pool" if scope == "pool" else scope)
+    ax.set_xlabel("ensemble size k (models drawn at random)")
+    ax.set_ylabel(BPB_LABEL)
+    ax.set_title("Expected oracle loss of a random k-subset")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def figure_attribution(attribution: pd.DataFrame, path: Path) -> None:
+    """Each model's win share and Shapley value in the oracle game."""
+    table = attribution.sort_values(["family", "n_params"])
+    colors = _family_colors(table.family)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.32 * len(table) + 1.6), sharey=True)
+    positions = np.arange(len(table))
+    bar_colors = [colors[f] for f in table.family]
+    axes[0].barh(positions, table.win_share, color=bar_colors)
+    axes[0].set_xlabel("win share\n(fraction of samples on which it is best)")
+    axes[1].barh(positions, table.shapley, color=bar_colors)
+    axes[1].set_xlabel("Shapley value: share of the pool's oracle loss\n(nats per sample; lower = more useful)")
+    axes[0].set_yticks(positions, table.model)
+    axes[0].invert_yaxis()
+    fig.suptitle("Who carries the oracle ensemble")
+    _save(fig, path)
+
+
+def figure_merging(curves: pd.DataFrame, fits: dict, path: Path) -> None:
+    """Merging: in-domain loss against k, per method (panels) and base size (colors), with the fitted law."""
+    methods = list(dict.fromkeys(curves.method))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.3 * len(methods), 3.6), sharey=True, squeeze=False)
+    sizes = sorted(curves.n_params.unique())
+    palette = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, len(sizes)))
+    for ax, method in zip(axes[0], methods):
+        fit = fits.get(method, {}).get("in_domain", {})
+        for color, size in zip(palette, sizes):
+            own = curves[(curves.method == method) & (curves.n_params == size)]
+            ax.errorbar(own.k, own.in_domain_bpb_mean, yerr=own.in_domain_bpb_std.fillna(0), fmt="o", ms=3,
+                        color=color, capsize=2, label=f"N = {size / 1e3:.0f}k")
+            if "params" in fit:
+                k = np.linspace(1, own.k.max(), 50)
+                p = fit["params"]
+                ax.plot(k, p["L_star"] + p["B"] * size ** -p["beta"] + p["A0"] * size ** -p["gamma"] / (k + p["b"]),
+                        color=color, lw=1.2)
+        ax.set_title(method)
+        ax.set_xlabel("experts merged (k)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[0][0].set_ylabel("in-domain loss (bits per byte)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Merging k domain experts: loss and the fitted merging law")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _fmt(value, ci=None) -> str:
+    if value is None:
+        return "–"
+    text = f"{value:.4g}"
+    return f"{text} [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else text
+
+
+def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, plan: dict | None) -> str:
+    """reports/README.md: what was fitted, with the figures and tables of parameters and 95% intervals."""
+    lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. "
+             f"Intervals: 95% from {laws['bootstrap']['resamples']} bootstrap resamples of the {laws['bootstrap']['over']}.",
+             "", "## Single-model and multi-model scaling", ""]
+    lines += [f"![{name}]({name})" for name in figures if name in ("scaling.png", "kinds.png")]
+    lines += ["", "| series | points | E (floor) | A | alpha | R² (log) | held-out max rel. error |",
+              "|---|---|---|---|---|---|---|"]
+    for series, fit in laws["fits"].items():
+        if "params" not in fit:
+            lines.append(f"| {series} | – | {fit.get('error', '')} | | | | |")
+            continue
+        ci = fit.get("ci95") or {}
+        p = fit["params"]
+        holdout = fit.get("holdout", {}).get("max_abs_relative_error")
+        lines.append(f"| {series} | {fit['n_points']} | {_fmt(p['E'], ci.get('E'))} | {_fmt(p['A'])} | "
+                     f"{_fmt(p['alpha'], ci.get('alpha'))} | {fit['r2_log']:.3f} | {_fmt(holdout)} |")
+    floor = laws["comparisons"]["floor"]
+    kinds = laws["comparisons"]["heterogeneous_vs_homogeneous"]
+    lines += ["", "**Floors.** single-model " + _fmt(floor["single"], floor.get("single_ci95")) + ", multi-model "
+              + _fmt(floor["multi"], floor.get("multi_ci95")) + ". Predicted at common budgets:", ""]
+    for name, row in floor["predicted_bpb_at"].items():
+        lines.append(f"- {name.replace('_', ' ')} ({row['total_params']:.3g} parameters): single "
+                     f"{_fmt(row.get('single/pareto'))}, multi {_fmt(row.get('multi/pareto'))} bits per byte")
+    lines += ["", f"**Heterogeneous vs homogeneous.** exponent {_fmt(kinds['alpha_heterogeneous'], kinds.get('alpha_heterogeneous_ci95'))}"
+              f" vs {_fmt(kinds['alpha_homogeneous_mean'])} (mean over families); mean oracle gain over the best member: "
+              + ", ".join(f"{kind} {gain:.4f}" for kind, gain in kinds["mean_gain_bpb"].items()) + " bits per byte.", ""]
+    lines += [f"![{name}]({name})" for name in figures if name in ("expected_k.png", "attribution.png")]
+    if merge_law:
+        lines += ["", "## Model merging", "", "![merging](merging.png)", "",
+                  "| method | loss | L* | B | beta | A0 | gamma | b | R² (log) |", "|---|---|---|---|---|---|---|---|---|"]
+        for method, by_target in merge_law["fits"].items():
+            for target, fit in by_target.items():
+                if "params" not in fit:
+                    continue
+                p, ci = fit["params"], fit.get("ci95") or {}
+                lines.append(f"| {method} | {target} | " + " | ".join(_fmt(p[n], ci.get(n)) for n in
+                                                                      ("L_star", "B", "beta", "A0", "gamma", "b"))
+                             + f" | {fit['r2_log']:.3f} |")
+    if plan:
+        lines += ["", "## Planning", "", "```", json.dumps(plan, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str | Path, out: str | Path, *,
+                 merge_law_path: str | Path | None = None, merge_plots: str | Path | None = None,
+                 plan_path: str | Path | None = None) -> list[str]:
+    """Draw every figure the inputs allow and write the summary into `out`, replaced atomically."""
+    plt.rcParams.update(STYLE)
+    laws = json.loads(Path(laws_path).read_text())
+    points, curves = _read_csv(Path(law_plots) / "points.csv"), _read_csv(Path(law_plots) / "curves.csv")
+    ensembles = pd.read_parquet(Path(oracle_dir) / "ensembles.parquet")
+    merge_law = json.loads(Path(merge_law_path).read_text()) if merge_law_path else None
+    plan = json.loads(Path(plan_path).read_text()) if plan_path else None
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        figure_scaling(points, curves, ensembles, tmp / "scaling.png")
+        figure_kinds(points, curves, tmp / "kinds.png")
+        figure_expected(_read_csv(Path(oracle_dir) / "expected_curves.csv"), tmp / "expected_k.png")
+        figure_attribution(_read_csv(Path(oracle_dir) / "attribution.csv"), tmp / "attribution.png")
+        if merge_law and merge_plots:
+            figure_merging(_read_csv(Path(merge_plots) / "curves.csv"), merge_law["fits"], tmp / "merging.png")
+        figures = sorted(p.name for p in tmp.glob("*.png"))
+        (tmp / "README.md").write_text(summary_markdown(laws, figures, merge_law, plan), encoding="utf-8")
+    return figures

@@ -1,0 +1,65 @@
+"""The assemble, oracle and fit stages as DVC runs them: each reruns only when what it reads changes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import EVAL_TEXTS, build_tiny_model, save_eval_set
+from mmc.store import open_store
+from test_pipeline_losses import ROOT, pool_entry, ran_stages, sh
+
+STAGES = ("losses", "assemble", "oracle", "fit")
+
+
+def write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.slow
+def test_fit_params_rerun_only_fit_and_the_pool_follows_params(tmp_path, gpt2_dir, llama_dir):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(ROOT / "stages", repo / "stages")
+    shutil.copytree(ROOT / "mmc", repo / "mmc", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(gpt2_dir, repo / "models" / "gpt2")
+    shutil.copytree(llama_dir, repo / "models" / "llama")
+    build_tiny_model(repo / "models" / "gpt2-wide", "gpt2", "byte_bpe", seed=2, d_model=48)
+    save_eval_set(repo / "data" / "corpus" / "eval", EVAL_TEXTS)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {name: stages[name] for name in STAGES}}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = {"losses": {**params["losses"], "device": "cpu", "dtype": "float32"},
+              "pool": {name: pool_entry(name, name.split("-")[0]) for name in ("gpt2", "gpt2-wide", "llama")},
+              "oracle": params["oracle"], "fit": {**params["fit"], "bootstrap": 20}}
+    write_params(repo, params)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "config", "core.analytics", "false")
+
+    # assemble depends on the folder holding the losses@ outputs: DVC runs it after all of them
+    output = sh(repo, "dvc", "repro")
+    order = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+    assert sorted(order[:3]) == ["losses@gpt2", "losses@gpt2-wide", "losses@llama"]
+    assert order[3:] == ["assemble", "oracle", "fit"]
+    laws = json.loads((repo / "metrics" / "laws.json").read_text())
+    assert laws["bootstrap"]["resamples"] == 20 and "single/pooled" in laws["fits"]
+    assert (repo / "plots" / "laws" / "points.csv").is_file() and (repo / "plots" / "laws" / "curves.csv").is_file()
+    assert ran_stages(sh(repo, "dvc", "repro")) == []
+
+    for key, value in [("bootstrap", 10), ("holdout_fraction", 0.5)]:
+        params["fit"][key] = value
+        write_params(repo, params)
+        assert ran_stages(sh(repo, "dvc", "repro")) == ["fit"], key
+    assert json.loads((repo / "metrics" / "laws.json").read_text())["bootstrap"]["resamples"] == 10
+
+    # a member leaves the pool: its store stays on disk, but the pool is what params.yaml says
+    del params["pool"]["gpt2-wide"]
+    write_params(repo, params)
+    assert ran_stages(sh(repo, "dvc", "repro")) == ["assemble", "fit", "oracle"]
+    assert (repo / "data" / "losses" / "gpt2-wide.zarr").is_dir()
+    assert list(open_store(repo / "data" / "pool.zarr").model.values) == ["gpt2", "llama"]

@@ -1,0 +1,166 @@
+"""The pool dataset, and the fit stage on a synthetic pool whose laws are known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from mmc import MMCError, store
+from mmc.cli import main
+from mmc.store import assemble_pool, open_store, write_store
+
+FAMILIES = ("alpha", "beta", "gamma")
+FIT_KEYS = {"law", "formula", "params", "ci95", "r2_log", "rmse_log", "n_points", "n_bootstrap",
+            "n_bootstrap_converged", "holdout"}
+
+
+def reject_constant(name):
+    raise AssertionError(f"laws.json holds {name}: not strict JSON")
+
+
+def loss_store(path, nll, family, n_params, fingerprint="fp-1", samples=None):
+    samples = samples if samples is not None else [f"s{i}" for i in range(len(nll))]
+    dataset = xr.Dataset(
+        {"nll": ("sample", np.asarray(nll, dtype=np.float64)), "n_tokens": ("sample", np.full(len(nll), 7)),
+         "n_bytes": ("sample", np.arange(len(nll)) + 10)},
+        coords={"sample": np.asarray(samples, dtype=object),
+                "domain": ("sample", np.asarray(["a", "b"] * (len(nll) // 2), dtype=object))},
+        attrs={"family": family, "n_params": n_params, "n_params_nonembedding": n_params // 2,
+               "dataset_fingerprint": fingerprint})
+    write_store(dataset, path)
+    return path
+
+
+def test_assemble_builds_the_model_by_sample_pool(tmp_path):
+    a = loss_store(tmp_path / "a.zarr", [1.0, 2.0, 3.0, 4.0], "alpha", 100)
+    b = loss_store(tmp_path / "b.zarr", [0.5, 2.5, 2.0, 5.0], "beta", 300)
+    assert main(["assemble", "--out", str(tmp_path / "pool.zarr"), str(a), str(b)]) == 0
+    pool = open_store(tmp_path / "pool.zarr")
+    assert pool.nll.dims == ("model", "sample") and list(pool.model.values) == ["a", "b"]
+    np.testing.assert_array_equal(pool.nll.sel(model="b").values, [0.5, 2.5, 2.0, 5.0])
+    assert list(pool.family.values) == ["alpha", "beta"] and list(pool.n_params.values) == [100, 300]
+    assert list(pool.n_params_nonembedding.values) == [50, 150]
+    np.testing.assert_array_equal(pool.n_bytes.values, [10, 11, 12, 13])
+    assert list(pool.domain.values) == ["a", "b", "a", "b"]
+    assert pool.attrs["dataset_fingerprint"] == "fp-1"
+
+
+def test_assembled_pool_is_stored_in_chunks_of_samples(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "POOL_SAMPLE_CHUNK", 4)
+    stores = [loss_store(tmp_path / f"{name}.zarr", np.arange(10.0) + i, "alpha", 10 * (i + 1))
+              for i, name in enumerate("abc")]
+    write_store(assemble_pool(stores), tmp_path / "pool.zarr")
+    pool = xr.open_zarr(tmp_path / "pool.zarr")  # anyone can open it with xarray alone
+    assert pool.nll.encoding["chunks"] == (3, 4) and pool.nll.chunks == ((3,), (4, 4, 2))
+    np.testing.assert_array_equal(pool.nll.sel(model="c").values, np.arange(10.0) + 2)
+
+
+def test_assemble_refuses_different_eval_sets_naming_the_models(tmp_path, capsys):
+    stores = [loss_store(tmp_path / "a.zarr", [1.0, 2.0], "alpha", 1),
+              loss_store(tmp_path / "b.zarr", [1.0, 2.0], "alpha", 2),
+              loss_store(tmp_path / "c.zarr", [1.0, 2.0], "beta", 3, fingerprint="fp-2")]
+    assert main(["assemble", "--stage", "assemble", "--out", str(tmp_path / "pool.zarr"), *map(str, stores)]) == 2
+    assert capsys.readouterr().err.strip() == ("mmc assemble: error: loss stores scored different eval sets: "
+                                              "a, b scored fp-1; c scored fp-2; rerun their losses stages on one dataset")
+    assert not (tmp_path / "pool.zarr").exists()
+    loss_store(tmp_path / "d.zarr", [1.0, 2.0], "beta", 3, samples=["x", "y"])
+    with pytest.raises(MMCError, match="a and d hold different samples"):
+        assemble_pool({"a": tmp_path / "a.zarr", "d": tmp_path / "d.zarr"})
+
+
+def test_assemble_refuses_repeated_names_and_other_samples_in_one_line(tmp_path, capsys):
+    a = loss_store(tmp_path / "a.zarr", [1.0, 2.0], "alpha", 1)
+    again = loss_store(tmp_path / "other" / "a.zarr", [3.0, 4.0], "beta", 2)
+    shuffled = loss_store(tmp_path / "s.zarr", [1.0, 2.0], "beta", 2, samples=["s1", "s0"])
+    out = tmp_path / "pool.zarr"
+    for stores, needle in [((a, again), "model names must be unique in a pool: a given more than once"),
+                           ((a, shuffled), "loss stores a and s hold different samples despite one fingerprint "
+                                           "(the same ids in another order)")]:
+        assert main(["assemble", "--stage", "assemble", "--out", str(out), *map(str, stores)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("mmc assemble: error: ") and needle in err, err
+        assert not out.exists()
+
+
+def synthetic_pool(path, n_samples=400, seed=0):
+    """Three families x four sizes; a model's per-sample nll = bytes · (family floor + A·N^-0.3) · noise.
+
+    Each family is best on its own third of the samples, so heterogeneous ensembles gain and homogeneous
+    ones barely do."""
+    rng = np.random.default_rng(seed)
+    n_bytes = rng.integers(200, 2000, n_samples)
+    home = np.arange(n_samples) % 3
+    names, families, sizes, rows = [], [], [], []
+    for f, family in enumerate(FAMILIES):
+        for size in (1e4, 4e4, 1.6e5, 6.4e5):
+            bits = 1.2 + 0.4 * f / 3 + 30.0 * size ** -0.3
+            bits = bits * np.where(home == f, 0.8, 1.1) * rng.lognormal(0, 0.02, n_samples)
+            names.append(f"{family}-{int(size)}"), families.append(family), sizes.append(int(size))
+            rows.append(bits * n_bytes * np.log(2))
+    pool = xr.Dataset({"nll": (("model", "sample"), np.array(rows)), "n_tokens": (("model", "sample"),
+                                                                                 np.ones((12, n_samples), int))},
+                      coords={"model": names, "family": ("model", families), "n_params": ("model", sizes),
+                              "n_params_nonembedding": ("model", sizes), "n_bytes": ("sample", n_bytes),
+                              "sample": [f"s{i}" for i in range(n_samples)]})
+    write_store(pool, path)
+    return path
+
+
+def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
+    pool = synthetic_pool(tmp_path / "pool.zarr")
+    assert main(["oracle", "--pool", str(pool), "--out", str(tmp_path / "oracle"), "--max-subsets-per-k", "30"]) == 0
+    assert main(["fit", "--pool", str(pool), "--oracle", str(tmp_path / "oracle"), "--out", str(tmp_path / "laws.json"),
+                 "--plots", str(tmp_path / "plots"), "--bootstrap", "40"]) == 0
+    laws = json.loads((tmp_path / "laws.json").read_text(), parse_constant=reject_constant)
+    assert set(laws) == {"loss", "law", "bootstrap", "holdout", "fits", "comparisons"}
+    assert "bits per byte" in laws["loss"] and laws["bootstrap"]["resamples"] == 40
+    assert {"single/pareto", "single/pooled", "single/alpha", "multi/pareto", "multi/heterogeneous",
+            "multi/homogeneous/beta"} <= set(laws["fits"])
+    for name, fit in laws["fits"].items():
+        assert fit["n_bootstrap"] == 40 and fit["n_bootstrap_converged"] >= 36, name
+        assert set(fit) >= FIT_KEYS, name
+        for param, (low, high) in fit["ci95"].items():
+            assert low <= fit["params"][param] <= high, (name, param)
+        assert "max_abs_relative_error" in fit["holdout"] or "error" in fit["holdout"]
+    for name in ("single/pareto", "multi/pareto", "multi/heterogeneous", "multi/homogeneous/alpha"):
+        assert laws["fits"][name]["r2_log"] > 0.9 and laws["fits"][name]["holdout"]["max_abs_relative_error"] < 0.1
+    # the best single model at each size is family alpha's: the single-model frontier recovers its law
+    assert laws["fits"]["single/pareto"]["params"] == laws["fits"]["single/alpha"]["params"]
+    # a family's single-model law: its floor is its own (1.2 + 0.4f/3, scaled by its sample mix), alpha near 0.3
+    alpha = laws["fits"]["single/alpha"]["params"]
+    assert 0.15 < alpha["alpha"] < 0.6 and 0.8 < alpha["E"] < 1.3
+    comparisons = laws["comparisons"]
+    assert set(comparisons) == {"floor", "heterogeneous_vs_homogeneous"}
+    assert set(comparisons["floor"]) >= {"single", "single_ci95", "multi", "multi_ci95", "multi_minus_single"}
+    assert set(comparisons["heterogeneous_vs_homogeneous"]) >= {
+        "alpha_heterogeneous", "alpha_heterogeneous_ci95", "alpha_homogeneous", "mean_gain_bpb", "mean_gain_bpb_by_k"}
+    gains = comparisons["heterogeneous_vs_homogeneous"]["mean_gain_bpb"]
+    assert gains["heterogeneous"] > 0.05 and gains["heterogeneous"] > 5 * gains["homogeneous"] >= 0
+    at_pool = comparisons["floor"]["predicted_bpb_at"]["whole_pool"]
+    assert at_pool["multi/pareto"] < at_pool["single/pareto"]
+    points = (tmp_path / "plots" / "points.csv").read_text().splitlines()
+    assert points[0] == "series,total_params,bpb" and len(points) > 12
+    curves = (tmp_path / "plots" / "curves.csv").read_text().splitlines()
+    assert curves[0] == "series,total_params,predicted_bpb,lower_bpb,upper_bpb"
+
+
+def test_fit_on_a_tiny_pool_reports_what_it_cannot_fit(tmp_path):
+    """Three samples and three models: some series have too few points, and 2 of the 60 resamples draw no
+    sample at all; the fit still writes strict JSON, with an error where a law cannot be determined."""
+    rng = np.random.default_rng(1)
+    pool = xr.Dataset({"nll": (("model", "sample"), rng.gamma(5.0, 20.0, (3, 3)))},
+                      coords={"model": ["a", "b", "c"], "family": ("model", ["x", "x", "y"]),
+                              "n_params": ("model", [10, 40, 20]), "n_params_nonembedding": ("model", [5, 20, 10]),
+                              "n_bytes": ("sample", [50, 60, 70])})
+    write_store(pool, tmp_path / "pool.zarr")
+    assert main(["oracle", "--pool", str(tmp_path / "pool.zarr"), "--out", str(tmp_path / "oracle")]) == 0
+    assert main(["fit", "--pool", str(tmp_path / "pool.zarr"), "--oracle", str(tmp_path / "oracle"),
+                 "--out", str(tmp_path / "laws.json"), "--plots", str(tmp_path / "plots"), "--bootstrap", "60"]) == 0
+    laws = json.loads((tmp_path / "laws.json").read_text(), parse_constant=reject_constant)
+    assert laws["fits"]["single/x"] == {"error": "law power: 2 points cannot determine 3 parameters"}
+    pooled = laws["fits"]["single/pooled"]
+    assert pooled["n_points"] == 3 and pooled["n_bootstrap"] == 60 and pooled["holdout"]["error"]
+    assert pooled["n_bootstrap_converged"] <= 58 and pooled["ci95"] is not None
