@@ -198,7 +198,7 @@ def _run_experts_train(args: argparse.Namespace) -> None:
     summary = train_expert(
         args.base, args.corpus, args.domain, args.out, args.log, revision=args.revision, context=args.context,
         train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, lora_rank=args.lora_rank,
     )
     print(f"wrote {args.out}: {args.base} fine-tuned on {args.domain}, final train loss {summary['final_train_loss']:.4f}")
 
@@ -226,6 +226,9 @@ def _add_experts(subparsers, common: argparse.ArgumentParser) -> None:
     train.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default 10)")
     train.add_argument("--seed", type=int, default=0, help="seed for batch sampling (default 0)")
     train.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    train.add_argument("--lora-rank", type=_optional_int, default=None,
+                       help="train LoRA adapters of this rank (peft) instead of every weight, merged into the "
+                            "saved expert; for big bases (default: full fine-tuning)")
     train.set_defaults(run=_run_experts_train)
 
 

@@ -337,10 +337,7 @@ def compute_losses(
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     window_length = context_length(loaded) if max_length is None else max_length
     nll, n_tokens = score_texts(loaded, texts, max_length=window_length, stride=stride, batch_tokens=batch_tokens)
-    if "n_bytes" in samples.column_names:
-        n_bytes = np.asarray(samples["n_bytes"], dtype=np.int64)
-    else:
-        n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    n_bytes = sample_bytes(samples)
     n_params, n_params_nonembedding = count_parameters(loaded.model)
     prefix = prefix_token(loaded.tokenizer)
     coords = {"sample": np.asarray(sample_ids, dtype=object)}
@@ -374,6 +371,13 @@ def compute_losses(
         coords=coords,
         attrs=attrs,
     )
+
+
+def sample_bytes(samples) -> np.ndarray:
+    """The UTF-8 length of every sample's text: the `n_bytes` column where the dataset has one."""
+    if "n_bytes" in samples.column_names:
+        return np.asarray(samples["n_bytes"], dtype=np.int64)
+    return np.fromiter((len(t.encode("utf-8")) for t in samples["text"]), dtype=np.int64, count=len(samples))
 
 
 def bits_per_byte(nll: np.ndarray, n_bytes: np.ndarray) -> float:

@@ -34,6 +34,7 @@ import hashlib
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,7 +376,7 @@ def merge_sweep(base: str, experts: Mapping[str, str | Path], data_dir: str | Pa
     counts and the expert domains.
     """
     from mmc.corpus import fingerprint, load_samples
-    from mmc.losses import count_parameters, load_model, score_texts
+    from mmc.losses import count_parameters, load_model, sample_bytes, score_texts
 
     samples = first_per_domain(load_samples(data_dir), docs_per_domain)
     if "domain" not in samples.column_names:
@@ -407,7 +408,7 @@ def merge_sweep(base: str, experts: Mapping[str, str | Path], data_dir: str | Pa
             "experts": ("merge", np.array([",".join(domains[i] for i in subset) for _, subset in runs], dtype=object)),
             "sample": np.asarray(samples["sample_id"], dtype=object),
             "domain": ("sample", np.asarray(samples["domain"], dtype=object)),
-            "n_bytes": ("sample", np.asarray(samples["n_bytes"], dtype=np.int64)),
+            "n_bytes": ("sample", sample_bytes(samples)),
         },
         attrs={"base": base, "n_params": int(n_params), "n_params_nonembedding": int(n_params_nonembedding),
                "expert_domains": ",".join(domains),
@@ -436,19 +437,19 @@ def merge_points(store: xr.Dataset, weights: np.ndarray | None = None) -> pd.Dat
     expert_domains = store.attrs["expert_domains"].split(",")
     domains, codes = np.unique(_strings(store.domain), return_inverse=True)
     one_hot = np.eye(len(domains))[codes] * (1.0 if weights is None else weights[:, None])
-    per_domain = (store.nll.values @ one_hot) / ((store.n_bytes.values.astype(np.float64) @ one_hot) * math.log(2))
     held_in = np.isin(domains, expert_domains)
     experts = _strings(store.experts)
     merged = np.array([np.isin(domains, names.split(",")) for names in experts])  # (merges, domains)
-    with np.errstate(invalid="ignore"):
-        merged_bpb = (per_domain * merged).sum(axis=1) / merged.sum(axis=1)
-    return pd.DataFrame({
-        "base": store.attrs["base"], "n_params": store.attrs["n_params"],
-        "method": _strings(store.method), "k": store.k.values, "experts": experts,
-        "in_domain_bpb": per_domain[:, held_in].mean(axis=1),
-        "cross_domain_bpb": per_domain[:, ~held_in].mean(axis=1) if (~held_in).any() else np.nan,
-        "merged_domains_bpb": merged_bpb,
-    })
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample can leave a domain without samples: NaN
+        per_domain = (store.nll.values @ one_hot) / ((store.n_bytes.values.astype(np.float64) @ one_hot) * math.log(2))
+        return pd.DataFrame({
+            "base": store.attrs["base"], "n_params": store.attrs["n_params"],
+            "method": _strings(store.method), "k": store.k.values, "experts": experts,
+            "in_domain_bpb": np.nanmean(per_domain[:, held_in], axis=1),
+            "cross_domain_bpb": np.nanmean(per_domain[:, ~held_in], axis=1) if (~held_in).any() else np.nan,
+            "merged_domains_bpb": np.nanmean(np.where(merged, per_domain, np.nan), axis=1),
+        })
 
 
 def merge_curves(points: pd.DataFrame) -> pd.DataFrame:

@@ -45,14 +45,28 @@ def _band(ax, curves: pd.DataFrame, series: str, color, label: str, style: str =
         ax.fill_between(curve.total_params, curve.lower_bpb, curve.upper_bpb, color=color, alpha=0.15, lw=0)
 
 
+def _parameter_count(value: float, _position=None) -> str:
+    """20k, 1.5M, 7B: short labels for parameter counts."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
 def _log_axes(ax, title: str, xlabel: str = PARAMS_LABEL) -> None:
+    """Log-log axes whose tick labels never collide: parameters at 1, 2, 5 x 10^n, losses with two decimals."""
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(BPB_LABEL)
     ax.set_title(title)
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_parameter_count))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=np.arange(1, 10) / 10 * 10, numticks=12))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def figure_scaling(points: pd.DataFrame, curves: pd.DataFrame, ensembles: pd.DataFrame, path: Path) -> None:
@@ -150,6 +164,21 @@ def figure_merging(curves: pd.DataFrame, fits: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def figure_merging_spread(curves: pd.DataFrame, path: Path) -> None:
+    """The spread of the in-domain loss across expert subsets against k (the paper: it shrinks roughly as 1/k)."""
+    spread = curves.dropna(subset=["in_domain_bpb_std"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, own in spread.groupby("method", sort=True):
+        mean = own.groupby("k").in_domain_bpb_std.mean()
+        ax.plot(mean.index, mean.values, "o-", ms=4, lw=1.4, label=method)
+    ax.set_xlabel("experts merged (k)")
+    ax.set_ylabel("std of in-domain loss across subsets\n(bits per byte, mean over bases)")
+    ax.set_title("Which experts are merged matters less as k grows")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -193,7 +222,7 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
               + ", ".join(f"{kind} {gain:.4f}" for kind, gain in kinds["mean_gain_bpb"].items()) + " bits per byte.", ""]
     lines += [f"![{name}]({name})" for name in figures if name in ("expected_k.png", "attribution.png")]
     if merge_law:
-        lines += ["", "## Model merging", "", "![merging](merging.png)", "",
+        lines += ["", "## Model merging", "", "![merging](merging.png)", "", "![spread](merging_spread.png)", "",
                   "| method | loss | L* | B | beta | A0 | gamma | b | R² (log) |", "|---|---|---|---|---|---|---|---|---|"]
         for method, by_target in merge_law["fits"].items():
             for target, fit in by_target.items():
@@ -204,8 +233,31 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
                                                                       ("L_star", "B", "beta", "A0", "gamma", "b"))
                              + f" | {fit['r2_log']:.3f} |")
     if plan:
-        lines += ["", "## Planning", "", "```", json.dumps(plan, indent=2), "```"]
+        lines += ["", "## Planning", "", plan_markdown(plan)]
     return "\n".join(lines) + "\n"
+
+
+def plan_markdown(plan: dict) -> str:
+    """The answers of `mmc plan` as a table."""
+    rows = [f"Law: {plan.get('method', '')} fit of the {plan.get('loss', '').replace('_', '-')} loss, at base size "
+            f"N = {plan['n_params']:,.0f}: floor {plan['floor']:.4f}, one expert {plan['predicted_at_k1']:.4f} "
+            "bits per byte.", "", "| question | answer |", "|---|---|"]
+    if "target" in plan:
+        target = plan["target"]
+        answer = (f"k = {target['k']} (predicted {target['predicted']:.4f})" if target["k"]
+                  else f"unreachable: {target['reason']}")
+        rows.append(f"| (a) experts to reach {target['target']} bits per byte | {answer} |")
+    stop = plan["stop"]
+    rows.append(f"| (b) stop adding experts (next gains < {stop['epsilon']}) | k = {stop['k']} "
+                f"(next expert gains {stop['marginal_gain_at_k']:.5f}) |")
+    rows += [f"| k reaching {row['fraction']:.0%} of the gain beyond one expert | k = {row['k']} |"
+             for row in plan.get("gain_fractions", [])]
+    if "budget" in plan:
+        for option in plan["budget"]["options"]:
+            best = " **(best)**" if option == plan["budget"]["best"] else ""
+            rows.append(f"| (c) budget {plan['budget']['budget']:,.0f}: base N = {option['n_params']:,.0f} | "
+                        f"k = {option['k']}, predicted {option['predicted']:.4f}{best} |")
+    return "\n".join(rows)
 
 
 def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str | Path, out: str | Path, *,
@@ -225,7 +277,9 @@ def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str |
         figure_expected(_read_csv(Path(oracle_dir) / "expected_curves.csv"), tmp / "expected_k.png")
         figure_attribution(_read_csv(Path(oracle_dir) / "attribution.csv"), tmp / "attribution.png")
         if merge_law and merge_plots:
-            figure_merging(_read_csv(Path(merge_plots) / "curves.csv"), merge_law["fits"], tmp / "merging.png")
+            merge_curves = _read_csv(Path(merge_plots) / "curves.csv")
+            figure_merging(merge_curves, merge_law["fits"], tmp / "merging.png")
+            figure_merging_spread(merge_curves, tmp / "merging_spread.png")
         figures = sorted(p.name for p in tmp.glob("*.png"))
         (tmp / "README.md").write_text(summary_markdown(laws, figures, merge_law, plan), encoding="utf-8")
     return figures

@@ -269,14 +269,30 @@ def write_log(log: list[dict], path: str | Path) -> None:
         pd.DataFrame(log).to_csv(tmp, index=False)
 
 
+def with_lora(model: transformers.PreTrainedModel, rank: int, seed: int):
+    """`model` wrapped with LoRA adapters of `rank` on every linear layer but the output head (peft)."""
+    try:
+        import peft
+    except ImportError as error:
+        raise MMCError("--lora-rank needs peft: pip install 'mmc[lora]'") from error
+    if rank < 1:
+        raise MMCError(f"--lora-rank must be at least 1 (got {rank})")
+    torch.manual_seed(seed)  # LoRA's A matrices are drawn from the global generator
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
 def train_expert(base: str, corpus_train: str | Path, domain: str, out: str | Path,
                  log_csv: str | Path | None = None, *, revision: str | None = None, context: int | None = None,
                  train_tokens: int, batch_size: int, lr: float, warmup_steps: int, seed: int,
-                 device: str = "auto") -> dict:
-    """What `mmc experts train` does: fully fine-tune `base` on one domain of a train split; save atomically.
+                 device: str = "auto", lora_rank: int | None = None) -> dict:
+    """What `mmc experts train` does: fine-tune `base` on one domain of a train split; save atomically.
 
-    The expert keeps the base's architecture and tokenizer, so experts of one base can be merged in weight
-    space. `context` defaults to the base's. `out` gets the model directory plus `mmc_expert.json`.
+    Full fine-tuning by default; with `lora_rank`, LoRA adapters on every linear layer (for big bases), merged
+    into the weights before saving. Either way the expert keeps the base's architecture and tokenizer, so
+    experts of one base can be merged in weight space. `context` defaults to the base's. `out` gets the model
+    directory plus `mmc_expert.json`.
     """
     from mmc.corpus import load_samples
     from mmc.losses import context_length, load_model
@@ -284,14 +300,17 @@ def train_expert(base: str, corpus_train: str | Path, domain: str, out: str | Pa
     loaded = load_model(base, revision=revision, device="cpu", dtype="float32")
     texts = domain_texts(load_samples(corpus_train, split="train"), [domain])
     context = context or context_length(loaded)
-    log = fit_model(loaded.model, token_stream(loaded.tokenizer, texts), context=context, train_tokens=train_tokens,
+    model = loaded.model if lora_rank is None else with_lora(loaded.model, lora_rank, seed)
+    log = fit_model(model, token_stream(loaded.tokenizer, texts), context=context, train_tokens=train_tokens,
                     batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, weight_decay=0.0, seed=seed,
                     device=device, description=f"expert {domain}")
+    if lora_rank is not None:
+        model = model.merge_and_unload()
     summary = {"base": base, "revision": revision, "domain": domain, "context": context,
                "train_tokens": train_tokens, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps,
-               "seed": seed, "final_train_loss": log[-1]["loss"], "mmc_version": mmc.__version__}
+               "seed": seed, "lora_rank": lora_rank, "final_train_loss": log[-1]["loss"], "mmc_version": mmc.__version__}
     with atomic_path(out) as tmp:
-        save_model(loaded.model, loaded.tokenizer, tmp)
+        save_model(model, loaded.tokenizer, tmp)
         (tmp / "mmc_expert.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if log_csv is not None:
         write_log(log, log_csv)

@@ -30,11 +30,12 @@ def setup(tmp_path_factory):
     return root, split, base
 
 
-def train_expert(setup, name: str, domain: str = "code", seed: int = 0) -> int:
+def train_expert(setup, name: str, domain: str = "code", seed: int = 0, *options: str) -> int:
     root, split, base = setup
     return main(["experts", "train", "--base", str(base), "--corpus", str(split), "--domain", domain,
                  "--train-tokens", "4096", "--batch-size", "8", "--lr", "0.003", "--warmup-steps", "2",
-                 "--seed", str(seed), "--device", "cpu", "--out", str(root / name), "--stage", f"experts@{name}"])
+                 "--seed", str(seed), "--device", "cpu", "--out", str(root / name), "--stage", f"experts@{name}",
+                 *options])
 
 
 def test_expert_specialises_and_stays_mergeable(setup):
@@ -75,3 +76,20 @@ def test_domain_texts_selects_exactly_the_domains(setup):
     assert zoo.domain_texts(samples, ["code"]) == CODE
     assert zoo.domain_texts(samples, None) == TRAIN_TEXTS
     assert np.all(np.isin(zoo.domain_texts(samples, ["prose"]), [t for t in TRAIN_TEXTS if t not in CODE]))
+
+
+def test_lora_expert_is_a_plain_mergeable_model_that_specialises(setup):
+    """--lora-rank trains low-rank adapters only and merges them in: the saved expert has the base's tensors,
+    every change to a linear weight has rank at most r, and it is better on its domain."""
+    root, _, base = setup
+    assert train_expert(setup, "lora", "code", 0, "--lr", "0.01", "--lora-rank", "2") == 0
+    base_weights, expert_weights = load_file(base / "model.safetensors"), load_file(root / "lora" / "model.safetensors")
+    assert base_weights.keys() == expert_weights.keys()
+    changed = [k for k in base_weights if not torch.equal(base_weights[k], expert_weights[k])]
+    assert changed and all(base_weights[k].ndim == 2 for k in changed)  # embeddings, norms and biases stay the base's
+    for name in changed:
+        assert torch.linalg.matrix_rank(expert_weights[name] - base_weights[name], atol=1e-6) <= 2, name
+    assert json.loads((root / "lora" / "mmc_expert.json").read_text())["lora_rank"] == 2
+    base_nll, _ = score_texts(load_model(str(base), device="cpu", dtype="float32"), CODE[:5], progress=False)
+    expert_nll, _ = score_texts(load_model(str(root / "lora"), device="cpu", dtype="float32"), CODE[:5], progress=False)
+    assert expert_nll.sum() < base_nll.sum()

@@ -20,9 +20,9 @@ def write_params(repo: Path, params: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-@pytest.mark.slow
-def test_fit_params_rerun_only_fit_and_the_pool_follows_params(tmp_path, gpt2_dir, llama_dir):
-    repo = tmp_path / "repo"
+def laws_project(repo: Path, gpt2_dir: Path, llama_dir: Path) -> dict:
+    """A git+DVC project with the losses, assemble, oracle and fit stages over two tiny models, a third model on
+    disk that is not in the pool yet (models/gpt2-wide), and an eval set. Returns its params."""
     repo.mkdir()
     shutil.copytree(ROOT / "stages", repo / "stages")
     shutil.copytree(ROOT / "mmc", repo / "mmc", ignore=shutil.ignore_patterns("__pycache__"))
@@ -34,12 +34,21 @@ def test_fit_params_rerun_only_fit_and_the_pool_follows_params(tmp_path, gpt2_di
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {name: stages[name] for name in STAGES}}))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = {"losses": {**params["losses"], "device": "cpu", "dtype": "float32"},
-              "pool": {name: pool_entry(name, name.split("-")[0]) for name in ("gpt2", "gpt2-wide", "llama")},
+              "pool": {name: pool_entry(name, name.split("-")[0]) for name in ("gpt2", "llama")},
               "oracle": params["oracle"], "fit": {**params["fit"], "bootstrap": 20}}
     write_params(repo, params)
     sh(repo, "git", "init", "-q")
     sh(repo, "dvc", "init", "-q")
     sh(repo, "dvc", "config", "core.analytics", "false")
+    return params
+
+
+@pytest.mark.slow
+def test_fit_params_rerun_only_fit_and_the_pool_follows_params(tmp_path, gpt2_dir, llama_dir):
+    repo = tmp_path / "repo"
+    params = laws_project(repo, gpt2_dir, llama_dir)
+    params["pool"]["gpt2-wide"] = pool_entry("gpt2-wide", "gpt2")
+    write_params(repo, params)
 
     # assemble depends on the folder holding the losses@ outputs: DVC runs it after all of them
     output = sh(repo, "dvc", "repro")
@@ -63,3 +72,28 @@ def test_fit_params_rerun_only_fit_and_the_pool_follows_params(tmp_path, gpt2_di
     assert ran_stages(sh(repo, "dvc", "repro")) == ["assemble", "fit", "oracle"]
     assert (repo / "data" / "losses" / "gpt2-wide.zarr").is_dir()
     assert list(open_store(repo / "data" / "pool.zarr").model.values) == ["gpt2", "llama"]
+
+
+@pytest.mark.slow
+def test_experiment_adds_a_pool_member_and_shows_its_metrics(tmp_path, gpt2_dir, llama_dir):
+    """The README's recipe: `dvc exp run -S` adds a model to the pool; only its losses are computed; `dvc exp
+    show --json` has the experiment's law metrics. (Hydra's override grammar takes no '-' in keys: slug gpt2_wide.)"""
+    repo = tmp_path / "repo"
+    laws_project(repo, gpt2_dir, llama_dir)
+    sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a pool of two")
+    output = sh(repo, "dvc", "exp", "run", "-n", "wide", "-S",
+                "+pool.gpt2_wide={model: models/gpt2-wide, family: gpt2, revision: null, dep: models/gpt2-wide}")
+    assert ran_stages(output) == ["assemble", "fit", "losses@gpt2_wide", "oracle"]
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json"))
+    (baseline,) = [row for row in shown if row.get("experiments")]  # the commit the experiment started from
+    (wide,) = [exp for exp in baseline["experiments"] if exp.get("name") == "wide"]
+    revision = wide["revs"][0]["data"]
+    assert "gpt2_wide" in revision["params"]["params.yaml"]["data"]["pool"]
+
+    def pooled_fit(data: dict) -> dict:
+        return data["metrics"]["metrics/laws.json"]["data"]["fits"]["single/pooled"]
+
+    # two models cannot determine a three-parameter law; the experiment's three can
+    assert pooled_fit(revision)["n_points"] == 3 and "error" in pooled_fit(baseline["data"])

@@ -84,3 +84,49 @@ def test_tiny_zoo_members_are_real_models_that_beat_unigram(tiny_repo):
     assert len(set.union(*vocabularies.values())) == len(vocabularies)
     assert np.array_equal(np.sort(open_store(repo / "data" / "losses" / "gpt2-xs.zarr").sample.values),
                           np.sort(np.asarray(evaluation["sample_id"])))
+
+
+@pytest.mark.slow
+def test_tiny_report_figures_are_real_images(tiny_repo):
+    import matplotlib.image
+
+    repo, _, _ = tiny_repo
+    figures = {"scaling.png", "kinds.png", "expected_k.png", "attribution.png", "merging.png", "merging_spread.png"}
+    assert figures <= {path.name for path in (repo / "reports").glob("*.png")}
+    for name in figures:
+        image = matplotlib.image.imread(repo / "reports" / name)
+        height, width = image.shape[:2]
+        assert height >= 300 and width >= 500, name
+        # drawn, not blank: many distinct colours, and a good share of the pixels are not background
+        pixels = image[..., :3].reshape(-1, 3)
+        assert len(np.unique(np.round(pixels, 2), axis=0)) > 50, name
+        assert (pixels.min(axis=1) < 0.9).mean() > 0.02, name
+    summary = (repo / "reports" / "README.md").read_text()
+    for name in figures:
+        assert f"({name})" in summary
+    assert "## Planning" in summary and "| (b) stop adding experts" in summary
+
+
+@pytest.mark.slow
+def test_tiny_merging_law_and_plan(tiny_repo):
+    repo, _, _ = tiny_repo
+    law = json.loads((repo / "metrics" / "merge_law.json").read_text())
+    params = yaml.safe_load((repo / "params.yaml").read_text())["merging"]
+    assert law["expert_domains"] == params["domains"]
+    assert set(law["fits"]) == set(params["methods"].split(",")) | {"joint"}
+    store = open_store(repo / "data" / "merging" / f"{params['bases'][0]}.zarr")
+    assert store.attrs["dataset_fingerprint"] and set(store.method.values) == {"base", *params["methods"].split(",")}
+    plan = json.loads((repo / "metrics" / "plan.json").read_text())
+    assert {"floor", "stop", "gain_fractions", "budget"} <= set(plan)
+
+
+@pytest.mark.slow
+def test_dvc_plots_show_renders_the_tiny_outputs(tiny_repo):
+    repo, _, _ = tiny_repo
+    output = sh(repo, "dvc", "plots", "show", "--out", "dvc_plots")
+    page = repo / "dvc_plots" / "index.html"
+    assert page.is_file() and "dvc_plots" in output
+    html = page.read_text()
+    for title in ("oracle loss against total parameters", "expected oracle loss of a random k-subset",
+                  "zoo training curves"):
+        assert title in html, title
