@@ -160,7 +160,8 @@ def figure_merging(curves: pd.DataFrame, fits: dict, path: Path) -> None:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0][0].set_ylabel("in-domain loss (bits per byte)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Merging k domain experts: loss and the fitted merging law")
+    fig.suptitle("Merging k domain experts: mean loss over expert subsets (bars: ±1 std across subsets) "
+                 "and the fitted merging law")
     _save(fig, path)
 
 
@@ -198,7 +199,7 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. "
              f"Intervals: 95% from {laws['bootstrap']['resamples']} bootstrap resamples of the {laws['bootstrap']['over']}.",
              "", "## Single-model and multi-model scaling", ""]
-    lines += [f"![{name}]({name})" for name in figures if name in ("scaling.png", "kinds.png")]
+    lines += [f"![{name}]({name})" for name in ("scaling.png", "kinds.png") if name in figures]
     lines += ["", "| series | points | E (floor) | A | alpha | R² (log) | held-out max rel. error |",
               "|---|---|---|---|---|---|---|"]
     for series, fit in laws["fits"].items():
@@ -220,10 +221,11 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     lines += ["", f"**Heterogeneous vs homogeneous.** exponent {_fmt(kinds['alpha_heterogeneous'], kinds.get('alpha_heterogeneous_ci95'))}"
               f" vs {_fmt(kinds['alpha_homogeneous_mean'])} (mean over families); mean oracle gain over the best member: "
               + ", ".join(f"{kind} {gain:.4f}" for kind, gain in kinds["mean_gain_bpb"].items()) + " bits per byte.", ""]
-    lines += [f"![{name}]({name})" for name in figures if name in ("expected_k.png", "attribution.png")]
+    lines += [f"![{name}]({name})" for name in ("expected_k.png", "attribution.png") if name in figures]
     if merge_law:
         lines += ["", "## Model merging", "", "![merging](merging.png)", "", "![spread](merging_spread.png)", "",
-                  "| method | loss | L* | B | beta | A0 | gamma | b | R² (log) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | loss | L* | B | beta | A0 | gamma | b | R² (log) | held-out max rel. error (k ≤ K−2 / k ∈ {1,2,4}) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for method, by_target in merge_law["fits"].items():
             for target, fit in by_target.items():
                 if "params" not in fit:
@@ -231,7 +233,8 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
                 p, ci = fit["params"], fit.get("ci95") or {}
                 lines.append(f"| {method} | {target} | " + " | ".join(_fmt(p[n], ci.get(n)) for n in
                                                                       ("L_star", "B", "beta", "A0", "gamma", "b"))
-                             + f" | {fit['r2_log']:.3f} |")
+                             + f" | {fit['r2_log']:.3f} | {_fmt(fit.get('holdout', {}).get('max_abs_relative_error'))}"
+                             f" / {_fmt(fit.get('forecast', {}).get('max_abs_relative_error'))} |")
     if plan:
         lines += ["", "## Planning", "", plan_markdown(plan)]
     return "\n".join(lines) + "\n"

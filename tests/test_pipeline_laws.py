@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import EVAL_TEXTS, build_tiny_model, save_eval_set
 from mmc.store import open_store
-from test_pipeline_losses import ROOT, pool_entry, ran_stages, sh
+from test_pipeline_losses import ROOT, pool_entry, ran_stages, sh, stage_project
 
 STAGES = ("losses", "assemble", "oracle", "fit")
 
@@ -21,26 +19,10 @@ def write_params(repo: Path, params: dict) -> None:
 
 
 def laws_project(repo: Path, gpt2_dir: Path, llama_dir: Path) -> dict:
-    """A git+DVC project with the losses, assemble, oracle and fit stages over two tiny models, a third model on
-    disk that is not in the pool yet (models/gpt2-wide), and an eval set. Returns its params."""
-    repo.mkdir()
-    shutil.copytree(ROOT / "stages", repo / "stages")
-    shutil.copytree(ROOT / "mmc", repo / "mmc", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(gpt2_dir, repo / "models" / "gpt2")
-    shutil.copytree(llama_dir, repo / "models" / "llama")
-    build_tiny_model(repo / "models" / "gpt2-wide", "gpt2", "byte_bpe", seed=2, d_model=48)
-    save_eval_set(repo / "data" / "corpus" / "eval", EVAL_TEXTS)
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {name: stages[name] for name in STAGES}}))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params = {"losses": {**params["losses"], "device": "cpu", "dtype": "float32"},
-              "pool": {name: pool_entry(name, name.split("-")[0]) for name in ("gpt2", "llama")},
-              "oracle": params["oracle"], "fit": {**params["fit"], "bootstrap": 20}}
-    write_params(repo, params)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "dvc", "config", "core.analytics", "false")
-    return params
+    """The losses, assemble, oracle and fit stages over two tiny models (see `stage_project`)."""
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return stage_project(repo, gpt2_dir, llama_dir, list(STAGES),
+                         {"oracle": defaults["oracle"], "fit": {**defaults["fit"], "bootstrap": 20}})
 
 
 @pytest.mark.slow

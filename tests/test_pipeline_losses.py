@@ -32,9 +32,10 @@ def pool_entry(name: str, family: str) -> dict:
     return {"model": f"models/{name}", "family": family, "revision": None, "dep": f"models/{name}"}
 
 
-@pytest.mark.slow
-def test_losses_stages_run_once_per_model(tmp_path, gpt2_dir, llama_dir):
-    repo = tmp_path / "repo"
+def stage_project(repo: Path, gpt2_dir: Path, llama_dir: Path, stage_names: list[str], params: dict) -> dict:
+    """A git+DVC project with these stages of dvc.yaml, the tiny models gpt2 and llama in the pool, a third model
+    on disk that is not in the pool yet (models/gpt2-wide), and an eval set. Returns its params: `params` plus
+    `losses` (on the CPU, fp32) and `pool`."""
     repo.mkdir()
     shutil.copytree(ROOT / "stages", repo / "stages")
     shutil.copytree(ROOT / "mmc", repo / "mmc", ignore=shutil.ignore_patterns("__pycache__"))
@@ -43,13 +44,21 @@ def test_losses_stages_run_once_per_model(tmp_path, gpt2_dir, llama_dir):
     build_tiny_model(repo / "models" / "gpt2-wide", "gpt2", "byte_bpe", seed=2, d_model=48)
     save_eval_set(repo / "data" / "corpus" / "eval", EVAL_TEXTS)
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"losses": stages["losses"]}}))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["losses"].update(device="cpu", dtype="float32")
-    params["pool"] = {"gpt2": pool_entry("gpt2", "gpt2"), "llama": pool_entry("llama", "llama")}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {name: stages[name] for name in stage_names}}))
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = {"losses": {**defaults["losses"], "device": "cpu", "dtype": "float32"},
+              "pool": {"gpt2": pool_entry("gpt2", "gpt2"), "llama": pool_entry("llama", "llama")}, **params}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     sh(repo, "git", "init", "-q")
     sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "config", "core.analytics", "false")
+    return params
+
+
+@pytest.mark.slow
+def test_losses_stages_run_once_per_model(tmp_path, gpt2_dir, llama_dir):
+    repo = tmp_path / "repo"
+    params = stage_project(repo, gpt2_dir, llama_dir, ["losses"], {})
 
     assert ran_stages(sh(repo, "dvc", "repro")) == ["losses@gpt2", "losses@llama"]
     first = open_store(repo / "data" / "losses" / "gpt2.zarr")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import transformers
 import yaml
@@ -116,6 +116,11 @@ def test_tiny_merging_law_and_plan(tiny_repo):
     assert set(law["fits"]) == set(params["methods"].split(",")) | {"joint"}
     store = open_store(repo / "data" / "merging" / f"{params['bases'][0]}.zarr")
     assert store.attrs["dataset_fingerprint"] and set(store.method.values) == {"base", *params["methods"].split(",")}
+    # the merged in-domain loss (mean over subsets and bases) falls from one expert to all of them, every method
+    curves = pd.read_csv(repo / "plots" / "merging" / "curves.csv").groupby(["method", "k"]).in_domain_bpb_mean.mean()
+    for method in params["methods"].split(","):
+        by_k = curves[method]
+        assert by_k.iloc[-1] < by_k.iloc[0], (method, by_k.to_dict())
     plan = json.loads((repo / "metrics" / "plan.json").read_text())
     assert {"floor", "stop", "gain_fractions", "budget"} <= set(plan)
 
