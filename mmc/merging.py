@@ -485,7 +485,7 @@ def fit_merge_laws(paths: Sequence[str | Path], *, bootstrap: int, seed: int, ho
     n_samples = stores[0].sizes["sample"]
     rng = np.random.default_rng(seed)
     replicate_curves = []
-    for _ in range(bootstrap):
+    for _ in tqdm(range(bootstrap), desc="bootstrap merge curves", unit="resample", disable=None):
         weights = rng.poisson(1.0, n_samples).astype(np.float64)
         replicate_curves.append(merge_curves(pd.concat([merge_points(s, weights) for s in stores], ignore_index=True)))
     fits: dict = {}
