@@ -439,7 +439,7 @@ def merge_points(store: xr.Dataset, weights: np.ndarray | None = None) -> pd.Dat
     one_hot = np.eye(len(domains))[codes] * (1.0 if weights is None else weights[:, None])
     held_in = np.isin(domains, expert_domains)
     experts = _strings(store.experts)
-    merged = np.array([np.isin(domains, names.split(",")) for names in experts])  # (merges, domains)
+    merged = pd.Series(experts).str.get_dummies(sep=",").reindex(columns=domains, fill_value=0).to_numpy(bool)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample can leave a domain without samples: NaN
         per_domain = (store.nll.values @ one_hot) / ((store.n_bytes.values.astype(np.float64) @ one_hot) * math.log(2))

@@ -63,7 +63,7 @@ def _log_axes(ax, title: str, xlabel: str = PARAMS_LABEL) -> None:
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_parameter_count))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=np.arange(1, 10) / 10 * 10, numticks=12))
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=np.arange(1.0, 10.0), numticks=12))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
     ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
