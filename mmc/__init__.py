@@ -1,7 +1,55 @@
 """mmc: scaling laws of multi-model collaboration and model merging, measured end to end."""
 
+import math
+import re
+import sys
+from collections.abc import Callable
+
 __version__ = "0.1.0"
 
 
 class MMCError(Exception):
     """A problem with the user's input: the CLI prints it as one line, without a traceback."""
+
+
+def exit_status(where: str, call: Callable[[], object], *, debug: bool = False) -> int:
+    """Run `call`; an MMCError becomes one line on stderr ("mmc WHERE: error: ...") and exit status 2.
+
+    The CLI and the DVC stage scripts both end this way; `debug` re-raises, keeping the traceback.
+    """
+    try:
+        call()
+    except MMCError as error:
+        if debug:
+            raise
+        print(f"mmc {where}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_number(name: str, value: float, low: float = -math.inf, high: float = math.inf, *,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> float:
+    """`value` if it is finite (an integer where `integer`) and within [low, high] (open where told), else an
+    MMCError naming the setting `name` (`--lambda`, `plan.epsilon`) and the allowed range."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    in_range = (number > low if low_open else number >= low) and (number < high if high_open else number <= high)
+    if not math.isfinite(number) or not in_range or (integer and number != int(number)) or isinstance(value, bool):
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        what = ("an integer" if integer else "a finite number") + ("" if bounds == "[-inf, inf]" else f" in {bounds}")
+        raise MMCError(f"{name} must be {what}, got {value}")
+    return int(number) if integer else number
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+
+
+def check_name(kind: str, name: object) -> str:
+    """A slug, domain label or base name that becomes part of paths and stage names: letters, digits, `_`, `.`,
+    `+`, `-`, starting with a letter or digit, no `..`; anything else (`;`, spaces, `$(`, `/`) is refused."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise MMCError(f"{kind} {name!r} is not a safe name: use letters, digits and _ . + - (starting with a letter "
+                       f"or digit, no '..'), as it becomes part of paths and stage names")
+    return name

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-from mmc import MMCError, __version__
+import datasets
+import transformers
+
+from mmc import __version__, corpus, exit_status, zoo
+from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
+from mmc.losses import BATCH_TOKENS, write_losses
+from mmc.merge_law import LOSSES, plan_from_law, plan_text, fit_merge_study
+from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models
+from mmc.oracle import oracle_study
+from mmc.presets import apply_preset
+from mmc.report import write_report
+from mmc.store import SAMPLE_CHUNK, write_pool
+from mmc.sweep import DEFAULT_SWEEP, write_sweep
+from mmc.train import train_expert
 
 EPILOG_LOSSES = """example:
   mmc losses --model data/zoo/gpt2-m --data data/corpus --out data/losses/gpt2-m.zarr
@@ -26,16 +37,12 @@ def _optional_str(text: str) -> str | None:
 
 
 def _run_losses(args: argparse.Namespace) -> None:
-    from mmc.losses import compute_losses
-    from mmc.store import write_store
-
-    dataset = compute_losses(
-        args.model, args.data, split=args.split, family=args.family or "", revision=args.revision,
+    dataset = write_losses(
+        args.model, args.data, args.out, split=args.split, family=args.family or "", revision=args.revision,
         max_length=args.max_length, stride=args.stride, batch_tokens=args.batch_tokens, device=args.device,
         dtype=args.dtype, device_map=args.device_map, allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code, limit=args.limit,
     )
-    write_store(dataset, args.out)
     print(f"wrote {args.out}: {dataset.sizes['sample']} samples, {int(dataset.n_tokens.sum())} tokens, "
           f"{float(dataset.nll.sum()):.1f} nats")
 
@@ -55,7 +62,8 @@ def _add_losses(subparsers, common: argparse.ArgumentParser) -> None:
                         help="window length in tokens (default: the model's context)")
     parser.add_argument("--stride", type=_optional_int, default=None,
                         help="tokens predicted per later window; default = max-length (lm-eval rolling)")
-    parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per batch (default 16384)")
+    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                        help=f"padded tokens per batch (default {BATCH_TOKENS})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--device-map", type=_optional_str, default=None,
@@ -81,9 +89,7 @@ def _comma_list(text: str) -> list[str] | None:
 
 
 def _run_corpus(args: argparse.Namespace) -> None:
-    from mmc.corpus import make_corpus
-
-    metadata = make_corpus(
+    metadata = corpus.make_corpus(
         args.out, args.source, path=args.path, hf_name=args.hf_name, hf_config=args.hf_config,
         hf_split=args.hf_split, text_field=args.text_field, domain_field=args.domain_field,
         max_chars=args.max_chars, eval_fraction=args.eval_fraction,
@@ -96,8 +102,6 @@ def _run_corpus(args: argparse.Namespace) -> None:
 
 
 def _add_corpus(subparsers, common: argparse.ArgumentParser) -> None:
-    # defaults are spelled out (tests/test_corpus.py checks them against mmc.corpus): importing it here
-    # would load datasets and pandas for every command, --help included
     parser = subparsers.add_parser(
         "corpus", parents=[common],
         help="build the train/eval text corpus (default: Python's standard library, offline)",
@@ -105,7 +109,7 @@ def _add_corpus(subparsers, common: argparse.ArgumentParser) -> None:
                     "empty and duplicate texts, split train/eval by a hash of each text, cap each domain, and save "
                     "a datasets DatasetDict (sample_id, domain, text, n_bytes) plus corpus.json, atomically.",
         epilog=EPILOG_CORPUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="stdlib", choices=("stdlib", "hf", "files"),
+    parser.add_argument("--source", default="stdlib", choices=corpus.SOURCES,
                         help="stdlib (sources and docs of this Python), hf (datasets.load_dataset) or files "
                              "(local .txt/.jsonl/.json/.parquet); default stdlib")
     parser.add_argument("--out", default="data/corpus", help="output folder, replaced atomically (default data/corpus)")
@@ -118,14 +122,15 @@ def _add_corpus(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="hf/files: field holding the text (default text)")
     parser.add_argument("--domain-field", type=_optional_str, default=None,
                         help="hf/files: field holding the domain label (default: dataset name, or the file's folder)")
-    parser.add_argument("--max-chars", type=int, default=2000,
-                        help="longest document in characters; longer ones are cut at line ends (default 2000)")
-    parser.add_argument("--eval-fraction", type=float, default=0.1,
-                        help="share of documents hashed into eval (default 0.1)")
-    parser.add_argument("--max-train-docs-per-domain", type=_optional_int, default=2000,
-                        help="train documents kept per domain, or none for all (default 2000)")
-    parser.add_argument("--max-eval-docs-per-domain", type=_optional_int, default=200,
-                        help="eval documents kept per domain, or none for all (default 200)")
+    parser.add_argument("--max-chars", type=int, default=corpus.DEFAULT_MAX_CHARS,
+                        help="longest document in characters; longer ones are cut at line ends (default %(default)s)")
+    parser.add_argument("--eval-fraction", type=float, default=corpus.DEFAULT_EVAL_FRACTION,
+                        help="share of documents hashed into eval (default %(default)s)")
+    parser.add_argument("--max-train-docs-per-domain", type=_optional_int,
+                        default=corpus.DEFAULT_MAX_TRAIN_DOCS_PER_DOMAIN,
+                        help="train documents kept per domain, or none for all (default %(default)s)")
+    parser.add_argument("--max-eval-docs-per-domain", type=_optional_int, default=corpus.DEFAULT_MAX_EVAL_DOCS_PER_DOMAIN,
+                        help="eval documents kept per domain, or none for all (default %(default)s)")
     parser.add_argument("--domains", type=_comma_list, default=None,
                         help="comma-separated domains to keep (default: all)")
     parser.set_defaults(run=_run_corpus)
@@ -139,9 +144,7 @@ EPILOG_ZOO = """example:
 
 
 def _run_zoo_train(args: argparse.Namespace) -> None:
-    from mmc.zoo import train_zoo_member
-
-    summary = train_zoo_member(
+    summary = zoo.train_zoo_member(
         args.corpus, args.out, args.log, domains=args.domains, family=args.family, tokenizer_kind=args.tokenizer,
         vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
         context=args.context, train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr,
@@ -152,8 +155,6 @@ def _run_zoo_train(args: argparse.Namespace) -> None:
 
 
 def _add_zoo(subparsers, common: argparse.ArgumentParser) -> None:
-    # choices are spelled out (tests/test_zoo.py checks them against mmc.zoo): importing it here would load
-    # torch and transformers for every command, --help included
     parser = subparsers.add_parser("zoo", help="the embedded model zoo: train small causal LMs from scratch",
                                    description="The embedded model zoo (see `mmc zoo train --help`).")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -166,8 +167,8 @@ def _add_zoo(subparsers, common: argparse.ArgumentParser) -> None:
     train.add_argument("--corpus", required=True, help="train split saved with save_to_disk (e.g. data/corpus/train)")
     train.add_argument("--out", required=True, help="output model directory, written atomically")
     train.add_argument("--log", type=_optional_str, default=None, help="CSV of the training curve (for dvc plots)")
-    train.add_argument("--family", required=True, choices=("gpt2", "llama", "gpt_neox"), help="architecture family")
-    train.add_argument("--tokenizer", required=True, choices=("byte_bpe", "byte_bpe_bos", "metaspace_bpe"),
+    train.add_argument("--family", required=True, choices=zoo.FAMILIES, help="architecture family")
+    train.add_argument("--tokenizer", required=True, choices=zoo.TOKENIZER_KINDS,
                        help="tokenizer kind (all lossless): byte_bpe (GPT-2, EOS only), byte_bpe_bos "
                             "(Pythia-style BOS=EOS), metaspace_bpe (Llama-style, byte fallback, BOS <s>)")
     train.add_argument("--domains", type=_comma_list, default=None,
@@ -193,8 +194,6 @@ EPILOG_EXPERTS = """example:
 
 
 def _run_experts_train(args: argparse.Namespace) -> None:
-    from mmc.zoo import train_expert
-
     summary = train_expert(
         args.base, args.corpus, args.domain, args.out, args.log, revision=args.revision, context=args.context,
         train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -240,10 +239,7 @@ then, in Python: xarray.open_zarr("data/pool.zarr").nll.sel(model="gpt2-s")
 
 
 def _run_assemble(args: argparse.Namespace) -> None:
-    from mmc.store import assemble_pool, write_store
-
-    pool = assemble_pool(args.stores)
-    write_store(pool, args.out)
+    pool = write_pool(args.stores, args.out)
     print(f"wrote {args.out}: {pool.sizes['model']} models x {pool.sizes['sample']} samples")
 
 
@@ -267,12 +263,8 @@ EPILOG_ORACLE = """example:
 
 
 def _run_oracle(args: argparse.Namespace) -> None:
-    from mmc.oracle import run_oracle, write_oracle_outputs
-    from mmc.store import open_store
-
-    pool = open_store(args.pool, chunks={})  # dask-backed in the stored chunks; blocks of --sample-chunk are read
-    results = run_oracle(pool, args.max_subsets_per_k, args.seed, sample_chunk=args.sample_chunk)
-    write_oracle_outputs(results, args.out)
+    results = oracle_study(args.pool, args.out, max_subsets_per_k=args.max_subsets_per_k, seed=args.seed,
+                           sample_chunk=args.sample_chunk)
     table = results["ensembles"]
     print(f"wrote {args.out}: {len(table)} ensembles "
           f"({', '.join(f'{n} {kind}' for kind, n in table.kind.value_counts().items())}), "
@@ -293,8 +285,8 @@ def _add_oracle(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-subsets-per-k", type=int, default=200,
                         help="enumerate a (kind, k) exactly up to this many subsets, else draw this many (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subsets (default 0)")
-    parser.add_argument("--sample-chunk", type=int, default=65536,
-                        help="samples per block streamed from the pool; memory grows with it (default 65536)")
+    parser.add_argument("--sample-chunk", type=int, default=SAMPLE_CHUNK,
+                        help="samples per block streamed from the pool; memory grows with it (default %(default)s)")
     parser.set_defaults(run=_run_oracle)
 
 
@@ -305,28 +297,8 @@ EPILOG_FIT = """example:
 
 
 def _run_fit(args: argparse.Namespace) -> None:
-    import pandas as pd
-
-    from mmc.laws import collaboration_laws
-    from mmc.oracle import bootstrap_ensembles
-    from mmc.store import atomic_path, open_store
-
-    table_path = Path(args.oracle) / "ensembles.parquet"
-    if not table_path.is_file():
-        raise MMCError(f"'{table_path}' does not exist: give the folder written by `mmc oracle`")
-    table = pd.read_parquet(table_path)
-    replicates = None
-    if args.bootstrap:
-        pool = open_store(args.pool, chunks={})
-        replicates = bootstrap_ensembles(pool, table.members.tolist(), args.bootstrap, args.seed, args.sample_chunk)
-    metrics, points, curves = collaboration_laws(table, replicates, seed=args.seed,
-                                                 holdout_fraction=args.holdout_fraction)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    with atomic_path(args.plots) as tmp:
-        tmp.mkdir()
-        points.to_csv(tmp / "points.csv", index=False)
-        curves.to_csv(tmp / "curves.csv", index=False)
+    metrics = fit_collaboration(args.pool, args.oracle, args.out, args.plots, bootstrap=args.bootstrap, seed=args.seed,
+                                holdout_fraction=args.holdout_fraction, sample_chunk=args.sample_chunk)
     floor = metrics["comparisons"]["floor"]
     fitted = sum("params" in fit for fit in metrics["fits"].values())
     print(f"wrote {args.out} and {args.plots}: {fitted} of {len(metrics['fits'])} laws fitted; floor (bits per "
@@ -349,11 +321,11 @@ def _add_fit(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=200,
                         help="bootstrap resamples of the samples; 0 = no intervals (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
-    parser.add_argument("--holdout-fraction", type=float, default=0.2,
+    parser.add_argument("--holdout-fraction", type=float, default=HOLDOUT_FRACTION,
                         help="held-out check: fit on the smaller budgets, predict this share of the largest distinct "
-                             "budgets, at least one (default 0.2)")
-    parser.add_argument("--sample-chunk", type=int, default=65536,
-                        help="samples per block streamed from the pool; memory grows with it (default 65536)")
+                             "budgets, at least one (default %(default)s)")
+    parser.add_argument("--sample-chunk", type=int, default=SAMPLE_CHUNK,
+                        help="samples per block streamed from the pool; memory grows with it (default %(default)s)")
     parser.set_defaults(run=_run_fit)
 
 
@@ -366,11 +338,9 @@ EPILOG_MERGE = """examples:
 
 
 def _run_merge(args: argparse.Namespace) -> None:
-    from mmc.merging import MergeSpec, merge_models
-
-    spec = MergeSpec(args.method, density=args.density, lambda_=args.lambda_, drop=args.drop, seed=args.seed)
+    spec = MergeSpec(args.method, **{name: getattr(args, name) for name in SETTINGS})
     summary = merge_models(args.base, args.experts, spec, args.out, dtype=args.dtype,
-                           mergekit_yaml=args.emit_mergekit_config)
+                           mergekit_yaml=args.emit_mergekit_config, allow_pickle=args.allow_pickle)
     settings = ", ".join(f"{name} {value}" for name, value in summary["settings"].items())
     print(f"wrote {args.out}: {spec.method} of {len(args.experts)} experts of {args.base}"
           + (f" ({settings})" if settings else "")
@@ -378,36 +348,29 @@ def _run_merge(args: argparse.Namespace) -> None:
 
 
 def _add_merge(subparsers, common: argparse.ArgumentParser) -> None:
-    # methods and defaults are spelled out (tests/test_merging.py checks them against mmc.merging): importing it
-    # here would load torch for every command, --help included
+    methods = "; ".join(f"{method.name} ({method.summary})" for method in METHODS.values())
     parser = subparsers.add_parser(
         "merge", parents=[common], help="merge experts of one base in weight space into one model",
-        description="Merge expert models fine-tuned from BASE, each with the same weight: average (mean of the "
-                    "experts), task_arithmetic (base + lambda * sum of task vectors), ties (trim each task vector "
-                    "to its top --density by magnitude, elect signs, disjoint mean, times lambda), dare (drop task "
-                    "vector entries with probability --drop, rescale by 1/(1-drop), sum, times lambda) or "
-                    "dare_ties (that drop, then ties's sign election and disjoint mean). Only floating-point "
-                    "tensors are merged; tied weights stay tied. Writes a Hugging Face model directory with the "
-                    "base's tokenizer, atomically.",
+        description=f"Merge expert models fine-tuned from BASE, each with the same weight: {methods}. Only "
+                    "floating-point tensors are merged; tied weights stay tied. Writes a Hugging Face model directory "
+                    "with the base's tokenizer, atomically.",
         epilog=EPILOG_MERGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="base model: local directory or hub id")
     parser.add_argument("--experts", required=True, nargs="+", metavar="EXPERT",
                         help="expert model directories fine-tuned from the base (DARE masks are keyed by each "
                              "one's directory name, or its path where two names coincide)")
-    parser.add_argument("--method", required=True, choices=("average", "task_arithmetic", "ties", "dare", "dare_ties"),
-                        help="merge method")
-    parser.add_argument("--density", type=float, default=None,
-                        help="ties: share of each task vector's entries kept, by magnitude, per tensor (default 0.2)")
-    parser.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="LAMBDA",
-                        help="task_arithmetic, ties, dare, dare_ties: scale of the merged task vector (default 1.0)")
-    parser.add_argument("--drop", type=float, default=None,
-                        help="dare, dare_ties: probability of dropping a task vector entry (default 0.9)")
-    parser.add_argument("--seed", type=int, default=None, help="dare, dare_ties: seed of the drop masks (default 0)")
+    parser.add_argument("--method", required=True, choices=tuple(METHODS), help="merge method")
+    for setting in SETTINGS.values():
+        users = ", ".join(method.name for method in METHODS.values() if setting.name in method.settings)
+        parser.add_argument(f"--{setting.name}", type=int if setting.integer else float, default=None,
+                            metavar=setting.name.upper(),
+                            help=f"{users}: {setting.help} (default {setting.default})".replace("%", "%%"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="dtype of the written weights (merging itself runs in float64; default float32)")
     parser.add_argument("--out", required=True, help="output model directory, written atomically")
     parser.add_argument("--emit-mergekit-config", type=_optional_str, default=None, metavar="FILE",
                         help="also write the equivalent mergekit YAML (mergekit-yaml FILE OUT reproduces the merge)")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept pickle (*.bin) weights of base and experts")
     parser.set_defaults(run=_run_merge)
 
 
@@ -418,8 +381,6 @@ EPILOG_REPORT = """example:
 
 
 def _run_report(args: argparse.Namespace) -> None:
-    from mmc.report import write_report
-
     figures = write_report(args.laws, args.law_plots, args.oracle, args.out, merge_law_path=args.merge_law,
                            merge_plots=args.merge_plots, plan_path=args.plan)
     print(f"wrote {args.out}: README.md and {len(figures)} figures ({', '.join(figures)})")
@@ -449,22 +410,9 @@ EPILOG_MERGE_SWEEP = """example:
 
 
 def _run_merge_sweep(args: argparse.Namespace) -> None:
-    from mmc.merging import MergeSpec, merge_sweep
-    from mmc.store import write_store
-
-    settings = {"average": {}, "task_arithmetic": {"lambda_": args.task_arithmetic_lambda},
-                "ties": {"density": args.ties_density, "lambda_": args.ties_lambda},
-                "dare": {"drop": args.dare_drop, "lambda_": args.dare_lambda, "seed": args.seed},
-                "dare_ties": {"drop": args.dare_drop, "lambda_": args.dare_lambda, "seed": args.seed}}
-    unknown = [method for method in args.methods if method not in settings]
-    if unknown:
-        raise MMCError(f"unknown merge method(s) {', '.join(unknown)}; choose among {', '.join(settings)}")
-    specs = [MergeSpec(method, **settings[method]) for method in args.methods]
-    experts = {domain: Path(args.experts_dir) / domain for domain in args.domains}
-    store = merge_sweep(args.base, experts, args.data, specs, max_subsets_per_k=args.max_subsets_per_k,
-                        seed=args.seed, docs_per_domain=args.docs_per_domain, batch_tokens=args.batch_tokens,
-                        device=args.device)
-    write_store(store, args.out)
+    store = write_sweep(args.base, args.experts_dir, args.domains, args.data, args.out, args.methods, seed=args.seed,
+                        max_subsets_per_k=args.max_subsets_per_k, docs_per_domain=args.docs_per_domain,
+                        batch_tokens=args.batch_tokens, device=args.device, allow_pickle=args.allow_pickle)
     print(f"wrote {args.out}: {store.sizes['merge']} merges (base included) x {store.sizes['sample']} samples")
 
 
@@ -480,19 +428,18 @@ def _add_merge_sweep(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--domains", required=True, type=_comma_list, help="comma-separated expert domains")
     parser.add_argument("--data", required=True, help="eval split saved with save_to_disk, with a domain column")
     parser.add_argument("--out", required=True, help="output Zarr store")
-    parser.add_argument("--methods", type=_comma_list, default=["average", "task_arithmetic", "ties", "dare"],
-                        help="comma-separated merge methods (default average,task_arithmetic,ties,dare)")
-    parser.add_argument("--task-arithmetic-lambda", type=float, default=1.0, help="task arithmetic's lambda")
-    parser.add_argument("--ties-density", type=float, default=0.2, help="TIES: share of entries kept")
-    parser.add_argument("--ties-lambda", type=float, default=1.0, help="TIES: lambda")
-    parser.add_argument("--dare-drop", type=float, default=0.9, help="DARE: drop probability")
-    parser.add_argument("--dare-lambda", type=float, default=1.0, help="DARE: lambda")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_SWEEP), metavar="METHOD[:NAME=VALUE,...]",
+                        help="merge methods with their settings, e.g. ties:density=0.2,lambda=1; unset settings take "
+                             f"the defaults of `mmc merge --help` (methods: {', '.join(METHODS)}; "
+                             f"default {' '.join(DEFAULT_SWEEP)})")
     parser.add_argument("--max-subsets-per-k", type=int, default=10, help="subsets per k at most (default 10)")
     parser.add_argument("--docs-per-domain", type=_optional_int, default=None,
                         help="eval samples per domain (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of subset draws and DARE masks (default 0)")
-    parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per scoring batch")
+    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                        help="padded tokens per scoring batch (default %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept pickle (*.bin) weights of base and experts")
     parser.set_defaults(run=_run_merge_sweep)
 
 
@@ -502,17 +449,8 @@ EPILOG_FIT_MERGE = """example:
 
 
 def _run_fit_merge(args: argparse.Namespace) -> None:
-    from mmc.merging import fit_merge_laws
-    from mmc.store import atomic_path
-
-    metrics, points, curves = fit_merge_laws(args.stores, bootstrap=args.bootstrap, seed=args.seed,
-                                             holdout_k=args.holdout_k)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    with atomic_path(args.plots) as tmp:
-        tmp.mkdir()
-        points.to_csv(tmp / "points.csv", index=False)
-        curves.to_csv(tmp / "curves.csv", index=False)
+    metrics = fit_merge_study(args.stores, args.out, args.plots, bootstrap=args.bootstrap, seed=args.seed,
+                              holdout_k=args.holdout_k)
     print(f"wrote {args.out}: merging law fitted for {', '.join(metrics['fits'])}")
 
 
@@ -545,45 +483,10 @@ def _optional_float(text: str) -> float | None:
 
 
 def _run_plan(args: argparse.Namespace) -> None:
-    from mmc.laws import plan_merging
-    from mmc.store import atomic_path
-
-    path = Path(args.law)
-    if not path.is_file():
-        raise MMCError(f"'{path}' does not exist: fit the merging law first (`mmc fit-merge`, or dvc repro fit_merge)")
-    law = json.loads(path.read_text(encoding="utf-8"))
-    fit = law["fits"].get(args.method, {}).get(args.loss, {})
-    if "params" not in fit:
-        raise MMCError(f"'{path}' has no fitted {args.loss} law for method '{args.method}' "
-                       f"({fit.get('error') or 'it has: ' + ', '.join(law['fits'])})")
-    sizes = args.sizes or law["bases"]["n_params"]
-    n_params = args.n_params or max(sizes)
-    if args.budget is not None and args.budget_multiple is not None:
-        raise MMCError("give --budget or --budget-multiple, not both")
-    budget = args.budget if args.budget_multiple is None else args.budget_multiple * max(sizes)
-    plan = plan_merging(fit["params"], n_params, target=args.target, epsilon=args.epsilon, budget=budget,
-                        sizes=sizes)
-    plan.update(method=args.method, loss=args.loss, law=str(path))
-    print(f"plan for {args.method} ({args.loss} loss, bits per byte) at N = {n_params:,.0f}: "
-          f"floor {plan['floor']:.4f}, A(N) {plan['amplitude']:.4f}, one expert {plan['predicted_at_k1']:.4f}")
-    if "target" in plan:
-        answer = plan["target"]
-        print(f"  (a) target {answer['target']}: " + (f"k = {answer['k']} (predicted {answer['predicted']:.4f})"
-                                                     if answer["k"] else f"unreachable: {answer['reason']}"))
-    stop = plan["stop"]
-    print(f"  (b) stop at k = {stop['k']}: the next expert gains {stop['marginal_gain_at_k']:.5f} < {stop['epsilon']}; "
-          f"within epsilon of the floor from k = {stop['k_within_epsilon_of_floor']:.1f}")
-    print("      " + ", ".join(f"{row['fraction']:.0%} of the gain beyond one expert at k = {row['k']}"
-                               for row in plan["gain_fractions"]))
-    if "budget" in plan:
-        print(f"  (c) budget {plan['budget']['budget']:,.0f} expert-parameters (k experts of size N cost k*N):")
-        for option in plan["budget"]["options"]:
-            best = " <- best" if option == plan["budget"]["best"] else ""
-            print(f"      N = {option['n_params']:>12,.0f}  k = {option['k']:>3}  predicted {option['predicted']:.4f}{best}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+    plan = plan_from_law(args.law, method=args.method, loss=args.loss, n_params=args.n_params, target=args.target,
+                         epsilon=args.epsilon, budget=args.budget, budget_multiple=args.budget_multiple,
+                         sizes=args.sizes, out=args.out)
+    print(plan_text(plan))
 
 
 def _add_plan(subparsers, common: argparse.ArgumentParser) -> None:
@@ -596,7 +499,7 @@ def _add_plan(subparsers, common: argparse.ArgumentParser) -> None:
         epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--law", required=True, help="metrics JSON written by `mmc fit-merge`")
     parser.add_argument("--method", default="joint", help="method whose fit to use, or joint (default)")
-    parser.add_argument("--loss", default="in_domain", choices=("in_domain", "cross_domain"), help="which loss")
+    parser.add_argument("--loss", default="in_domain", choices=LOSSES, help="which loss")
     parser.add_argument("--n-params", type=_optional_float, default=None,
                         help="base size N (default: the largest base)")
     parser.add_argument("--target", type=_optional_float, default=None, help="(a) target loss in bits per byte")
@@ -609,8 +512,31 @@ def _add_plan(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_plan)
 
 
+EPILOG_PRESET = """examples:
+  mmc preset presets/tiny.yaml                 # params.yaml becomes the tiny study (git checkout params.yaml undoes it)
+  mmc preset presets/tiny.yaml --params other.yaml
+"""
+
+
+def _run_preset(args: argparse.Namespace) -> None:
+    changed = apply_preset(args.preset, args.params)
+    print(f"wrote {args.params}: {len(changed)} settings from {args.preset} ({', '.join(changed)})")
+
+
+def _add_preset(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "preset", parents=[common], help="apply a preset (only what differs from the defaults) to params.yaml",
+        description="Overlay a preset on the params file: a preset holds only the settings that differ; mappings "
+                    "merge key by key, and a mapping tagged !replace (e.g. the zoo's members, the pool) replaces the "
+                    "params file's whole. Comments and order of the params file are kept. Written atomically.",
+        epilog=EPILOG_PRESET, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", help="preset YAML file, e.g. presets/tiny.yaml")
+    parser.add_argument("--params", default="params.yaml", help="params file to update (default params.yaml)")
+    parser.set_defaults(run=_run_preset)
+
+
 COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_assemble, _add_oracle, _add_fit, _add_experts,
-                            _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report]
+                            _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report, _add_preset]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -629,9 +555,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries_off_terminal() -> None:
     """Library progress bars only on a terminal: DVC logs and CI output stay readable."""
     if not sys.stderr.isatty():
-        import datasets
-        import transformers
-
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
 
@@ -639,15 +562,7 @@ def _quiet_libraries_off_terminal() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries_off_terminal()
-    try:
-        args.run(args)
-    except MMCError as error:
-        if args.debug:
-            raise
-        where = args.stage or args.command
-        print(f"mmc {where}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(args.stage or args.command, lambda: args.run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

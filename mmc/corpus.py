@@ -1,4 +1,4 @@
-"""Samples: the evaluation texts every loss is computed on (DESIGN.md §3, "Sample"), and the corpus they come from.
+"""Samples: the evaluation texts every loss is computed on, and the corpus they come from.
 
 A corpus is built in two steps. A *source* function reads records (a domain label and a text):
 `stdlib_records` (the default; needs no network), `hf_records` (any `datasets.load_dataset` source) or
@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import mmc
-from mmc import MMCError
-from mmc.store import atomic_path
+from mmc import MMCError, check_name
+from mmc.store import atomic_path, check_outputs
 
 REQUIRED_COLUMNS = ("sample_id", "text")
 
@@ -39,12 +39,13 @@ REQUIRED_COLUMNS = ("sample_id", "text")
 def fingerprint(sample_ids: list[str], texts: list[str]) -> str:
     """Content hash of an evaluation set: its ids and texts, in order.
 
-    Separators are control characters that cannot be confused with the ends of ids or texts.
+    Every id and text enters length-prefixed (8-byte length, then its UTF-8 bytes), after the number of samples:
+    no two different sets share an encoding, whatever characters their texts hold.
     """
-    digest = hashlib.sha256()
-    digest.update("\x1f".join(sample_ids).encode("utf-8"))
-    digest.update(b"\x1e")
-    digest.update("\x1f".join(texts).encode("utf-8"))
+    digest = hashlib.sha256(len(sample_ids).to_bytes(8, "little"))
+    for value in (*sample_ids, *texts):
+        data = value.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()[:32]
 
 
@@ -71,9 +72,18 @@ def load_samples(data_dir: str | Path, split: str = "eval") -> datasets.Dataset:
         )
     if len(loaded) == 0:
         raise MMCError(f"dataset '{data_dir}' is empty: there is nothing to score")
-    ids = loaded["sample_id"]
+    ids, texts = loaded["sample_id"], loaded["text"]
+    not_strings = [name for name, values in (("sample_id", ids), ("text", texts))
+                   if not all(isinstance(value, str) for value in values)]
+    if not_strings:
+        raise MMCError(f"dataset '{data_dir}': every {' and '.join(not_strings)} must be a string (found "
+                       f"{', '.join(sorted({type(v).__name__ for n in not_strings for v in loaded[n]} - {'str'}))})")
     if len(set(ids)) != len(ids):
         raise MMCError(f"dataset '{data_dir}' has duplicate sample_id values; ids must be unique")
+    empty = sum(not text for text in texts)
+    if empty:
+        raise MMCError(f"dataset '{data_dir}' has {empty} empty text(s): a loss of 0 nats over 0 tokens means "
+                       f"nothing; drop them (`mmc corpus` does)")
     return loaded
 
 
@@ -290,6 +300,9 @@ def _records_from_rows(
         table = pa.table({field: pa.array([row[field] for _, row in rows]) for field in fields})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise MMCError(f"{where}: field(s) {', '.join(fields)} hold mixed value types ({_one_line(error)})") from None
+    except UnicodeEncodeError as error:
+        raise MMCError(f"{where}: a {'/'.join(fields)} value is not valid Unicode ({error.reason}, e.g. a lone "
+                       f"surrogate escape such as \\ud800)") from None
     return _records_from_columns(table, text_field, domain_field, default_domain, where)
 
 
@@ -395,6 +408,8 @@ def build_corpus(
     for cap, option in ((max_train_docs_per_domain, "train"), (max_eval_docs_per_domain, "eval")):
         if cap is not None and cap < 1:
             raise MMCError(f"--max-{option}-docs-per-domain must be at least 1, or none for no cap (got {cap})")
+    for domain in sorted({record.domain for record in records}):
+        check_name("domain label", domain)
     if domains:
         available = sorted({record.domain for record in records})
         unknown = sorted(set(domains) - set(available))
@@ -472,7 +487,7 @@ def write_corpus(
         "domains": sorted(set(corpus["train"].unique("domain")) | set(evaluation.unique("domain"))),
         "mmc_version": mmc.__version__,
     }
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "corpus") as tmp:
         corpus.save_to_disk(str(tmp))
         (tmp / "corpus.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return metadata
@@ -486,6 +501,7 @@ def make_corpus(
     max_eval_docs_per_domain: int | None = DEFAULT_MAX_EVAL_DOCS_PER_DOMAIN, domains: list[str] | None = None,
 ) -> dict[str, Any]:
     """Read a source, build the corpus and write it to `out` (what `mmc corpus` does). Returns corpus.json's content."""
+    check_outputs([(out, "corpus")])
     records, description = read_source(
         source, path=path, hf_name=hf_name, hf_config=hf_config, hf_split=hf_split,
         text_field=text_field, domain_field=domain_field,

@@ -1,6 +1,6 @@
 """Per-sample loss engine: the total negative log-likelihood of each text under one causal LM.
 
-The contract (DESIGN.md §3): a sample's `nll` is the sum, in nats, over every token of its text
+The contract: a sample's `nll` is the sum, in nats, over every token of its text
 (encoded without special tokens) of -log p(token | preceding tokens), with exactly one prefix token
 (BOS, else EOS) in front. A document longer than the context is cut into lm-evaluation-harness's
 rolling windows: disjoint blocks of `max_length` predicted tokens, each block conditioned on the
@@ -18,7 +18,6 @@ through the head, in row chunks, so full-vocabulary fp32 logits never exist for 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +30,15 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 import mmc
-from mmc import MMCError
+from mmc import MMCError, check_number
 from mmc.corpus import fingerprint, load_samples
+from mmc.store import check_losses, check_outputs, write_store
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HEAD_CHUNK_ELEMENTS = 2**26  # logits per head chunk: 256 MiB in fp32
 CONTEXT_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 DEFAULT_CONTEXT = 2048  # as lm-eval, when neither config nor tokenizer says
+BATCH_TOKENS = 16384  # padded tokens per scoring batch
 
 
 @dataclass
@@ -72,6 +73,8 @@ def _check_local_weights(path: Path, allow_pickle: bool) -> None:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise MMCError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MMCError(f"device '{device}' was asked for but CUDA is not available; use --device cpu")
     return torch.device(device)
@@ -133,6 +136,12 @@ def load_model(
     loaded = LoadedModel(lm, tokenizer, model, revision or "", torch_dtype, input_device, False)
     loaded.split_head = _head_split_matches(loaded)
     return loaded
+
+
+def save_model(model: transformers.PreTrainedModel, tokenizer, path: str | Path) -> None:
+    """Save weights (safetensors) and tokenizer as a directory `from_pretrained` loads."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def _backbone_and_head(model: torch.nn.Module):
@@ -289,7 +298,7 @@ def score_texts(
     *,
     max_length: int | None = None,
     stride: int | None = None,
-    batch_tokens: int = 16384,
+    batch_tokens: int = BATCH_TOKENS,
     progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-text total NLL (nats, float64) and number of scored tokens."""
@@ -320,7 +329,7 @@ def compute_losses(
     revision: str | None = None,
     max_length: int | None = None,
     stride: int | None = None,
-    batch_tokens: int = 16384,
+    batch_tokens: int = BATCH_TOKENS,
     device: str = "auto",
     dtype: str = "auto",
     device_map: str | None = None,
@@ -328,7 +337,11 @@ def compute_losses(
     trust_remote_code: bool = False,
     limit: int | None = None,
 ) -> xr.Dataset:
-    """Score an evaluation set with one model: the loss store's content (DESIGN.md §3, "Loss store")."""
+    """Score an evaluation set with one model: the loss store's content (per-sample `nll` and `n_tokens`, attrs
+    that say how it was scored; see README "Outputs")."""
+    if limit is not None:
+        check_number("--limit", limit, 1, integer=True)
+    resolve_device(device)
     samples = load_samples(data_dir, split)
     if limit is not None:
         samples = samples.select(range(min(limit, len(samples))))
@@ -337,6 +350,7 @@ def compute_losses(
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     window_length = context_length(loaded) if max_length is None else max_length
     nll, n_tokens = score_texts(loaded, texts, max_length=window_length, stride=stride, batch_tokens=batch_tokens)
+    check_losses(nll, f"model '{model}'")
     n_bytes = sample_bytes(samples)
     n_params, n_params_nonembedding = count_parameters(loaded.model)
     prefix = prefix_token(loaded.tokenizer)
@@ -380,6 +394,9 @@ def sample_bytes(samples) -> np.ndarray:
     return np.fromiter((len(t.encode("utf-8")) for t in samples["text"]), dtype=np.int64, count=len(samples))
 
 
-def bits_per_byte(nll: np.ndarray, n_bytes: np.ndarray) -> float:
-    """Corpus-level bits per byte: Σ nll / (Σ n_bytes · ln 2)."""
-    return float(np.sum(nll) / (np.sum(n_bytes) * math.log(2)))
+def write_losses(model: str, data_dir: str | Path, out: str | Path, **options) -> xr.Dataset:
+    """The losses stage: `compute_losses(model, data_dir, **options)` written as a loss store at `out`."""
+    check_outputs([(out, "loss store")], [model, data_dir])
+    dataset = compute_losses(model, data_dir, **options)
+    write_store(dataset, out, "loss store")
+    return dataset

@@ -31,70 +31,134 @@ For many merges of one base (the merge stage): `stack_experts` once, then `merge
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
-import xarray as xr
 import yaml
-from tqdm.auto import tqdm
 
 import mmc
-from mmc import MMCError
+from mmc import MMCError, check_number
+from mmc.losses import load_model, resolve_dtype, save_model
+from mmc.store import atomic_path, check_outputs
 
-METHODS = ("average", "task_arithmetic", "ties", "dare", "dare_ties")
-# the settings each method reads; the others must be left unset
-METHOD_SETTINGS = {
-    "average": (),
-    "task_arithmetic": ("lambda_",),
-    "ties": ("density", "lambda_"),
-    "dare": ("drop", "lambda_", "seed"),
-    "dare_ties": ("drop", "lambda_", "seed"),
-}
-DEFAULTS = {"density": 0.2, "lambda_": 1.0, "drop": 0.9, "seed": 0}  # TIES paper's top 20%, DARE paper's p = 0.9
 WORK_DTYPE = torch.float64
 
 
 @dataclass(frozen=True)
-class MergeSpec:
-    """A merge method and its settings; settings the method does not read must stay None.
+class Setting:
+    """A merge setting: its public name (CLI flag `--NAME`, params key, `name=value` in a method spec), default
+    and allowed range (open or closed at each end; every value must be finite)."""
 
-    Unset settings of the method take the papers' defaults: density 0.2 (TIES keeps the top 20%),
-    lambda 1.0, drop 0.9 (DARE), seed 0.
+    name: str
+    default: float
+    low: float
+    high: float
+    help: str
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def check(self, value: float) -> float | int:
+        return check_number(f"--{self.name}", value, self.low, self.high, low_open=self.low_open,
+                            high_open=self.high_open, integer=self.integer)
+
+
+SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
+    Setting("density", 0.2, 0.0, 1.0, "share of each task vector's entries kept, per tensor (TIES: top 20%%)",
+            low_open=True),
+    Setting("gamma", 0.01, 0.0, 1.0, "share of each task vector's largest entries removed as outliers", high_open=True),
+    Setting("drop", 0.9, 0.0, 1.0, "probability of dropping a task vector entry (DARE: 0.9)", high_open=True),
+    Setting("lambda", 1.0, -math.inf, math.inf, "scale of the merged task vector"),
+    Setting("seed", 0, 0, 2**63 - 1, "seed of the random drop masks", integer=True),
+)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method as mergekit's generalised task arithmetic sees it: a sparsifier of each expert's task vector
+    (SPARSIFIERS), a consensus rule (`sign`: TIES's sign election keeps the entries that agree with it, or none),
+    and a normalisation (`mean`: divide by the number of experts contributing to each entry, `sum`: none), scaled
+    by lambda and added to the base. `on_task_vectors=False` merges the weights themselves (mergekit's linear)."""
+
+    name: str
+    sparsifier: str
+    consensus: str | None
+    normalise: str
+    settings: tuple[str, ...]
+    mergekit: str
+    summary: str
+    on_task_vectors: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.settings if name not in SETTINGS]
+        if self.sparsifier not in SPARSIFIERS or self.consensus not in (None, "sign") or \
+                self.normalise not in ("mean", "sum") or unknown:
+            raise ValueError(f"merge method {self.name}: bad definition")
+
+
+# One row per merge method (arXiv 2509.24244 merges every expert with the same weight).
+METHODS: dict[str, Method] = {}  # filled below, once the sparsifiers exist
+
+
+@dataclass(frozen=True, init=False)
+class MergeSpec:
+    """A merge method and its settings: `MergeSpec("ties", density=0.3, lambda_=0.8)` (lambda_ or "lambda").
+
+    Settings the method does not read are refused; those it reads and are not given take their defaults.
     """
 
     method: str
-    density: float | None = None
-    lambda_: float | None = None
-    drop: float | None = None
-    seed: int | None = None
+    values: tuple[tuple[str, float], ...]
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise MMCError(f"unknown merge method '{self.method}'; choose one of {', '.join(METHODS)}")
-        used = METHOD_SETTINGS[self.method]
-        for name in DEFAULTS:
-            value = getattr(self, name)
-            if name not in used and value is not None:
-                raise MMCError(f"--{name.rstrip('_')} does not apply to method '{self.method}' "
-                               f"(it reads: {', '.join(s.rstrip('_') for s in used) or 'nothing'})")
-            if name in used and value is None:
-                object.__setattr__(self, name, DEFAULTS[name])
-        if self.density is not None and not 0 < self.density <= 1:
-            raise MMCError(f"--density must be in (0, 1], got {self.density}")
-        if self.drop is not None and not 0 <= self.drop < 1:
-            raise MMCError(f"--drop must be in [0, 1), got {self.drop}")
+    def __init__(self, method: str, **settings: float | None) -> None:
+        if method not in METHODS:
+            raise MMCError(f"unknown merge method '{method}'; choose one of {', '.join(METHODS)}")
+        reads = METHODS[method].settings
+        given = {name.rstrip("_"): value for name, value in settings.items() if value is not None}
+        for name in given:
+            if name not in reads:
+                raise MMCError(f"--{name} does not apply to method '{method}' (it reads: {', '.join(reads) or 'nothing'})")
+        values = tuple((name, SETTINGS[name].check(given.get(name, SETTINGS[name].default))) for name in reads)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "values", values)
+
+    @classmethod
+    def parse(cls, text: str, **defaults: float) -> MergeSpec:
+        """`ties:density=0.2,lambda=1` (or a bare method name); `defaults` fill settings the text leaves out and the
+        method reads (the sweep's seed)."""
+        name, _, rest = text.partition(":")
+        name = name.strip()
+        reads = METHODS[name].settings if name in METHODS else ()
+        settings = {key: value for key, value in defaults.items() if key in reads}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, sep, value = item.partition("=")
+            try:
+                settings[key.strip()] = float(value)
+            except ValueError:
+                raise MMCError(f"merge method '{text}': give settings as name=number, e.g. ties:density=0.2") from None
+            if not sep:
+                raise MMCError(f"merge method '{text}': give settings as name=number, e.g. ties:density=0.2")
+        return cls(name.strip(), **settings)
+
+    def __getattr__(self, name: str) -> float:
+        for key, value in object.__getattribute__(self, "values"):
+            if key == name.rstrip("_"):
+                return value
+        raise AttributeError(name)
+
+    def __getitem__(self, name: str) -> float:
+        return dict(self.values)[name]
 
     def settings(self) -> dict:
-        """The settings the method reads, by their public names (lambda, not lambda_)."""
-        return {name.rstrip("_"): getattr(self, name) for name in METHOD_SETTINGS[self.method]}
+        """The settings the method reads, by their public names."""
+        return dict(self.values)
+
+    def __str__(self) -> str:
+        return self.method + (":" + ",".join(f"{k}={v:g}" for k, v in self.values) if self.values else "")
 
 
 @dataclass
@@ -169,49 +233,80 @@ def mask_seed(seed: int, expert: str, tensor: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _dare(tau: torch.Tensor, experts: Sequence[str], tensor: str, drop: float, seed: int) -> torch.Tensor:
-    """Drop each entry of each task vector with probability `drop`; rescale the survivors by 1/(1 − drop)."""
-    if drop == 0:
+def _random_drop(tau: torch.Tensor, spec: MergeSpec, experts: Sequence[str], tensor: str) -> torch.Tensor:
+    """DARE: drop each entry of each task vector with probability `drop`; rescale the survivors by 1/(1 − drop)."""
+    if spec.drop == 0:
         return tau
     keep = torch.stack([
         torch.rand(tau.shape[1:], dtype=torch.float32,
-                   generator=torch.Generator().manual_seed(mask_seed(seed, expert, tensor))) >= drop
+                   generator=torch.Generator().manual_seed(mask_seed(spec.seed, expert, tensor))) >= spec.drop
         for expert in experts])
-    return tau * keep.to(tau.device) / (1 - drop)
+    return tau * keep.to(tau.device) / (1 - spec.drop)
 
 
-def _trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each task vector's `density` share of entries of largest magnitude (at least one), as TIES."""
-    if density >= 1:
+def _magnitude(tau: torch.Tensor, spec: MergeSpec, experts: Sequence[str], tensor: str) -> torch.Tensor:
+    """TIES: keep each task vector's `density` share of entries of largest magnitude (at least one)."""
+    if spec.density >= 1:
         return tau
     flat = tau.reshape(len(tau), -1)
-    keep = max(1, int(density * flat.shape[1]))  # mergekit's count, so parity holds entry for entry
+    keep = max(1, int(spec.density * flat.shape[1]))  # mergekit's count, so parity holds entry for entry
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(keep, dim=1).indices, True)
     return (flat * mask).reshape(tau.shape)
 
 
-def _disjoint_mean(tau: torch.Tensor) -> torch.Tensor:
-    """TIES: elect each entry's sign (sign of the sum, + on zero), average the entries that agree with it."""
-    elected = torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
-    agrees = torch.sign(tau) == elected
-    return (tau * agrees).sum(0) / agrees.sum(0).clamp(min=1)
+def _magnitude_outliers(tau: torch.Tensor, spec: MergeSpec, experts: Sequence[str], tensor: str) -> torch.Tensor:
+    """Model Breadcrumbs: drop each task vector's `gamma` share of largest-magnitude entries (outliers) and keep
+    the `density` share below them; where too few entries remain the outlier cut shrinks. Ranks as mergekit's
+    (an ascending sort of the float32 magnitudes), so parity holds entry for entry."""
+    if spec.density >= 1:
+        return tau
+    flat = tau.reshape(len(tau), -1)
+    n_entries = flat.shape[1]
+    n_kept, n_outliers = int(spec.density * n_entries), int(spec.gamma * n_entries)
+    n_below = max(0, n_entries - n_kept - n_outliers)
+    ascending = torch.sort(flat.abs().float(), dim=1).indices[:, n_below:n_below + n_kept]
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, ascending, True)
+    return (flat * mask).reshape(tau.shape)
+
+
+SPARSIFIERS: dict[str, Callable[[torch.Tensor, MergeSpec, Sequence[str], str], torch.Tensor]] = {
+    "none": lambda tau, spec, experts, tensor: tau,
+    "magnitude": _magnitude,
+    "random": _random_drop,
+    "magnitude_outliers": _magnitude_outliers,
+}
+
+METHODS.update((method.name, method) for method in (
+    Method("average", "none", None, "mean", (), "linear", "the mean of the experts' weights",
+           on_task_vectors=False),
+    Method("task_arithmetic", "none", None, "sum", ("lambda",), "task_arithmetic",
+           "base + lambda * the sum of the task vectors (Ilharco et al.)"),
+    Method("ties", "magnitude", "sign", "mean", ("density", "lambda"), "ties",
+           "trim each task vector to its top --density by magnitude, elect signs, disjoint mean, times lambda"),
+    Method("dare", "random", None, "sum", ("drop", "lambda", "seed"), "dare_linear",
+           "drop task vector entries with probability --drop, rescale by 1/(1-drop), sum, times lambda"),
+    Method("dare_ties", "random", "sign", "mean", ("drop", "lambda", "seed"), "dare_ties",
+           "DARE's drop, then TIES's sign election and disjoint mean, times lambda"),
+    Method("breadcrumbs", "magnitude_outliers", None, "sum", ("density", "gamma", "lambda"), "breadcrumbs",
+           "drop each task vector's top --gamma outliers, keep the next --density by magnitude, sum, times lambda"),
+))
 
 
 def _merge_tensor(base: torch.Tensor, experts: torch.Tensor, names: Sequence[str], tensor: str,
                   spec: MergeSpec) -> torch.Tensor:
-    if spec.method == "average":
+    method = METHODS[spec.method]
+    if not method.on_task_vectors:
         return experts.to(WORK_DTYPE).mean(0)
     base = base.to(WORK_DTYPE)
-    tau = experts.to(WORK_DTYPE) - base
-    if spec.method == "task_arithmetic":
-        delta = tau.sum(0)
-    elif spec.method == "ties":
-        delta = _disjoint_mean(_trim(tau, spec.density))
-    elif spec.method == "dare":
-        delta = _dare(tau, names, tensor, spec.drop, spec.seed).sum(0)
-    else:  # dare_ties
-        delta = _disjoint_mean(_dare(tau, names, tensor, spec.drop, spec.seed))
-    return base + spec.lambda_ * delta
+    tau = SPARSIFIERS[method.sparsifier](experts.to(WORK_DTYPE) - base, spec, names, tensor)
+    if method.consensus == "sign":  # elect each entry's sign (that of the sum, + on zero); keep the agreeing
+        agrees = torch.sign(tau) == torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
+        tau = tau * agrees
+        count = agrees.sum(0).clamp(min=1)
+    else:
+        count = torch.tensor(float(len(tau)), dtype=WORK_DTYPE)
+    delta = tau.sum(0) / count if method.normalise == "mean" else tau.sum(0)
+    return base + spec["lambda"] * delta if "lambda" in method.settings else base + delta
 
 
 def merge(stack: ExpertStack, spec: MergeSpec, experts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -258,33 +353,34 @@ def copy_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None
 # Models on disk: what `mmc merge` does
 
 
-MERGEKIT_METHODS = {"average": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties",
-                    "dare": "dare_linear", "dare_ties": "dare_ties"}
 MERGEKIT_NOTE = """\
 # mergekit configuration equivalent to `mmc merge --method {method}`; run: mergekit-yaml THIS_FILE OUT_DIR
-# (paths as given to mmc merge). average, task_arithmetic and ties give mmc's merge to float rounding with
-# these settings (weight 1 per expert, normalize as written). DARE differs in two conventions: mergekit
-# draws its masks from torch's global generator (mergekit-yaml --random-seed S), and its `rescale` restores
-# each task vector's L1 norm per tensor where mmc divides by 1 - drop (unbiased entry by entry).
+# (paths as given to mmc merge). average, task_arithmetic, ties and breadcrumbs give mmc's merge to float
+# rounding with these settings (weight 1 per expert, normalize as written). DARE differs in two conventions:
+# mergekit draws its masks from torch's global generator (mergekit-yaml --random-seed S), and its `rescale`
+# restores each task vector's L1 norm per tensor where mmc divides by 1 - drop (unbiased entry by entry).
 """
 
 
 def mergekit_config(base: str, experts: Sequence[str], spec: MergeSpec, dtype: str = "float32") -> dict:
-    """The mergekit configuration (a dict for YAML) that performs the same merge as `spec`."""
-    parameters = {"weight": 1.0}
-    if spec.method == "ties":
-        parameters["density"] = spec.density
-    elif spec.method in ("dare", "dare_ties"):
-        parameters["density"] = 1 - spec.drop
-    config = {"merge_method": MERGEKIT_METHODS[spec.method]}
-    if spec.method != "average":  # mergekit's linear would add a base model to the average
+    """The mergekit configuration (a dict for YAML) that performs the same merge as `spec`, read off its Method."""
+    method, settings = METHODS[spec.method], spec.settings()
+    parameters: dict = {"weight": 1.0}
+    if "density" in settings:
+        parameters["density"] = settings["density"]
+    if "drop" in settings:
+        parameters["density"] = 1 - settings["drop"]
+    if "gamma" in settings:
+        parameters["gamma"] = settings["gamma"]
+    config: dict = {"merge_method": method.mergekit}
+    if method.on_task_vectors:  # mergekit's linear would add a base model to the average
         config["base_model"] = base
     config["models"] = [{"model": expert, "parameters": dict(parameters)} for expert in experts]
-    shared = {"normalize": spec.method in ("average", "ties", "dare_ties")}
-    if spec.method in ("dare", "dare_ties"):
+    shared: dict = {"normalize": method.normalise == "mean"}
+    if method.sparsifier == "random":
         shared["rescale"] = True
-    if spec.method != "average":
-        shared["lambda"] = spec.lambda_
+    if "lambda" in settings:
+        shared["lambda"] = settings["lambda"]
     config["parameters"] = shared
     config["dtype"] = "float32"
     config["out_dtype"] = dtype
@@ -297,26 +393,38 @@ def expert_names(paths: Sequence[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(path) for path in paths]
 
 
+def check_expert_base(expert: str | Path, base: str) -> None:
+    """Refuse an expert whose `mmc_expert.json` records another base than `base` (same shapes merge silently)."""
+    record = Path(expert) / "mmc_expert.json"
+    if not record.is_file():
+        return  # not trained by mmc: its tensors are still checked against the base's
+    recorded = str(json.loads(record.read_text(encoding="utf-8")).get("base", ""))
+    same = Path(recorded).resolve() == Path(base).resolve() if Path(base).exists() else recorded == base
+    if not same:
+        raise MMCError(f"expert '{expert}' was fine-tuned from '{recorded}', not from the base '{base}'")
+
+
 def merge_models(base: str, experts: Sequence[str], spec: MergeSpec, out: str | Path, *, dtype: str = "float32",
-                 mergekit_yaml: str | Path | None = None) -> dict:
+                 mergekit_yaml: str | Path | None = None, allow_pickle: bool = False) -> dict:
     """What `mmc merge` does: merge expert directories into `base` and save the result, atomically.
 
     `out` becomes a Hugging Face model directory with the base's tokenizer plus `mmc_merge.json` (method,
     settings, inputs); `mergekit_yaml`, when given, gets the equivalent mergekit configuration.
     Returns the content of `mmc_merge.json`.
     """
-    from mmc.losses import load_model, resolve_dtype
-    from mmc.store import atomic_path
-    from mmc.zoo import save_model
-
+    check_outputs([(out, "merged model"), *([(mergekit_yaml, "mergekit config")] if mergekit_yaml else [])],
+                  [base, *experts])
     if len(set(experts)) != len(experts):
         raise MMCError("an expert is given twice in --experts")
     out_dtype = resolve_dtype(dtype, torch.device("cpu"))
-    loaded = load_model(base, device="cpu", dtype="float32")  # merged in float64 from exact float32 copies
+    for path in experts:
+        check_expert_base(path, base)
+    # merged in float64 from exact float32 copies
+    loaded = load_model(base, device="cpu", dtype="float32", allow_pickle=allow_pickle)
     base_state = loaded.model.state_dict()
     expert_states = {}
     for name, path in zip(expert_names(experts), experts):
-        expert = load_model(path, device="cpu", dtype="float32").model
+        expert = load_model(path, device="cpu", dtype="float32", allow_pickle=allow_pickle).model
         if expert.config.model_type != loaded.model.config.model_type:
             raise MMCError(f"expert '{path}' is a {expert.config.model_type} model, the base "
                            f"'{base}' a {loaded.model.config.model_type} model; experts must be fine-tunes of it")
@@ -326,191 +434,12 @@ def merge_models(base: str, experts: Sequence[str], spec: MergeSpec, out: str | 
     summary = {"base": base, "experts": list(experts), "expert_names": list(expert_states), "method": spec.method,
                "settings": spec.settings(), "dtype": str(out_dtype).removeprefix("torch."),
                "mmc_version": mmc.__version__}
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "merged model") as tmp:
         save_model(loaded.model.to(out_dtype), loaded.tokenizer, tmp)
         (tmp / "mmc_merge.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if mergekit_yaml is not None:
         config = mergekit_config(base, experts, spec, summary["dtype"])
-        with atomic_path(mergekit_yaml) as tmp:
+        with atomic_path(mergekit_yaml, "mergekit config") as tmp:
             tmp.write_text(MERGEKIT_NOTE.format(method=spec.method) + yaml.safe_dump(config, sort_keys=False),
                            encoding="utf-8")
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Sweeps: every subset size k of a base's experts, every method, scored per sample (the merge stage)
-
-
-def expert_subsets(n_experts: int, max_subsets_per_k: int, seed: int) -> list[tuple[int, ...]]:
-    """Every subset of the experts for each size k = 1..n, or `max_subsets_per_k` seeded draws where C(n, k) is
-    larger (without replacement, from a generator seeded with (seed, k): one k's draws do not move another's)."""
-    if max_subsets_per_k < 1:
-        raise MMCError(f"--max-subsets-per-k must be at least 1 (got {max_subsets_per_k})")
-    subsets = []
-    for k in range(1, n_experts + 1):
-        every = list(itertools.combinations(range(n_experts), k))
-        if len(every) > max_subsets_per_k:
-            chosen = np.random.default_rng([seed, k]).choice(len(every), size=max_subsets_per_k, replace=False)
-            every = [every[i] for i in np.sort(chosen)]
-        subsets.extend(every)
-    return subsets
-
-
-def first_per_domain(samples, docs_per_domain: int | None):
-    """The first `docs_per_domain` samples of each domain (all for None), in the split's order."""
-    if docs_per_domain is None:
-        return samples
-    domains = pd.Series(samples["domain"])
-    return samples.select(np.flatnonzero(domains.groupby(domains).cumcount().to_numpy() < docs_per_domain))
-
-
-def merge_sweep(base: str, experts: Mapping[str, str | Path], data_dir: str | Path, specs: Sequence[MergeSpec], *,
-                max_subsets_per_k: int, seed: int, docs_per_domain: int | None = None, batch_tokens: int = 16384,
-                device: str = "auto", progress: bool | None = None) -> xr.Dataset:
-    """Merge chosen subsets of a base's `experts` (domain -> model directory) with every spec; score each merge.
-
-    The base is loaded once; each merge is copied into it and the eval samples (`docs_per_domain` of every
-    domain, expert domains and held-out ones alike) are scored with the loss engine. The first row is the base
-    itself (method `base`, k = 0). Returns per-sample losses over (merge, sample) with merge coords method, k
-    and experts (comma-joined domains), sample coords domain and n_bytes; attrs name the base, its parameter
-    counts and the expert domains.
-    """
-    from mmc.corpus import fingerprint, load_samples
-    from mmc.losses import count_parameters, load_model, sample_bytes, score_texts
-
-    samples = first_per_domain(load_samples(data_dir), docs_per_domain)
-    if "domain" not in samples.column_names:
-        raise MMCError(f"dataset '{data_dir}' has no 'domain' column: merges are scored per domain")
-    missing = sorted(set(experts) - set(samples["domain"]))
-    if missing:
-        raise MMCError(f"the eval split has no samples of expert domain(s) {', '.join(missing)}")
-    loaded = load_model(base, device=device, dtype="float32")
-    states = {domain: load_model(str(path), device=device, dtype="float32").model.state_dict()
-              for domain, path in experts.items()}
-    stack = stack_experts(loaded.model.state_dict(), states)
-    domains = list(experts)
-    runs = [("base", ())] + [(spec, subset) for spec in specs
-                             for subset in expert_subsets(len(domains), max_subsets_per_k, seed)]
-    texts = list(samples["text"])
-    nll = np.empty((len(runs), len(texts)))
-    n_tokens = np.empty((len(runs), len(texts)), dtype=np.int64)
-    bar = tqdm(runs, desc=f"merge {Path(base).name}", unit="merge", disable=None if progress is None else not progress)
-    for row, (spec, subset) in enumerate(bar):
-        copy_into(loaded.model, stack.base if spec == "base" else merge(stack, spec, [domains[i] for i in subset]))
-        nll[row], n_tokens[row] = score_texts(loaded, texts, batch_tokens=batch_tokens, progress=False)
-    n_params, n_params_nonembedding = count_parameters(loaded.model)
-    return xr.Dataset(
-        {"nll": (("merge", "sample"), nll, {"units": "nats"}), "n_tokens": (("merge", "sample"), n_tokens)},
-        coords={
-            "merge": np.arange(len(runs)),
-            "method": ("merge", np.array(["base" if spec == "base" else spec.method for spec, _ in runs], dtype=object)),
-            "k": ("merge", np.array([len(subset) for _, subset in runs])),
-            "experts": ("merge", np.array([",".join(domains[i] for i in subset) for _, subset in runs], dtype=object)),
-            "sample": np.asarray(samples["sample_id"], dtype=object),
-            "domain": ("sample", np.asarray(samples["domain"], dtype=object)),
-            "n_bytes": ("sample", sample_bytes(samples)),
-        },
-        attrs={"base": base, "n_params": int(n_params), "n_params_nonembedding": int(n_params_nonembedding),
-               "expert_domains": ",".join(domains),
-               "methods": json.dumps({spec.method: spec.settings() for spec in specs}, sort_keys=True),
-               "max_subsets_per_k": max_subsets_per_k, "seed": seed,
-               "dataset_fingerprint": fingerprint(list(samples["sample_id"]), texts), "mmc_version": mmc.__version__},
-    )
-
-
-def _strings(array: xr.DataArray) -> np.ndarray:
-    """A string coordinate as a plain numpy unicode array, whatever string dtype Zarr gave it."""
-    return np.array(array.values.tolist(), dtype=str)
-
-
-def merge_points(store: xr.Dataset, weights: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per merge of one base: method, k, experts, and its in-domain and cross-domain bits per byte.
-
-    In-domain is the macro-average over the domains that have experts (all of them, whichever k were merged):
-    it measures how much of the experts' skills one merged model holds, and falls as k grows, which is what
-    the merging law describes. Cross-domain is the macro-average over the eval domains without an expert
-    (transfer to held-out domains; NaN when there are none). `merged_domains_bpb`, the macro-average over the
-    merged experts' own domains alone, shows the other side of merging (interference: it rises with k) and is
-    reported, not fitted. `weights` (samples,) weight
-    the samples (a bootstrap resample).
-    """
-    expert_domains = store.attrs["expert_domains"].split(",")
-    domains, codes = np.unique(_strings(store.domain), return_inverse=True)
-    one_hot = np.eye(len(domains))[codes] * (1.0 if weights is None else weights[:, None])
-    held_in = np.isin(domains, expert_domains)
-    experts = _strings(store.experts)
-    merged = pd.Series(experts).str.get_dummies(sep=",").reindex(columns=domains, fill_value=0).to_numpy(bool)
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a resample can leave a domain without samples: NaN
-        per_domain = (store.nll.values @ one_hot) / ((store.n_bytes.values.astype(np.float64) @ one_hot) * math.log(2))
-        return pd.DataFrame({
-            "base": store.attrs["base"], "n_params": store.attrs["n_params"],
-            "method": _strings(store.method), "k": store.k.values, "experts": experts,
-            "in_domain_bpb": np.nanmean(per_domain[:, held_in], axis=1),
-            "cross_domain_bpb": np.nanmean(per_domain[:, ~held_in], axis=1) if (~held_in).any() else np.nan,
-            "merged_domains_bpb": np.nanmean(np.where(merged, per_domain, np.nan), axis=1),
-        })
-
-
-def merge_curves(points: pd.DataFrame) -> pd.DataFrame:
-    """Mean, spread and count over expert subsets of each loss (in-domain, cross-domain, merged domains), per base,
-    method and k."""
-    merges = points[points.method != "base"]
-    losses = ["in_domain_bpb", "cross_domain_bpb", "merged_domains_bpb"]
-    curves = merges.groupby(["base", "n_params", "method", "k"], sort=True)[losses] \
-        .agg(["mean", "std", "count"])
-    curves.columns = [f"{name}_{stat}" for name, stat in curves.columns]
-    return curves.reset_index()
-
-
-
-def fit_merge_laws(paths: Sequence[str | Path], *, bootstrap: int, seed: int, holdout_k: int = 2
-                   ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """The merge-law stage: points and curves of every base's sweep, and the law fitted per method and jointly.
-
-    Bootstrap resamples give every eval sample a Poisson(1) weight (the same for every base: the sweeps score
-    the same samples) and recompute the curves, so the intervals carry the eval set's sampling noise.
-    Returns the metrics (fits per method and `joint` over methods, for in-domain and cross-domain loss; the
-    spread over subsets by k), the points (one row per merge) and the curves (one row per base, method, k).
-    """
-    from mmc.laws import fit_merging_law
-    from mmc.store import open_store
-
-    stores = [open_store(path) for path in paths]
-    for path, store in zip(paths, stores):
-        if not np.array_equal(store.sample.values, stores[0].sample.values):
-            raise MMCError(f"merge store '{path}' scored other samples than '{paths[0]}'; rerun its merge stage")
-    points = pd.concat([merge_points(store) for store in stores], ignore_index=True)
-    curves = merge_curves(points)
-    n_samples = stores[0].sizes["sample"]
-    rng = np.random.default_rng(seed)
-    replicate_curves = []
-    for _ in tqdm(range(bootstrap), desc="bootstrap merge curves", unit="resample", disable=None):
-        weights = rng.poisson(1.0, n_samples).astype(np.float64)
-        replicate_curves.append(merge_curves(pd.concat([merge_points(s, weights) for s in stores], ignore_index=True)))
-    fits: dict = {}
-    for method in [*dict.fromkeys(curves.method), "joint"]:
-        def rows(frame, method=method):
-            return frame if method == "joint" else frame[frame.method == method]
-        fits[method] = {}
-        for target, column in (("in_domain", "in_domain_bpb_mean"), ("cross_domain", "cross_domain_bpb_mean")):
-            if rows(curves)[column].isna().all():
-                continue
-            try:
-                fits[method][target] = fit_merging_law(rows(curves), column, [rows(c) for c in replicate_curves],
-                                                       seed=seed, holdout_k=holdout_k)
-            except MMCError as error:
-                fits[method][target] = {"error": str(error)}
-    spread = curves.groupby("k")[["in_domain_bpb_std", "cross_domain_bpb_std"]].mean()
-    metrics = {
-        "loss": "bits per byte, macro-averaged over domains: in_domain over the expert domains, cross_domain over "
-                "the eval domains without an expert; the loss at (N, k) is the mean over the k-subsets merged",
-        "law": "merging: L = L_star + B * N^(-beta) + A0 * N^(-gamma) / (k + b), N = base parameters",
-        "bootstrap": {"resamples": bootstrap, "over": "eval samples (Poisson weights)"},
-        "bases": {"names": [s.attrs["base"] for s in stores], "n_params": [int(s.attrs["n_params"]) for s in stores]},
-        "expert_domains": stores[0].attrs["expert_domains"].split(","),
-        "fits": fits,
-        "spread_over_subsets_by_k": {int(k): {name.removesuffix("_bpb_std"): (None if np.isnan(v) else float(v))
-                                              for name, v in row.items()} for k, row in spread.iterrows()},
-    }
-    return metrics, points, curves

@@ -7,6 +7,7 @@ is dask-backed) and only per-model or per-ensemble sums are kept: memory does no
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,10 +20,9 @@ import pandas as pd
 import xarray as xr
 
 from mmc import MMCError
-from mmc.store import atomic_path
+from mmc.store import SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, one_line, open_store
 
 LN2 = math.log(2.0)
-DEFAULT_SAMPLE_CHUNK = 65_536
 # ensemble minima are taken for this many ensembles × samples at a time: small enough for the CPU caches
 ENSEMBLE_BLOCK = 256
 SAMPLE_BLOCK = 2048
@@ -257,11 +257,16 @@ def _stream(pool: xr.Dataset, accumulators: Sequence[_Accumulator], sample_chunk
     totals = _Totals()
     nll = pool["nll"].transpose("model", "sample")
     n_bytes = pool["n_bytes"]
+    where = pool.encoding.get("source", "the pool")
     for start, stop in _sample_blocks(nll, sample_chunk):
-        block = np.asarray(nll[:, start:stop].values, dtype=np.float64)
-        if not np.isfinite(block).all():
-            raise MMCError(f"nll has NaN or infinite values among samples {start}..{stop - 1}")
-        chunk = _Chunk(block, start, np.asarray(n_bytes[start:stop].values, dtype=np.float64))
+        try:
+            block = np.asarray(nll[:, start:stop].values, dtype=np.float64)
+            block_bytes = np.asarray(n_bytes[start:stop].values, dtype=np.float64)
+        except Exception as error:  # a corrupt or truncated chunk: zarr and numcodecs raise many kinds
+            raise MMCError(f"store '{where}' cannot be read at samples {start}..{stop - 1}, it is corrupt or "
+                           f"truncated: {one_line(error)}") from None
+        check_losses(block, f"{where} (samples {start}..{stop - 1})")
+        chunk = _Chunk(block, start, block_bytes)
         for accumulator in accumulators:
             accumulator.update(chunk)
         totals.n_samples += chunk.n_samples
@@ -408,16 +413,6 @@ class _Attribution:
 # ---------------------------------------------------------------------------------------------- tables
 
 
-def ensemble_table(pool: xr.Dataset, ensembles: Sequence[Ensemble],
-                   sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> pd.DataFrame:
-    """One row per ensemble: members, kind, size, families, parameter totals, oracle loss, best member, gain."""
-    models = _Models.of(pool)
-    ensembles = [Ensemble(tuple(members), kind) for members, kind in ensembles]
-    minima = _EnsembleMinima(ensembles, models.count)
-    totals = _stream(pool, [minima], sample_chunk)
-    return _ensemble_frame(models, ensembles, minima, totals)
-
-
 def _ensemble_frame(models: _Models, ensembles: Sequence[Ensemble], minima: _EnsembleMinima,
                     totals: _Totals) -> pd.DataFrame:
     membership = np.zeros((len(ensembles), models.count), dtype=bool)
@@ -428,10 +423,10 @@ def _ensemble_frame(models: _Models, ensembles: Sequence[Ensemble], minima: _Ens
     oracle_nll = minima.sums / totals.n_samples
     family_sets = [sorted(set(models.families[list(ensemble.members)])) for ensemble in ensembles]
     return pd.DataFrame({
-        "members": [",".join(models.names[list(ensemble.members)]) for ensemble in ensembles],
+        "members": [models.names[list(ensemble.members)].tolist() for ensemble in ensembles],
         "kind": [ensemble.kind for ensemble in ensembles],
         "k": membership.sum(axis=1),
-        "families": [",".join(families) for families in family_sets],
+        "families": family_sets,
         "n_families": [len(families) for families in family_sets],
         "total_params": membership @ models.n_params,
         "total_params_nonembedding": membership @ models.n_params_nonembedding,
@@ -441,14 +436,6 @@ def _ensemble_frame(models: _Models, ensembles: Sequence[Ensemble], minima: _Ens
         "best_member_nll": model_nll[best_member],
         "gain": model_nll[best_member] - oracle_nll,
     })
-
-
-def expected_curves(pool: xr.Dataset, sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> pd.DataFrame:
-    """Exact expected oracle loss of a uniformly random k-subset, k = 1..M, of the pool and of each family."""
-    models = _Models.of(pool)
-    sorted_sums = _SortedSums(models)
-    totals = _stream(pool, [sorted_sums], sample_chunk)
-    return _curves_frame(models, sorted_sums, totals)
 
 
 def _curves_frame(models: _Models, sorted_sums: _SortedSums, totals: _Totals) -> pd.DataFrame:
@@ -486,14 +473,6 @@ def pareto_frontier(table: pd.DataFrame) -> pd.DataFrame:
     return table.iloc[rows].reset_index(drop=True)
 
 
-def attribution(pool: xr.Dataset, sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> pd.DataFrame:
-    """Per model: mean nll, share of samples it wins (ties split), and exact Shapley value in the oracle game."""
-    models = _Models.of(pool)
-    sums = _Attribution(models.count)
-    totals = _stream(pool, [sums], sample_chunk)
-    return _attribution_frame(models, sums, totals)
-
-
 def _attribution_frame(models: _Models, sums: _Attribution, totals: _Totals) -> pd.DataFrame:
     return pd.DataFrame({
         "model": models.names,
@@ -507,7 +486,7 @@ def _attribution_frame(models: _Models, sums: _Attribution, totals: _Totals) -> 
 
 
 def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
-               sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> dict[str, pd.DataFrame]:
+               sample_chunk: int = SAMPLE_CHUNK) -> dict[str, pd.DataFrame]:
     """The whole oracle analysis in one pass over the pool: ensembles, expected curves, Pareto front, attribution."""
     models = _Models.of(pool)
     ensembles = enumerate_ensembles(models.families, max_subsets_per_k, seed)
@@ -524,11 +503,11 @@ def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
     }
 
 
-def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[str], n_bootstrap: int, seed: int,
-                        sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> np.ndarray:
+def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_bootstrap: int, seed: int,
+                        sample_chunk: int = SAMPLE_CHUNK) -> np.ndarray:
     """(ensembles, replicates): each ensemble's oracle bits per byte on `n_bootstrap` resamples of the samples.
 
-    `members` are the ensembles as comma-separated model names (the `members` column of the ensemble table).
+    `members` are the ensembles as lists of model names (the `members` column of the ensemble table).
     A replicate weighs each sample by an independent Poisson(1) count (`poisson_weights`: seeded, and the same
     however the pool is chunked); all replicates come from one streaming pass over the pool. A replicate that
     drew no sample at all (possible only for tiny pools) is NaN.
@@ -536,7 +515,7 @@ def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[str], n_bootstrap: i
     models = _Models.of(pool)
     index = {name: i for i, name in enumerate(models.names)}
     try:
-        ensembles = [Ensemble(tuple(sorted(index[name] for name in text.split(","))), "") for text in members]
+        ensembles = [Ensemble(tuple(sorted(index[name] for name in names)), "") for names in members]
     except KeyError as error:
         raise MMCError(f"ensemble member {error} is not a model of the pool") from None
     if n_bootstrap < 1:
@@ -548,14 +527,39 @@ def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[str], n_bootstrap: i
 
 
 OUTPUT_CSVS = ("ensembles", "expected_curves", "pareto", "attribution")
+LIST_COLUMNS = ("members", "families")  # lists of names: native lists in parquet, JSON arrays in the CSVs
 
 
 def write_oracle_outputs(results: dict[str, pd.DataFrame], out_dir: str | Path) -> Path:
     """Write ensembles.parquet and one tidy CSV per table into `out_dir`, replacing it atomically."""
     out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, "oracle tables") as tmp:
         tmp.mkdir()
         results["ensembles"].to_parquet(tmp / "ensembles.parquet", index=False)
         for name in OUTPUT_CSVS:
-            results[name].to_csv(tmp / f"{name}.csv", index=False)
+            table = results[name].copy()
+            for column in LIST_COLUMNS:
+                if column in table:
+                    table[column] = [json.dumps(list(names)) for names in table[column]]
+            table.to_csv(tmp / f"{name}.csv", index=False)
     return out_dir
+
+
+def read_ensembles(out_dir: str | Path) -> pd.DataFrame:
+    """The ensemble table written by `write_oracle_outputs` (members and families as lists of names)."""
+    path = Path(out_dir) / "ensembles.parquet"
+    if not path.is_file():
+        raise MMCError(f"'{path}' does not exist: give the folder written by `mmc oracle`")
+    table = pd.read_parquet(path)
+    for column in LIST_COLUMNS:
+        table[column] = [list(names) for names in table[column]]
+    return table
+
+
+def oracle_study(pool_path: str | Path, out: str | Path, *, max_subsets_per_k: int, seed: int,
+                 sample_chunk: int = SAMPLE_CHUNK) -> dict[str, pd.DataFrame]:
+    """The oracle stage: `run_oracle` on the pool store (streamed in its stored chunks), written into `out`."""
+    check_outputs([(out, "oracle tables")], [pool_path])
+    results = run_oracle(open_store(pool_path, chunks={}), max_subsets_per_k, seed, sample_chunk=sample_chunk)
+    write_oracle_outputs(results, out)
+    return results

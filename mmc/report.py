@@ -6,6 +6,7 @@ a power law, with the fitted curves and their 95% bootstrap bands.
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -17,12 +18,25 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mmc import MMCError  # noqa: E402
-from mmc.store import atomic_path  # noqa: E402
+from mmc.laws import LAWS  # noqa: E402
+from mmc.merge_law import MERGING_LAW  # noqa: E402
+from mmc.oracle import read_ensembles  # noqa: E402
+from mmc.store import atomic_path, check_outputs  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
          "axes.spines.right": False, "legend.frameon": False, "font.size": 10}
 PARAMS_LABEL = "parameters (total of the ensemble)"
 BPB_LABEL = "eval loss (bits per byte)"
+
+
+def _plain(text: object) -> str:
+    """A name as literal figure text: a `$` would start matplotlib's math mode."""
+    return str(text).replace("$", r"\$")
+
+
+def _md(text: object) -> str:
+    """A name as literal Markdown table text: HTML escaped, `|` cannot end the cell."""
+    return html.escape(str(text)).replace("|", r"\|")
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -74,10 +88,11 @@ def figure_scaling(points: pd.DataFrame, curves: pd.DataFrame, ensembles: pd.Dat
     fig, ax = plt.subplots(figsize=(7, 4.6))
     others = ensembles[ensembles.kind != "single"]
     ax.scatter(others.total_params, others.oracle_bpb, s=6, color="0.75", label="ensembles (oracle)", zorder=1)
-    colors = _family_colors(ensembles.families[ensembles.kind == "single"])
+    singles = ensembles[ensembles.kind == "single"].assign(family=lambda frame: frame.families.str[0])
+    colors = _family_colors(singles.family)
     for family, color in colors.items():
-        singles = ensembles[(ensembles.kind == "single") & (ensembles.families == family)]
-        ax.scatter(singles.total_params, singles.oracle_bpb, s=28, color=color, label=f"{family} models", zorder=3)
+        own = singles[singles.family == family]
+        ax.scatter(own.total_params, own.oracle_bpb, s=28, color=color, label=f"{_plain(family)} models", zorder=3)
     frontier = points[points.series == "multi/pareto"]
     ax.scatter(frontier.total_params, frontier.bpb, s=14, marker="s", facecolor="none", edgecolor="black",
                label="multi-model Pareto frontier", zorder=2)
@@ -99,7 +114,7 @@ def figure_kinds(points: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None
     for series in homogeneous:
         family = series.rsplit("/", 1)[1]
         own = points[points.series == series]
-        ax.scatter(own.total_params, own.bpb, s=18, color=colors[family], label=f"homogeneous {family}")
+        ax.scatter(own.total_params, own.bpb, s=18, color=colors[family], label=f"homogeneous {_plain(family)}")
         _band(ax, curves, series, colors[family], f"{family} law", "--")
     _log_axes(ax, "Heterogeneous vs homogeneous ensembles")
     ax.legend(fontsize=8, loc="lower left", ncol=2)
@@ -112,7 +127,7 @@ def figure_expected(expected: pd.DataFrame, path: Path) -> None:
     colors = _family_colors(s for s in expected.scope.unique() if s != "pool")
     for scope, curve in expected.groupby("scope", sort=False):
         ax.plot(curve.k, curve.expected_oracle_bpb, "o-", ms=3, lw=1.6 if scope == "pool" else 1.2,
-                color="black" if scope == "pool" else colors[scope], label="whole pool" if scope == "pool" else scope)
+                color="black" if scope == "pool" else colors[scope], label="whole pool" if scope == "pool" else _plain(scope))
     ax.set_xlabel("ensemble size k (models drawn at random)")
     ax.set_ylabel(BPB_LABEL)
     ax.set_title("Expected oracle loss of a random k-subset")
@@ -132,7 +147,7 @@ def figure_attribution(attribution: pd.DataFrame, path: Path) -> None:
     axes[0].set_xlabel("win share\n(fraction of samples on which it is best)")
     axes[1].barh(positions, table.shapley, color=bar_colors)
     axes[1].set_xlabel("Shapley value: share of the pool's oracle loss\n(nats per sample; lower = more useful)")
-    axes[0].set_yticks(positions, table.model)
+    axes[0].set_yticks(positions, [_plain(model) for model in table.model])
     axes[0].invert_yaxis()
     fig.suptitle("Who carries the oracle ensemble")
     _save(fig, path)
@@ -152,10 +167,8 @@ def figure_merging(curves: pd.DataFrame, fits: dict, path: Path) -> None:
                         color=color, capsize=2, label=f"N = {size / 1e3:.0f}k")
             if "params" in fit:
                 k = np.linspace(1, own.k.max(), 50)
-                p = fit["params"]
-                ax.plot(k, p["L_star"] + p["B"] * size ** -p["beta"] + p["A0"] * size ** -p["gamma"] / (k + p["b"]),
-                        color=color, lw=1.2)
-        ax.set_title(method)
+                ax.plot(k, LAWS[MERGING_LAW].predict(fit["params"], N=size, k=k), color=color, lw=1.2)
+        ax.set_title(_plain(method))
         ax.set_xlabel("experts merged (k)")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0][0].set_ylabel("in-domain loss (bits per byte)")
@@ -171,7 +184,7 @@ def figure_merging_spread(curves: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, own in spread.groupby("method", sort=True):
         mean = own.groupby("k").in_domain_bpb_std.mean()
-        ax.plot(mean.index, mean.values, "o-", ms=4, lw=1.4, label=method)
+        ax.plot(mean.index, mean.values, "o-", ms=4, lw=1.4, label=_plain(method))
     ax.set_xlabel("experts merged (k)")
     ax.set_ylabel("std of in-domain loss across subsets\n(bits per byte, mean over bases)")
     ax.set_title("Which experts are merged matters less as k grows")
@@ -182,7 +195,7 @@ def figure_merging_spread(curves: pd.DataFrame, path: Path) -> None:
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, "figure") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
@@ -204,12 +217,12 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
               "|---|---|---|---|---|---|---|"]
     for series, fit in laws["fits"].items():
         if "params" not in fit:
-            lines.append(f"| {series} | – | {fit.get('error', '')} | | | | |")
+            lines.append(f"| {_md(series)} | – | {_md(fit.get('error', ''))} | | | | |")
             continue
         ci = fit.get("ci95") or {}
         p = fit["params"]
         holdout = fit.get("holdout", {}).get("max_abs_relative_error")
-        lines.append(f"| {series} | {fit['n_points']} | {_fmt(p['E'], ci.get('E'))} | {_fmt(p['A'])} | "
+        lines.append(f"| {_md(series)} | {fit['n_points']} | {_fmt(p['E'], ci.get('E'))} | {_fmt(p['A'])} | "
                      f"{_fmt(p['alpha'], ci.get('alpha'))} | {fit['r2_log']:.3f} | {_fmt(holdout)} |")
     floor = laws["comparisons"]["floor"]
     kinds = laws["comparisons"]["heterogeneous_vs_homogeneous"]
@@ -231,7 +244,7 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
                 if "params" not in fit:
                     continue
                 p, ci = fit["params"], fit.get("ci95") or {}
-                lines.append(f"| {method} | {target} | " + " | ".join(_fmt(p[n], ci.get(n)) for n in
+                lines.append(f"| {_md(method)} | {target} | " + " | ".join(_fmt(p[n], ci.get(n)) for n in
                                                                       ("L_star", "B", "beta", "A0", "gamma", "b"))
                              + f" | {fit['r2_log']:.3f} | {_fmt(fit.get('holdout', {}).get('max_abs_relative_error'))}"
                              f" / {_fmt(fit.get('forecast', {}).get('max_abs_relative_error'))} |")
@@ -268,12 +281,14 @@ def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str |
                  plan_path: str | Path | None = None) -> list[str]:
     """Draw every figure the inputs allow and write the summary into `out`, replaced atomically."""
     plt.rcParams.update(STYLE)
+    inputs = [laws_path, law_plots, oracle_dir, merge_law_path, merge_plots, plan_path]
+    check_outputs([(out, "report")], inputs)
     laws = json.loads(Path(laws_path).read_text())
     points, curves = _read_csv(Path(law_plots) / "points.csv"), _read_csv(Path(law_plots) / "curves.csv")
-    ensembles = pd.read_parquet(Path(oracle_dir) / "ensembles.parquet")
+    ensembles = read_ensembles(oracle_dir)
     merge_law = json.loads(Path(merge_law_path).read_text()) if merge_law_path else None
     plan = json.loads(Path(plan_path).read_text()) if plan_path else None
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "report") as tmp:
         tmp.mkdir()
         figure_scaling(points, curves, ensembles, tmp / "scaling.png")
         figure_kinds(points, curves, tmp / "kinds.png")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import glob
+import json
 import os
+import re
 import shutil
+import tempfile
 import uuid
 import warnings
 from collections import Counter
@@ -11,31 +16,147 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import xarray as xr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from mmc import MMCError
 
 
+CHECKSUMMED = (ZstdCodec(), Crc32cCodec())  # every chunk compressed, then checksummed: a flipped bit is an error
+MARKER = ".mmc-output"  # in every folder mmc writes: the kind of output it is
+# file outputs are recognised by their content: a JSON object's keys, or how a text file begins
+JSON_SIGNATURES = {"collaboration laws": {"law", "fits", "comparisons"}, "merging law": {"law", "fits", "bases"},
+                   "merge plan": {"floor", "stop", "gain_fractions"}}
+TEXT_SIGNATURES = {"training log": b"step,tokens,loss,lr\n", "figure": b"\x89PNG\r\n",
+                   "mergekit config": b"# mergekit configuration equivalent to `mmc merge"}
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")
+
+
+def output_kind(path: Path) -> str | None:
+    """The kind of mmc output at `path`: "" where there is nothing (no such path, or an empty folder), the kind
+    mmc recorded (a folder's marker, a file's content), or None for anything mmc did not write."""
+    if path.is_symlink():
+        return None
+    if not path.exists():
+        return ""
+    if path.is_dir():
+        if not any(path.iterdir()):
+            return ""
+        marker = path / MARKER
+        return marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+    with path.open("rb") as file:
+        head = file.read(64)
+    for kind, signature in TEXT_SIGNATURES.items():
+        if head.startswith(signature):
+            return kind
+    if path.suffix == ".json":
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        for kind, keys in JSON_SIGNATURES.items():
+            if isinstance(content, dict) and keys <= content.keys():
+                return kind
+    return None
+
+
+def _refuse_replacing(path: Path, kind: str) -> None:
+    found = output_kind(path)
+    if found is None:
+        raise MMCError(f"'{path}' exists and was not written by mmc: refusing to replace it with a {kind} "
+                       f"(move it away or choose another path)")
+    if found and found != kind:
+        raise MMCError(f"'{path}' holds an mmc {found}, not a {kind}: refusing to replace it")
+
+
+def check_outputs(outputs: Sequence[tuple[str | Path, str]], inputs: Sequence[str | Path | None] = ()) -> None:
+    """Refuse, before any work, output paths ((path, kind) pairs) that would destroy what mmc did not write, that
+    are or hold an input, that coincide, or that cannot be written."""
+    resolved = {Path(path).resolve() for path, _ in outputs}
+    if len(resolved) < len(outputs):
+        raise MMCError(f"two outputs share one path: {', '.join(str(path) for path, _ in outputs)}")
+    for path, kind in outputs:
+        path = Path(path)
+        where = path.resolve()
+        if path.name in ("", ".", "..") or where == Path.cwd().resolve() or where == Path(where.anchor):
+            raise MMCError(f"output path '{path}' names the current or a parent folder: give a new path")
+        for given in filter(None, inputs):
+            source = Path(given).resolve()
+            if source == where or where in source.parents:
+                raise MMCError(f"output '{path}' is {'the input' if source == where else 'a folder holding the input'} "
+                               f"'{given}': give another output path")
+        _refuse_replacing(path, kind)
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise MMCError(f"cannot write '{path}': {folder} is not writable ({error.strerror})") from None
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Remove temporary and old siblings of `path` left by writers that died (their process is gone)."""
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        match = LEFTOVER.fullmatch(sibling.name)
+        if match and match["name"] == path.name and not _alive(int(match["pid"] or 0)):
+            _remove(sibling)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a folder (flock on its descriptor): concurrent writers replace one path in turn."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def atomic_path(path: str | Path, kind: str | None) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; on success it replaces `path`, on failure it is removed.
 
-    Readers never see a half-written output: the final rename is the only step that touches `path`.
+    Readers never see a half-written output: the final rename is the only step that touches `path`. An existing
+    `path` is replaced only when it is an mmc output of the same `kind` (a folder's marker, a file's content);
+    folders get the marker. `kind=None` replaces whatever is there: only for a file the user asked to rewrite.
+    Temporaries of writers that died are removed; concurrent writers replace `path` one after another.
     """
     path = Path(path)
+    if kind is not None:
+        _refuse_replacing(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _clean_leftovers(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
+        if kind is not None and tmp.is_dir():
+            (tmp / MARKER).write_text(kind + "\n", encoding="utf-8")
+        with _folder_lock(path.parent):
+            if kind is not None:
+                _refuse_replacing(path, kind)
+            if path.exists() or path.is_symlink():
+                os.replace(path, old)
             os.replace(tmp, path)
     finally:
         _remove(tmp)
+        _remove(old)
 
 
 def _remove(path: Path) -> None:
@@ -45,7 +166,22 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write_store(dataset: xr.Dataset, path: str | Path) -> None:
+def write_json(value: object, path: str | Path, kind: str) -> None:
+    """`value` as indented JSON (strict: no NaN), written atomically."""
+    text = json.dumps(value, indent=2, allow_nan=False) + "\n"
+    with atomic_path(path, kind) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_tables(tables: Mapping[str, pd.DataFrame], folder: str | Path) -> None:
+    """One CSV per table (`name.csv`, no index) in `folder`, which is replaced atomically."""
+    with atomic_path(folder, "tables") as tmp:
+        tmp.mkdir()
+        for name, table in tables.items():
+            table.to_csv(tmp / f"{name}.csv", index=False)
+
+
+def write_store(dataset: xr.Dataset, path: str | Path, kind: str) -> None:
     """Write `dataset` as a Zarr v3 store: one chunk per variable (a handful of files for DVC), or its dask
     chunks where a variable is dask-backed (written chunk by chunk, so memory holds one chunk at a time)."""
     dataset = dataset.copy()
@@ -53,39 +189,70 @@ def write_store(dataset: xr.Dataset, path: str | Path) -> None:
         variable.encoding = {}
         if variable.dtype.kind in "UT":  # variable-length strings are portable in Zarr v3
             dataset[name] = variable.astype(object)
-    encoding = {name: {"chunks": tuple(sizes[0] for sizes in variable.chunks) if variable.chunks else variable.shape}
+    encoding = {name: {"chunks": tuple(sizes[0] for sizes in variable.chunks) if variable.chunks else variable.shape,
+                       "compressors": CHECKSUMMED}
                 for name, variable in dataset.variables.items() if variable.ndim}
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path, kind) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         dataset.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
 
 
 def open_store(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
-    """Open a store written by `write_store` (lazily, dask-backed when `chunks` is given)."""
+    """Open a store written by `write_store`: read and verified (chunk checksums; `nll` finite and non-negative),
+    or lazily, dask-backed, when `chunks` is given (readers that stream it check each block they read).
+
+    `encoding["source"]` names the store, so that a streaming reader can name it in its errors.
+    """
     path = Path(path)
     if not path.exists():
         raise MMCError(f"store '{path}' does not exist")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        dataset = xr.open_zarr(path, consolidated=True, chunks=chunks)
+    if not (path / "zarr.json").is_file():
+        raise MMCError(f"'{path}' is not a Zarr store written by mmc (it has no zarr.json)")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            dataset = xr.open_zarr(path, consolidated=True, chunks=chunks)
+            if chunks is None:
+                dataset = dataset.load()
+    except MMCError:
+        raise
+    except Exception as error:  # corrupt metadata or chunks: zarr, numcodecs and JSON raise many kinds
+        raise MMCError(f"store '{path}' cannot be read, it is corrupt or truncated: {one_line(error)}") from None
     for name, variable in dataset.variables.items():
         if variable.dtype == object:
             dataset[name] = variable.astype(str) if chunks is None else variable
+    if chunks is None and "nll" in dataset:
+        check_losses(dataset["nll"].values, f"store '{path}'")
+    dataset.encoding["source"] = str(path)
     return dataset
 
 
-POOL_SAMPLE_CHUNK = 65_536  # samples per stored chunk of the pool: a reader streams one chunk of all models at a time
+def check_losses(nll: np.ndarray, where: str) -> None:
+    """Losses must be finite and non-negative: NaN, infinities or negative values end in one line naming `where`."""
+    bad = ~np.isfinite(nll) | (nll < 0)
+    if bad.any():
+        raise MMCError(f"{where} has {int(bad.sum())} NaN, infinite or negative losses (first at position "
+                       f"{np.argwhere(bad)[0].tolist()}): rescore it")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type and its message's first line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+SAMPLE_CHUNK = 65_536  # samples per chunk of the pool, stored and streamed: memory holds one chunk of all models
 
 
 def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr.Dataset:
-    """Combine loss stores into the pool dataset over (model, sample) (DESIGN.md §3, "Pool dataset").
+    """Combine loss stores into the pool dataset over (model, sample).
 
     `stores` maps model names to store paths, or lists paths, each named by its file name without `.zarr`.
     Names must be unique and hold no comma (ensembles are written as comma-joined names). Every store must
     have scored the same eval set: the same dataset fingerprint, the same sample ids in the same order. Model
     coords `family`, `n_params`, `n_params_nonembedding` and `source` (the model scored) come from each
     store's attrs; sample coords `domain` and `n_bytes` from the first store. `nll` and `n_tokens` are
-    dask-backed, in chunks of POOL_SAMPLE_CHUNK samples, so `write_store` streams the pool to disk.
+    dask-backed, in chunks of SAMPLE_CHUNK samples, so `write_store` streams the pool to disk.
     """
     if isinstance(stores, Mapping):
         names, paths = [str(name) for name in stores], list(stores.values())
@@ -101,7 +268,7 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
     malformed = [repr(name) for name in names if not name or "," in name]
     if malformed:
         raise MMCError(f"model names must be non-empty and hold no comma: {', '.join(malformed)}")
-    opened = {name: open_store(path, chunks={}) for name, path in zip(names, paths)}
+    opened = {name: open_store(path) for name, path in zip(names, paths)}  # read once: checksums and losses verified
     for name, path in zip(names, paths):
         missing = [key for key in ("n_params", "n_params_nonembedding") if key not in opened[name].attrs]
         missing += [var for var in ("nll", "n_tokens", "n_bytes") if var not in opened[name].variables]
@@ -126,7 +293,7 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
             raise MMCError(f"loss stores {first_name} and {name} hold different samples despite one fingerprint "
                            f"({reason})")
     datasets = list(opened.values())
-    chunks = {"model": -1, "sample": POOL_SAMPLE_CHUNK}
+    chunks = {"model": -1, "sample": SAMPLE_CHUNK}
     sample_coords = {name: first[name].variable.compute() for name in ("domain", "n_bytes") if name in first.variables}
     return xr.Dataset(
         {var: xr.concat([dataset[var].reset_coords(drop=True) for dataset in datasets], dim="model").chunk(chunks)
@@ -141,3 +308,12 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
         },
         attrs={"dataset_fingerprint": next(iter(by_fingerprint))},
     )
+
+
+def write_pool(stores: Mapping[str, str | Path] | Sequence[str | Path], out: str | Path) -> xr.Dataset:
+    """The assemble stage: `assemble_pool(stores)` written (streamed, chunk by chunk) as the pool store `out`."""
+    stores = stores if isinstance(stores, Mapping) else list(stores)
+    check_outputs([(out, "pool")], list(stores.values()) if isinstance(stores, Mapping) else stores)
+    pool = assemble_pool(stores)
+    write_store(pool, out, "pool")
+    return pool

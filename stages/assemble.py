@@ -1,15 +1,15 @@
-"""DVC stage `assemble`: combine the loss stores of the pool in params.yaml into data/pool.zarr.
+"""DVC stage `assemble`: the loss stores of the pool's members into one pool store. Usage: assemble.py LOSSES OUT
 
-The stores are data/losses/<slug>.zarr for the slugs of params.yaml's `pool` (the stage's declared param):
-DVC cannot pass a dict's keys on the command line, and globbing data/losses/ would pick up stores of models
-since removed from the pool. Reading params.yaml stays here: the library never reads it.
+The stores are LOSSES/<slug>.zarr for the slugs of params `pool` (declared by the stage): globbing the folder
+would take stores of members since removed from the pool.
 """
 import sys
 from pathlib import Path
 
-import yaml
+from common import params, run, safe_names
 
-from mmc.cli import main
+from mmc.store import write_pool
 
-pool = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")).get("pool") or {}
-sys.exit(main(["assemble", *sys.argv[1:], *(f"data/losses/{slug}.zarr" for slug in pool)]))
+losses, out = sys.argv[1:]
+slugs = safe_names("pool slug", list(params("pool")["pool"]))
+run("assemble", lambda: write_pool({slug: Path(losses) / f"{slug}.zarr" for slug in slugs}, out))

@@ -1,6 +1,11 @@
-"""DVC stage `fit`: `mmc fit` with the arguments dvc.yaml gives."""
+"""DVC stage `fit`: the collaboration laws (params `fit`). Usage: fit.py POOL ORACLE METRICS PLOTS"""
 import sys
 
-from mmc.cli import main
+from common import params, run
 
-sys.exit(main(["fit", *sys.argv[1:]]))
+from mmc.collaboration import fit_collaboration
+
+pool, oracle, metrics, plots = sys.argv[1:]
+values = params("fit", "oracle.sample_chunk")
+run("fit", lambda: fit_collaboration(pool, oracle, metrics, plots, sample_chunk=values["oracle.sample_chunk"],
+                                     **values["fit"]))

@@ -1,14 +1,18 @@
-"""DVC stage `fit_merge`: fit the merging law over the merge stores of params.yaml's `merging.bases`.
+"""DVC stage `fit_merge`: the merging law over the sweeps of params `merging.bases`.
+Usage: fit_merge.py MERGING METRICS PLOTS
 
-The stores are data/merging/<base>.zarr for the bases listed in params.yaml (the stage's declared param): DVC
-cannot put a list into a cmd, and globbing data/merging/ would pick up stores of bases since removed.
+The stores are MERGING/<base>.zarr for the bases listed (globbing the folder would take bases since removed).
 """
 import sys
 from pathlib import Path
 
-import yaml
+from common import params, run, safe_names
 
-from mmc.cli import main
+from mmc.merge_law import fit_merge_study
 
-bases = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))["merging"]["bases"]
-sys.exit(main(["fit-merge", *sys.argv[1:], *(f"data/merging/{base}.zarr" for base in bases)]))
+merging, metrics, plots = sys.argv[1:]
+values = params("merging.bases", "merging.bootstrap", "merging.seed", "merging.holdout_k")
+bases = safe_names("base", values["merging.bases"])
+run("fit_merge", lambda: fit_merge_study(
+    [Path(merging) / f"{base}.zarr" for base in bases], metrics, plots,
+    bootstrap=values["merging.bootstrap"], seed=values["merging.seed"], holdout_k=values["merging.holdout_k"]))

@@ -1,6 +1,9 @@
-"""DVC stage `oracle`: `mmc oracle` with the arguments dvc.yaml gives."""
+"""DVC stage `oracle`: oracle ensembles of the pool (params `oracle`). Usage: oracle.py POOL OUT"""
 import sys
 
-from mmc.cli import main
+from common import params, run
 
-sys.exit(main(["oracle", *sys.argv[1:]]))
+from mmc.oracle import oracle_study
+
+pool, out = sys.argv[1:]
+run("oracle", lambda: oracle_study(pool, out, **params("oracle")["oracle"]))

@@ -1,6 +1,9 @@
-"""DVC stage `plan`: planning answers from the fitted merging law with `mmc plan`."""
+"""DVC stage `plan`: planning answers from the fitted merging law (params `plan`). Usage: plan.py LAW OUT"""
 import sys
 
-from mmc.cli import main
+from common import params, run
 
-sys.exit(main(["plan", *sys.argv[1:]]))
+from mmc.merge_law import plan_from_law, plan_text
+
+law, out = sys.argv[1:]
+run("plan", lambda: print(plan_text(plan_from_law(law, out=out, **params("plan")["plan"]))))

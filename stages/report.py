@@ -1,6 +1,11 @@
-"""DVC stage `report`: figures and reports/README.md from the fitted laws with `mmc report`."""
+"""DVC stage `report`: figures and a readable summary of the fitted laws.
+Usage: report.py LAWS LAW_PLOTS ORACLE MERGE_LAW MERGE_PLOTS PLAN OUT"""
 import sys
 
-from mmc.cli import main
+from common import run
 
-sys.exit(main(["report", *sys.argv[1:]]))
+from mmc.report import write_report
+
+laws, law_plots, oracle, merge_law, merge_plots, plan, out = sys.argv[1:]
+run("report", lambda: write_report(laws, law_plots, oracle, out, merge_law_path=merge_law, merge_plots=merge_plots,
+                                   plan_path=plan))

@@ -1,6 +1,15 @@
-"""DVC stage zoo@<member>: train one member of the embedded model zoo into data/zoo/<member>/."""
+"""DVC stage zoo@<member>: train one member of the embedded zoo. Usage: zoo.py CORPUS_TRAIN OUT_TEMPLATE LOG_TEMPLATE"""
 import sys
 
-from mmc.cli import main
+from common import comma_list, fill, params, run, stage_key
 
-sys.exit(main(["zoo", "train", *sys.argv[1:]]))
+from mmc.zoo import train_zoo_member
+
+corpus_train, out, log = sys.argv[1:]
+member = stage_key("zoo member")
+shared = ("context", "train_tokens", "batch_size", "warmup_steps", "seed", "device")
+values = params(*(f"zoo.{name}" for name in shared), f"zoo.members.{member}")
+spec = dict(values[f"zoo.members.{member}"])
+run(f"zoo@{member}", lambda: train_zoo_member(
+    corpus_train, fill(out, key=member), fill(log, key=member), domains=comma_list(spec.pop("domains", None)),
+    tokenizer_kind=spec.pop("tokenizer"), **spec, **{name: values[f"zoo.{name}"] for name in shared}))

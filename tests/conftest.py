@@ -1,17 +1,28 @@
-"""Shared fixtures: tiny models and evaluation sets built locally (nothing comes from a hub)."""
+"""Shared fixtures and helpers: tiny models, experts, evaluation sets and stores built locally (nothing comes from a
+hub), and fresh git+DVC copies of the project."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import datasets  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import xarray as xr  # noqa: E402
+import yaml  # noqa: E402
 
 from mmc import zoo  # noqa: E402
+from mmc.losses import save_model  # noqa: E402
+from mmc.presets import apply_preset  # noqa: E402
+from mmc.store import write_store  # noqa: E402
 
 datasets.disable_progress_bars()
 
@@ -39,7 +50,7 @@ EVAL_TEXTS = [
 def build_tiny_model(path: Path, family: str, tokenizer_kind: str, seed: int = 0, d_model: int = 32) -> Path:
     tokenizer = zoo.train_tokenizer(tokenizer_kind, TRAIN_TEXTS, vocab_size=320)
     config = zoo.model_config(family, tokenizer, d_model=d_model, n_layers=2, n_heads=2, context=CONTEXT)
-    zoo.save_model(zoo.init_model(config, seed), tokenizer, path)
+    save_model(zoo.init_model(config, seed), tokenizer, path)
     return path
 
 
@@ -68,3 +79,131 @@ def save_eval_set(path: Path, texts: list[str], domains: list[str] | None = None
 def eval_dir(tmp_path_factory) -> Path:
     domains = ["code" if "def" in t or "=" in t else "prose" for t in EVAL_TEXTS]
     return save_eval_set(tmp_path_factory.mktemp("data") / "eval", EVAL_TEXTS, domains)
+
+
+N_EXPERTS = 3
+
+
+def load(path: Path) -> transformers.PreTrainedModel:
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_experts(base_dir: Path, root: Path) -> list[Path]:
+    """Experts as deterministic perturbations of the base (no training needed); expert 0 leaves the final norm
+    untouched, so some task vectors are exactly zero."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
+    paths = []
+    for index in range(N_EXPERTS):
+        model = load(base_dir)
+        generator = torch.Generator().manual_seed(100 + index)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if not (index == 0 and ("ln_f" in name or name == "model.norm.weight")):
+                    parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+        paths.append(root / f"expert{index}")
+        save_model(model, tokenizer, paths[-1])
+    return paths
+
+
+def loss_store(path, nll, family, n_params, fingerprint="fp-1", samples=None):
+    samples = samples if samples is not None else [f"s{i}" for i in range(len(nll))]
+    dataset = xr.Dataset(
+        {"nll": ("sample", np.asarray(nll, dtype=np.float64)), "n_tokens": ("sample", np.full(len(nll), 7)),
+         "n_bytes": ("sample", np.arange(len(nll)) + 10)},
+        coords={"sample": np.asarray(samples, dtype=object),
+                "domain": ("sample", np.asarray(["a", "b"] * (len(nll) // 2), dtype=object))},
+        attrs={"family": family, "n_params": n_params, "n_params_nonembedding": n_params // 2,
+               "dataset_fingerprint": fingerprint})
+    write_store(dataset, path, "loss store")
+    return path
+
+
+FAMILIES = ("alpha", "beta", "gamma")
+
+
+def synthetic_pool(path, n_samples=400, seed=0):
+    """Three families x four sizes; a model's per-sample nll = bytes · (family floor + A·N^-0.3) · noise.
+
+    Each family is best on its own third of the samples, so heterogeneous ensembles gain and homogeneous
+    ones barely do."""
+    rng = np.random.default_rng(seed)
+    n_bytes = rng.integers(200, 2000, n_samples)
+    home = np.arange(n_samples) % 3
+    names, families, sizes, rows = [], [], [], []
+    for f, family in enumerate(FAMILIES):
+        for size in (1e4, 4e4, 1.6e5, 6.4e5):
+            bits = 1.2 + 0.4 * f / 3 + 30.0 * size ** -0.3
+            bits = bits * np.where(home == f, 0.8, 1.1) * rng.lognormal(0, 0.02, n_samples)
+            names.append(f"{family}-{int(size)}"), families.append(family), sizes.append(int(size))
+            rows.append(bits * n_bytes * np.log(2))
+    pool = xr.Dataset({"nll": (("model", "sample"), np.array(rows)), "n_tokens": (("model", "sample"),
+                                                                                 np.ones((12, n_samples), int))},
+                      coords={"model": names, "family": ("model", families), "n_params": ("model", sizes),
+                              "n_params_nonembedding": ("model", sizes), "n_bytes": ("sample", n_bytes),
+                              "sample": [f"s{i}" for i in range(n_samples)]})
+    write_store(pool, path, "pool")
+    return path
+
+
+# ---- DVC projects: a fresh git+DVC repository holding the pipeline, run as a user runs it
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sh(repo: Path, *command: str) -> str:
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran_stages(output: str) -> list[str]:
+    return sorted(line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage"))
+
+
+def pool_entry(name: str, family: str) -> dict:
+    return {"model": f"models/{name}", "family": family, "revision": None, "dep": f"models/{name}"}
+
+
+def stage_project(repo: Path, gpt2_dir: Path, llama_dir: Path, stage_names: list[str], params: dict) -> dict:
+    """A git+DVC project with these stages of dvc.yaml, the tiny models gpt2 and llama in the pool, a third model
+    on disk that is not in the pool yet (models/gpt2-wide), and an eval set. Returns its params: `params` plus
+    `losses` (on the CPU, fp32) and `pool`."""
+    repo.mkdir()
+    shutil.copytree(ROOT / "stages", repo / "stages")
+    shutil.copytree(ROOT / "mmc", repo / "mmc", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(gpt2_dir, repo / "models" / "gpt2")
+    shutil.copytree(llama_dir, repo / "models" / "llama")
+    build_tiny_model(repo / "models" / "gpt2-wide", "gpt2", "byte_bpe", seed=2, d_model=48)
+    save_eval_set(repo / "data" / "corpus" / "eval", EVAL_TEXTS)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {name: stages[name] for name in stage_names}}))
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = {"losses": {**defaults["losses"], "device": "cpu", "dtype": "float32"},
+              "pool": {"gpt2": pool_entry("gpt2", "gpt2"), "llama": pool_entry("llama", "llama")}, **params}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "config", "core.analytics", "false")
+    return params
+
+
+PROJECT_FILES = ("dvc.yaml", "stages", "mmc", "presets", "pyproject.toml", "README.md")
+
+
+def make_project(repo: Path, preset: Path | None = None) -> Path:
+    """A fresh git+DVC repository holding the project's pipeline and params.yaml, with `preset` applied."""
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, repo / name)
+    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
+    if preset is not None:
+        apply_preset(preset, repo / "params.yaml")
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "config", "core.analytics", "false")
+    return repo

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import save_eval_set
 from mmc.cli import main
-from mmc.store import atomic_path
+from mmc.store import MARKER, atomic_path
 
 
 def run_losses(capsys, model, data, out, *extra):
@@ -103,17 +103,18 @@ def test_console_script_exit_code_and_debug_traceback(eval_dir, tmp_path):
 
 def test_failed_write_keeps_previous_output_and_leaves_no_temp(tmp_path):
     target = tmp_path / "store.zarr"
-    target.mkdir()
-    (target / "old").write_text("previous")
+    with atomic_path(target, "loss store") as tmp:
+        tmp.mkdir()
+        (tmp / "old").write_text("previous")
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
+        with atomic_path(target, "loss store") as tmp:
             tmp.mkdir()
             (tmp / "partial").write_text("half")
             raise RuntimeError("crash mid-write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.zarr"]
     assert (target / "old").read_text() == "previous"
-    with atomic_path(target) as tmp:
+    with atomic_path(target, "loss store") as tmp:
         tmp.mkdir()
         (tmp / "new").write_text("complete")
-    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.zarr"]

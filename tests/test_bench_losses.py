@@ -14,7 +14,7 @@ import torch
 
 from conftest import TRAIN_TEXTS
 from mmc import zoo
-from mmc.losses import batches, load_model, make_windows, prefix_token, score_texts
+from mmc.losses import save_model, batches, load_model, make_windows, prefix_token, score_texts
 
 CONTEXT = 256
 BATCH_TOKENS = 8192
@@ -25,7 +25,7 @@ def bench_setup(tmp_path_factory):
     tokenizer = zoo.train_tokenizer("byte_bpe", TRAIN_TEXTS, vocab_size=1024)
     config = zoo.model_config("gpt2", tokenizer, d_model=256, n_layers=6, n_heads=4, context=CONTEXT)
     path = tmp_path_factory.mktemp("bench") / "gpt2-5m"
-    zoo.save_model(zoo.init_model(config, seed=0), tokenizer, path)
+    save_model(zoo.init_model(config, seed=0), tokenizer, path)
     loaded = load_model(str(path), device="cpu", dtype="float32")
     rng = np.random.default_rng(0)
     texts = ["".join(rng.choice(TRAIN_TEXTS, size=n)) for n in rng.integers(1, 12, size=48)]

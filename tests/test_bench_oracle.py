@@ -69,7 +69,7 @@ def synthetic_pool(n_models: int, n_samples: int, sample_chunk: int, seed: int =
 
 
 def check_results(results: dict, n_models: int) -> None:
-    table = results["ensembles"].set_index("members")
+    table = results["ensembles"]
     full_pool = table.loc[table["k"] == n_models, "oracle_nll"].iloc[0]
     assert results["attribution"]["shapley"].sum() == pytest.approx(full_pool, rel=1e-9)
     assert results["attribution"]["win_share"].sum() == pytest.approx(1.0)

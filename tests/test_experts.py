@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TRAIN_TEXTS, save_eval_set
-from mmc import zoo
+from mmc import train
 from mmc.cli import main
 from mmc.losses import load_model, score_texts
 
@@ -73,9 +73,9 @@ def test_domain_texts_selects_exactly_the_domains(setup):
     from mmc.corpus import load_samples
 
     samples = load_samples(split, split="train")
-    assert zoo.domain_texts(samples, ["code"]) == CODE
-    assert zoo.domain_texts(samples, None) == TRAIN_TEXTS
-    assert np.all(np.isin(zoo.domain_texts(samples, ["prose"]), [t for t in TRAIN_TEXTS if t not in CODE]))
+    assert train.domain_texts(samples, ["code"]) == CODE
+    assert train.domain_texts(samples, None) == TRAIN_TEXTS
+    assert np.all(np.isin(train.domain_texts(samples, ["prose"]), [t for t in TRAIN_TEXTS if t not in CODE]))
 
 
 def test_lora_expert_is_a_plain_mergeable_model_that_specialises(setup):

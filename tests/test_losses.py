@@ -106,7 +106,7 @@ def test_batches_respect_token_budget():
 
 def test_store_round_trip_and_attrs(gpt2_dir, eval_dir, tmp_path):
     store = losses.compute_losses(str(gpt2_dir), eval_dir, device="cpu", dtype="float32", family="gpt2")
-    write_store(store, tmp_path / "gpt2.zarr")
+    write_store(store, tmp_path / "gpt2.zarr", "loss store")
     reopened = open_store(tmp_path / "gpt2.zarr")
     np.testing.assert_array_equal(reopened.nll.values, store.nll.values)
     assert reopened.nll.dtype == np.float64

@@ -11,9 +11,11 @@ import xarray as xr
 
 from mmc import MMCError
 from mmc.cli import main
-from mmc.laws import get_law, plan_merging
+from mmc.laws import get_law
 from mmc.losses import compute_losses
-from mmc.merging import MergeSpec, expert_subsets, fit_merge_laws, merge_points, merge_sweep
+from mmc.merge_law import fit_merge_laws, merge_points, plan_merging
+from mmc.merging import MergeSpec
+from mmc.sweep import expert_subsets, merge_sweep
 from mmc.store import write_store
 from test_merging import make_experts
 
@@ -117,7 +119,7 @@ def test_fit_merge_laws_recover_a_known_law(tmp_path):
     paths = []
     for n_params in (1e4, 4e4, 1.6e5, 6.4e5):
         path = tmp_path / f"{int(n_params)}.zarr"
-        write_store(law_following_store(int(n_params), {"average": 1.0, "ties": 1.0}), path)
+        write_store(law_following_store(int(n_params), {"average": 1.0, "ties": 1.0}), path, "merge sweep")
         paths.append(path)
     metrics, points, curves = fit_merge_laws(paths, bootstrap=5, seed=0)
     assert set(metrics["fits"]) == {"average", "ties", "joint"}
@@ -143,9 +145,9 @@ def test_fit_merge_laws_recover_a_known_law(tmp_path):
 
 def test_fit_merge_laws_refuses_stores_of_other_samples(tmp_path):
     first, second = tmp_path / "a.zarr", tmp_path / "b.zarr"
-    write_store(law_following_store(10000, {"average": 1.0}), first)
+    write_store(law_following_store(10000, {"average": 1.0}), first, "merge sweep")
     other = law_following_store(40000, {"average": 1.0})
-    write_store(other.assign_coords(sample=[f"t{i}" for i in range(other.sizes["sample"])]), second)
+    write_store(other.assign_coords(sample=[f"t{i}" for i in range(other.sizes["sample"])]), second, "merge sweep")
     with pytest.raises(MMCError, match="scored other samples"):
         fit_merge_laws([first, second], bootstrap=0, seed=0)
 

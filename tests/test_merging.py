@@ -3,45 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 import yaml
 from safetensors.torch import load_file
 
-from conftest import build_tiny_model
-from mmc import MMCError, zoo
-from mmc.cli import build_parser, main
-from mmc.merging import (DEFAULTS, METHODS, MergeSpec, copy_into, mask_seed, merge, merge_state_dicts,
+from conftest import build_tiny_model, load, make_experts
+from mmc import MMCError
+from mmc.cli import main
+from mmc.merging import (METHODS, SETTINGS, MergeSpec, mergekit_config, copy_into, mask_seed, merge, merge_state_dicts,
                          stack_experts)
 
-N_EXPERTS = 3
 # merges that must give back a single expert exactly
 IDENTITY_SPECS = [MergeSpec("average"), MergeSpec("task_arithmetic", lambda_=1.0), MergeSpec("ties", density=1.0),
                   MergeSpec("dare", drop=0.0), MergeSpec("dare_ties", drop=0.0)]
-
-
-def load(path: Path) -> transformers.PreTrainedModel:
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def make_experts(base_dir: Path, root: Path) -> list[Path]:
-    """Experts as deterministic perturbations of the base (no training needed); expert 0 leaves the final norm
-    untouched, so some task vectors are exactly zero."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
-    paths = []
-    for index in range(N_EXPERTS):
-        model = load(base_dir)
-        generator = torch.Generator().manual_seed(100 + index)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if not (index == 0 and ("ln_f" in name or name == "model.norm.weight")):
-                    parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
-        paths.append(root / f"expert{index}")
-        zoo.save_model(model, tokenizer, paths[-1])
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +57,8 @@ PARITY = [
     ("average", [], "linear", {"normalize": True}),
     ("task_arithmetic", ["--lambda", "0.7"], "task_arithmetic", {"normalize": False, "lambda": 0.7}),
     ("ties", ["--density", "0.3", "--lambda", "0.8"], "ties", {"normalize": True, "lambda": 0.8}),
+    ("breadcrumbs", ["--density", "0.5", "--gamma", "0.05", "--lambda", "0.9"], "breadcrumbs",
+     {"normalize": False, "lambda": 0.9}),
 ]
 
 
@@ -219,9 +199,9 @@ def test_bad_settings_and_names():
         MergeSpec("soup")
     with pytest.raises(MMCError, match="--density does not apply to method 'average'"):
         MergeSpec("average", density=0.5)
-    with pytest.raises(MMCError, match=r"--drop must be in \[0, 1\)"):
+    with pytest.raises(MMCError, match=r"--drop must be a finite number in \[0, 1\)"):
         MergeSpec("dare", drop=1.0)
-    with pytest.raises(MMCError, match=r"--density must be in \(0, 1\]"):
+    with pytest.raises(MMCError, match=r"--density must be a finite number in \(0, 1\]"):
         MergeSpec("ties", density=0.0)
     stack = stack_experts({"w": torch.zeros(2)}, {"a": {"w": torch.ones(2)}})
     with pytest.raises(MMCError, match="cannot merge experts"):
@@ -270,9 +250,54 @@ def test_cli_writes_a_loadable_model_and_a_config_mergekit_runs(families, tmp_pa
     assert theirs.keys() == load_file(out / "model.safetensors").keys()
 
 
-def test_cli_choices_and_defaults_match_the_library():
-    merge_parser = build_parser()._subparsers._group_actions[0].choices["merge"]
-    options = {action.dest: action for action in merge_parser._actions}
-    assert tuple(options["method"].choices) == METHODS
-    for name, default in DEFAULTS.items():
-        assert f"(default {default})" in options[name].help
+@pytest.mark.parametrize("shape", [(7,), (33, 20)])
+@pytest.mark.parametrize(("density", "gamma"), [(0.3, 0.1), (0.9, 0.2), (0.05, 0.0)])
+def test_breadcrumbs_sparsifier_equals_mergekit_tensor_for_tensor(shape, density, gamma):
+    """Model Breadcrumbs' mask (drop the top gamma, keep the next density) is mergekit's, entry for entry."""
+    sparsify = pytest.importorskip("mergekit.sparsify", reason="mergekit is a test dependency")
+    from mmc.merging import SPARSIFIERS
+
+    generator = torch.Generator().manual_seed(len(shape))
+    tau = torch.randn(3, *shape, generator=generator, dtype=torch.float64)
+    ours = SPARSIFIERS["magnitude_outliers"](tau, MergeSpec("breadcrumbs", density=density, gamma=gamma), "abc", "w")
+    for i in range(3):
+        theirs = sparsify.magnitude_outliers(tau[i], density=density, gamma=gamma)
+        assert torch.equal(ours[i], theirs)
+        kept = int(density * tau[i].numel())
+        assert int((ours[i] != 0).sum()) == kept
+
+
+def test_every_method_comes_from_its_table_row(families, tmp_path, capsys):
+    """The CLI's choices and flags, validation and the mergekit YAML are read off METHODS and SETTINGS."""
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for method in METHODS.values():
+        assert method.name in help_text
+        spec = MergeSpec(method.name)
+        assert tuple(spec.settings()) == method.settings
+        assert all(value == SETTINGS[name].default for name, value in spec.settings().items())
+        config = mergekit_config("base", ["e1", "e2"], spec)
+        assert config["merge_method"] == method.mergekit
+        assert ("base_model" in config) == method.on_task_vectors
+        assert config["parameters"]["normalize"] == (method.normalise == "mean")
+        assert ("lambda" in config["parameters"]) == ("lambda" in method.settings)
+    for setting in SETTINGS.values():
+        assert f"--{setting.name}" in help_text
+    assert MergeSpec.parse("ties:density=0.3,lambda=0.5", seed=4) == MergeSpec("ties", density=0.3, lambda_=0.5)
+    assert MergeSpec.parse("dare", seed=4).seed == 4
+    with pytest.raises(MMCError, match="name=number"):
+        MergeSpec.parse("ties:density")
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--lambda", "nan", "--lambda must be a finite number"), ("--lambda", "inf", "--lambda must be a finite number"),
+    ("--density", "nan", r"--density must be a finite number in \(0, 1\]"), ("--drop", "-0.1", r"--drop must be a finite number in \[0, 1\)"),
+    ("--gamma", "1", r"--gamma must be a finite number in \[0, 1\)"),
+])
+def test_non_finite_and_out_of_range_settings_are_refused(families, tmp_path, capsys, flag, value, message):
+    base, experts = families["gpt2"]
+    method = {"--lambda": "task_arithmetic", "--density": "ties", "--drop": "dare", "--gamma": "breadcrumbs"}[flag]
+    assert merge_cli(base, experts, method, tmp_path / "out", flag, value) == 2
+    assert re.search(message, one_line_error(capsys))
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -152,11 +153,11 @@ def test_ensemble_table_equals_brute_force(backing, tmp_path, monkeypatch):
     monkeypatch.setattr(oracle, "SAMPLE_BLOCK", 16)
     pool = make_pool(n_models=7, n_samples=61)
     if backing == "dask":
-        write_store(pool, tmp_path / "pool.zarr")
+        write_store(pool, tmp_path / "pool.zarr", "pool")
         pool = open_store(tmp_path / "pool.zarr", chunks={"sample": 23})
         assert pool["nll"].chunks is not None
     ensembles = oracle.enumerate_ensembles(pool["family"].values, max_subsets_per_k=1000, seed=0)
-    table = oracle.ensemble_table(pool, ensembles, sample_chunk=20)
+    table = oracle.run_oracle(pool, max_subsets_per_k=1000, seed=0, sample_chunk=20)["ensembles"]
     assert len(table) == 2**7 - 1
     expected = expected_table(pool.load(), ensembles)
     for column in ("oracle_nll", "oracle_bpb", "best_member_nll", "gain"):
@@ -166,27 +167,27 @@ def test_ensemble_table_equals_brute_force(backing, tmp_path, monkeypatch):
     assert (table.loc[table["kind"] == "single", "gain"] == 0).all()
     assert (table["gain"] >= 0).all()
     row = table.iloc[-1]
-    assert (row.members, row.k, row.families, row.n_families) == ("m0,m1,m2,m3,m4,m5,m6", 7, "a,b,c", 3)
+    assert (row.members, row.k, row.families, row.n_families) == ([f"m{i}" for i in range(7)], 7, ["a", "b", "c"], 3)
     assert row.total_params_nonembedding == 700_000 * 28
 
 
 def test_ensemble_table_with_ties_and_wide_rank_types():
     pool = make_pool(n_models=300, n_samples=40, ties=True, families=["x"] * 150 + ["y"] * 150)
     ensembles = oracle.enumerate_ensembles(pool["family"].values, max_subsets_per_k=2, seed=5)
-    table = oracle.ensemble_table(pool, ensembles)
+    table = oracle.run_oracle(pool, max_subsets_per_k=2, seed=5)["ensembles"]
     np.testing.assert_allclose(table["oracle_nll"], expected_table(pool, ensembles)["oracle_nll"], rtol=1e-12)
 
 
-def test_ensemble_table_rejects_bad_input():
+def test_oracle_rejects_bad_input():
     pool = make_pool(n_models=3, n_samples=5)
     with pytest.raises(MMCError, match="distinct model indices"):
-        oracle.ensemble_table(pool, [oracle.Ensemble((0, 3), "heterogeneous")])
+        oracle._EnsembleMinima([oracle.Ensemble((0, 3), "heterogeneous")], 3)
     with pytest.raises(MMCError, match="not a pool"):
-        oracle.ensemble_table(pool.drop_vars("n_bytes"), [oracle.Ensemble((0,), "single")])
+        oracle.run_oracle(pool.drop_vars("n_bytes"), max_subsets_per_k=1, seed=0)
     broken = pool.copy(deep=True)
     broken["nll"][1, 2] = np.nan
     with pytest.raises(MMCError, match="NaN"):
-        oracle.ensemble_table(broken, [oracle.Ensemble((0,), "single")])
+        oracle.run_oracle(broken, max_subsets_per_k=1, seed=0)
 
 
 def test_pareto_frontier():
@@ -204,7 +205,7 @@ def test_expected_curves_end_points(backing):
     pool = make_pool(n_models=6, n_samples=50, families=["a", "a", "a", "b", "b", "c"])
     if backing == "dask":
         pool = pool.chunk({"sample": 17})
-    curves = oracle.expected_curves(pool, sample_chunk=8).set_index(["scope", "k"])
+    curves = oracle.run_oracle(pool, 1, 0, sample_chunk=8)["expected_curves"].set_index(["scope", "k"])
     nll = pool["nll"].values
     bits = pool["n_bytes"].values.sum() * math.log(2)
     assert sorted(curves.index.unique("scope")) == ["a", "b", "c", "pool"]
@@ -224,7 +225,7 @@ def test_expected_curves_end_points(backing):
 
 def test_attribution_chunked_matches_in_memory():
     pool = make_pool(n_models=5, n_samples=70, ties=True)
-    table = oracle.attribution(pool.chunk({"sample": 9}), sample_chunk=4)
+    table = oracle.run_oracle(pool.chunk({"sample": 9}), 1, 0, sample_chunk=4)["attribution"]
     nll = pool["nll"].values
     np.testing.assert_allclose(table["shapley"], brute_force_shapley(nll), rtol=1e-12)
     np.testing.assert_allclose(table["win_share"], oracle.win_shares(nll), rtol=1e-12)
@@ -238,15 +239,19 @@ def test_run_oracle_writes_outputs_atomically(tmp_path):
     assert set(results) == {"ensembles", "expected_curves", "pareto", "attribution"}
     table = results["ensembles"]
     ensembles = oracle.enumerate_ensembles(pool["family"].values, max_subsets_per_k=4, seed=0)
-    pd.testing.assert_frame_equal(table, oracle.ensemble_table(pool, ensembles))
-    pd.testing.assert_frame_equal(results["attribution"], oracle.attribution(pool))
-    pd.testing.assert_frame_equal(results["expected_curves"], oracle.expected_curves(pool))
+    np.testing.assert_allclose(table["oracle_nll"], expected_table(pool, ensembles)["oracle_nll"], rtol=1e-12)
     out = tmp_path / "oracle"
     (out / "stale").mkdir(parents=True)
+    with pytest.raises(MMCError, match="not written by mmc: refusing to replace it"):
+        oracle.write_oracle_outputs(results, out)
+    assert [path.name for path in out.iterdir()] == ["stale"]  # a folder mmc did not write is left alone
+    (out / "stale").rmdir()
     oracle.write_oracle_outputs(results, out)
+    oracle.write_oracle_outputs(results, out)  # its own output, replaced
     assert sorted(path.name for path in out.iterdir()) == [
-        "attribution.csv", "ensembles.csv", "ensembles.parquet", "expected_curves.csv", "pareto.csv"]
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "ensembles.parquet"), table)
+        ".mmc-output", "attribution.csv", "ensembles.csv", "ensembles.parquet", "expected_curves.csv", "pareto.csv"]
+    pd.testing.assert_frame_equal(oracle.read_ensembles(out), table)
+    assert pd.read_csv(out / "ensembles.csv")["members"].map(json.loads).tolist() == table["members"].tolist()
     np.testing.assert_array_equal(pd.read_csv(out / "ensembles.csv")["oracle_nll"], table["oracle_nll"])
     assert [path.name for path in tmp_path.iterdir()] == ["oracle"]  # no temporary left behind
 
@@ -259,7 +264,7 @@ def test_bootstrap_replicates_are_weighted_ensemble_losses():
                       coords={"model": ["a", "b", "c", "d"], "family": ("model", ["x", "x", "y", "y"]),
                               "n_params": ("model", [1, 2, 3, 4]), "n_params_nonembedding": ("model", [1, 2, 3, 4]),
                               "n_bytes": ("sample", n_bytes)})
-    members = ["a", "a,c", "b,c,d"]
+    members = [["a"], ["a", "c"], ["b", "c", "d"]]
     replicates = oracle.bootstrap_ensembles(pool, members, n_bootstrap=5, seed=1, sample_chunk=1000)
     assert replicates.shape == (3, 5)
     # the weights are drawn per fixed block of samples, seeded by (seed, block index)

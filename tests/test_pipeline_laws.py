@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT, pool_entry, ran_stages, sh, stage_project
 from mmc.store import open_store
-from test_pipeline_losses import ROOT, pool_entry, ran_stages, sh, stage_project
 
 STAGES = ("losses", "assemble", "oracle", "fit")
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from conftest import loss_store, synthetic_pool
 from mmc import MMCError, store
 from mmc.cli import main
 from mmc.store import assemble_pool, open_store, write_store
@@ -19,19 +20,6 @@ FIT_KEYS = {"law", "formula", "params", "ci95", "r2_log", "rmse_log", "n_points"
 
 def reject_constant(name):
     raise AssertionError(f"laws.json holds {name}: not strict JSON")
-
-
-def loss_store(path, nll, family, n_params, fingerprint="fp-1", samples=None):
-    samples = samples if samples is not None else [f"s{i}" for i in range(len(nll))]
-    dataset = xr.Dataset(
-        {"nll": ("sample", np.asarray(nll, dtype=np.float64)), "n_tokens": ("sample", np.full(len(nll), 7)),
-         "n_bytes": ("sample", np.arange(len(nll)) + 10)},
-        coords={"sample": np.asarray(samples, dtype=object),
-                "domain": ("sample", np.asarray(["a", "b"] * (len(nll) // 2), dtype=object))},
-        attrs={"family": family, "n_params": n_params, "n_params_nonembedding": n_params // 2,
-               "dataset_fingerprint": fingerprint})
-    write_store(dataset, path)
-    return path
 
 
 def test_assemble_builds_the_model_by_sample_pool(tmp_path):
@@ -49,10 +37,10 @@ def test_assemble_builds_the_model_by_sample_pool(tmp_path):
 
 
 def test_assembled_pool_is_stored_in_chunks_of_samples(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "POOL_SAMPLE_CHUNK", 4)
+    monkeypatch.setattr(store, "SAMPLE_CHUNK", 4)
     stores = [loss_store(tmp_path / f"{name}.zarr", np.arange(10.0) + i, "alpha", 10 * (i + 1))
               for i, name in enumerate("abc")]
-    write_store(assemble_pool(stores), tmp_path / "pool.zarr")
+    write_store(assemble_pool(stores), tmp_path / "pool.zarr", "pool")
     pool = xr.open_zarr(tmp_path / "pool.zarr")  # anyone can open it with xarray alone
     assert pool.nll.encoding["chunks"] == (3, 4) and pool.nll.chunks == ((3,), (4, 4, 2))
     np.testing.assert_array_equal(pool.nll.sel(model="c").values, np.arange(10.0) + 2)
@@ -83,30 +71,6 @@ def test_assemble_refuses_repeated_names_and_other_samples_in_one_line(tmp_path,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("mmc assemble: error: ") and needle in err, err
         assert not out.exists()
-
-
-def synthetic_pool(path, n_samples=400, seed=0):
-    """Three families x four sizes; a model's per-sample nll = bytes · (family floor + A·N^-0.3) · noise.
-
-    Each family is best on its own third of the samples, so heterogeneous ensembles gain and homogeneous
-    ones barely do."""
-    rng = np.random.default_rng(seed)
-    n_bytes = rng.integers(200, 2000, n_samples)
-    home = np.arange(n_samples) % 3
-    names, families, sizes, rows = [], [], [], []
-    for f, family in enumerate(FAMILIES):
-        for size in (1e4, 4e4, 1.6e5, 6.4e5):
-            bits = 1.2 + 0.4 * f / 3 + 30.0 * size ** -0.3
-            bits = bits * np.where(home == f, 0.8, 1.1) * rng.lognormal(0, 0.02, n_samples)
-            names.append(f"{family}-{int(size)}"), families.append(family), sizes.append(int(size))
-            rows.append(bits * n_bytes * np.log(2))
-    pool = xr.Dataset({"nll": (("model", "sample"), np.array(rows)), "n_tokens": (("model", "sample"),
-                                                                                 np.ones((12, n_samples), int))},
-                      coords={"model": names, "family": ("model", families), "n_params": ("model", sizes),
-                              "n_params_nonembedding": ("model", sizes), "n_bytes": ("sample", n_bytes),
-                              "sample": [f"s{i}" for i in range(n_samples)]})
-    write_store(pool, path)
-    return path
 
 
 def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
@@ -155,7 +119,7 @@ def test_fit_on_a_tiny_pool_reports_what_it_cannot_fit(tmp_path):
                       coords={"model": ["a", "b", "c"], "family": ("model", ["x", "x", "y"]),
                               "n_params": ("model", [10, 40, 20]), "n_params_nonembedding": ("model", [5, 20, 10]),
                               "n_bytes": ("sample", [50, 60, 70])})
-    write_store(pool, tmp_path / "pool.zarr")
+    write_store(pool, tmp_path / "pool.zarr", "pool")
     assert main(["oracle", "--pool", str(tmp_path / "pool.zarr"), "--out", str(tmp_path / "oracle")]) == 0
     assert main(["fit", "--pool", str(tmp_path / "pool.zarr"), "--oracle", str(tmp_path / "oracle"),
                  "--out", str(tmp_path / "laws.json"), "--plots", str(tmp_path / "plots"), "--bootstrap", "60"]) == 0

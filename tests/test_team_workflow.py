@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from test_pipeline_losses import pool_entry, ran_stages, sh, stage_project
+from conftest import pool_entry, ran_stages, sh, stage_project
+
 
 
 @pytest.mark.slow

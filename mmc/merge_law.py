@@ -1,0 +1,272 @@
+"""The merging study: merge sweeps → points and curves over (base, method, k) → the merging law → planning.
+
+The loss at (N, k) is the mean over the k-subsets merged (arXiv 2509.24244's practice), in-domain loss the
+macro-average over the expert domains, cross-domain over the others. The law L(N, k) = L* + B·N^-β +
+A0·N^-γ/(k + b) is fitted with `mmc.laws` per method and jointly; `plan_merging` answers the paper's
+planning questions from a fitted law.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from tqdm.auto import tqdm
+
+from mmc import MMCError, check_number
+from mmc.laws import LAWS, fit_law, get_law, holdout_check, json_ready, predict_held_out
+from mmc.store import check_outputs, open_store, write_json, write_tables
+
+MERGING_LAW = "merging"
+FORECAST_FROM_K = (1, 2, 4)  # the paper forecasts the whole curve from merges at these k
+GAIN_FRACTIONS = (0.8, 0.9)  # the paper's "k reaching 80% / 90% of the total gain"
+LOSSES = ("in_domain", "cross_domain")
+
+
+def _strings(array: xr.DataArray) -> np.ndarray:
+    """A string coordinate as a plain numpy unicode array, whatever string dtype Zarr gave it."""
+    return np.array(array.values.tolist(), dtype=str)
+
+
+def merge_points(store: xr.Dataset, weights: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per merge of one base: method, k, experts, and its in-domain and cross-domain bits per byte.
+
+    In-domain is the macro-average over the domains that have experts (all of them, whichever k were merged):
+    it measures how much of the experts' skills one merged model holds, and falls as k grows, which is what
+    the merging law describes. Cross-domain is the macro-average over the eval domains without an expert
+    (transfer to held-out domains; NaN when there are none). `merged_domains_bpb`, the macro-average over the
+    merged experts' own domains alone, shows the other side of merging (interference: it rises with k) and is
+    reported, not fitted. `weights` (samples,) weight
+    the samples (a bootstrap resample).
+    """
+    expert_domains = store.attrs["expert_domains"].split(",")
+    domains, codes = np.unique(_strings(store.domain), return_inverse=True)
+    one_hot = np.eye(len(domains))[codes] * (1.0 if weights is None else weights[:, None])
+    held_in = np.isin(domains, expert_domains)
+    experts = _strings(store.experts)
+    merged = pd.Series(experts).str.get_dummies(sep=",").reindex(columns=domains, fill_value=0).to_numpy(bool)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample can leave a domain without samples: NaN
+        per_domain = (store.nll.values @ one_hot) / ((store.n_bytes.values.astype(np.float64) @ one_hot) * math.log(2))
+        return pd.DataFrame({
+            "base": store.attrs["base"], "n_params": store.attrs["n_params"],
+            "method": _strings(store.method), "k": store.k.values, "experts": experts,
+            "in_domain_bpb": np.nanmean(per_domain[:, held_in], axis=1),
+            "cross_domain_bpb": np.nanmean(per_domain[:, ~held_in], axis=1) if (~held_in).any() else np.nan,
+            "merged_domains_bpb": np.nanmean(np.where(merged, per_domain, np.nan), axis=1),
+        })
+
+
+def merge_curves(points: pd.DataFrame) -> pd.DataFrame:
+    """Mean, spread and count over expert subsets of each loss (in-domain, cross-domain, merged domains), per base,
+    method and k."""
+    merges = points[points.method != "base"]
+    losses = ["in_domain_bpb", "cross_domain_bpb", "merged_domains_bpb"]
+    curves = merges.groupby(["base", "n_params", "method", "k"], sort=True)[losses] \
+        .agg(["mean", "std", "count"])
+    curves.columns = [f"{name}_{stat}" for name, stat in curves.columns]
+    return curves.reset_index()
+
+
+
+def fit_merge_laws(paths: Sequence[str | Path], *, bootstrap: int, seed: int, holdout_k: int = 2
+                   ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """The merge-law stage: points and curves of every base's sweep, and the law fitted per method and jointly.
+
+    Bootstrap resamples give every eval sample a Poisson(1) weight (the same for every base: the sweeps score
+    the same samples) and recompute the curves, so the intervals carry the eval set's sampling noise.
+    Returns the metrics (fits per method and `joint` over methods, for in-domain and cross-domain loss; the
+    spread over subsets by k), the points (one row per merge) and the curves (one row per base, method, k).
+    """
+    stores = [open_store(path) for path in paths]
+    for path, store in zip(paths, stores):
+        if not np.array_equal(store.sample.values, stores[0].sample.values):
+            raise MMCError(f"merge store '{path}' scored other samples than '{paths[0]}'; rerun its merge stage")
+    points = pd.concat([merge_points(store) for store in stores], ignore_index=True)
+    curves = merge_curves(points)
+    n_samples = stores[0].sizes["sample"]
+    rng = np.random.default_rng(seed)
+    replicate_curves = []
+    for _ in tqdm(range(bootstrap), desc="bootstrap merge curves", unit="resample", disable=None):
+        weights = rng.poisson(1.0, n_samples).astype(np.float64)
+        replicate_curves.append(merge_curves(pd.concat([merge_points(s, weights) for s in stores], ignore_index=True)))
+    fits: dict = {}
+    for method in [*dict.fromkeys(curves.method), "joint"]:
+        def rows(frame, method=method):
+            return frame if method == "joint" else frame[frame.method == method]
+        fits[method] = {}
+        for target, column in ((loss, f"{loss}_bpb_mean") for loss in LOSSES):
+            if rows(curves)[column].isna().all():
+                continue
+            try:
+                fits[method][target] = fit_merging_law(rows(curves), column, [rows(c) for c in replicate_curves],
+                                                       seed=seed, holdout_k=holdout_k)
+            except MMCError as error:
+                fits[method][target] = {"error": str(error)}
+    spread = curves.groupby("k")[["in_domain_bpb_std", "cross_domain_bpb_std"]].mean()
+    metrics = {
+        "loss": "bits per byte, macro-averaged over domains: in_domain over the expert domains, cross_domain over "
+                "the eval domains without an expert; the loss at (N, k) is the mean over the k-subsets merged",
+        "law": f"{MERGING_LAW}: {LAWS[MERGING_LAW].formula}, N = base parameters",
+        "bootstrap": {"resamples": bootstrap, "over": "eval samples (Poisson weights)"},
+        "bases": {"names": [s.attrs["base"] for s in stores], "n_params": [int(s.attrs["n_params"]) for s in stores]},
+        "expert_domains": stores[0].attrs["expert_domains"].split(","),
+        "fits": fits,
+        "spread_over_subsets_by_k": {int(k): {name.removesuffix("_bpb_std"): (None if np.isnan(v) else float(v))
+                                              for name, v in row.items()} for k, row in spread.iterrows()},
+    }
+    return json_ready(metrics), points, curves
+
+
+def fit_merge_study(stores: Sequence[str | Path], out: str | Path, plots: str | Path, *, bootstrap: int, seed: int,
+                    holdout_k: int = 2) -> dict:
+    """The fit_merge stage: `fit_merge_laws` on the sweeps' stores; writes the metrics JSON to `out` and
+    points.csv and curves.csv into `plots`, atomically. Returns the metrics."""
+    check_number("--bootstrap", bootstrap, 0, integer=True)
+    check_outputs([(out, "merging law"), (plots, "tables")], list(stores))
+    metrics, points, curves = fit_merge_laws(stores, bootstrap=bootstrap, seed=seed, holdout_k=holdout_k)
+    errors = [fit["error"] for by_loss in metrics["fits"].values() for fit in by_loss.values() if "error" in fit]
+    if not any("params" in fit for by_loss in metrics["fits"].values() for fit in by_loss.values()):
+        raise MMCError(f"no merging law could be fitted: {errors[0] if errors else 'no merges with a loss'}")
+    write_json(metrics, out, "merging law")
+    write_tables({"points": points, "curves": curves}, plots)
+    return metrics
+
+
+def fit_merging_law(curves: pd.DataFrame, target: str, replicates: Sequence[pd.DataFrame] = (), *, seed: int = 0,
+                    holdout_k: int = 2, forecast_from: Sequence[int] = FORECAST_FROM_K) -> dict:
+    """The merging law L(N, k) fitted to the `target` column of merge curves (one row per base size N and k).
+
+    `replicates` are the same curves recomputed on bootstrap resamples of the eval samples (they give the 95%
+    intervals). Two held-out checks: `holdout` fits on k <= K - holdout_k and predicts the rest; `forecast`
+    fits on the merges at k in `forecast_from` alone (the paper's {1, 2, 4}) and predicts every other k.
+    """
+    curves = curves.dropna(subset=[target])
+    inputs = {"N": curves.n_params.to_numpy(np.float64), "k": curves.k.to_numpy(np.float64)}
+    loss = curves[target].to_numpy()
+    columns = iter(replicates)
+
+    def resample(rng):
+        again = next(columns).dropna(subset=[target])
+        return {"N": again.n_params.to_numpy(np.float64), "k": again.k.to_numpy(np.float64)}, again[target].to_numpy()
+
+    fit = fit_law(MERGING_LAW, inputs, loss, bootstrap=len(replicates), seed=seed,
+                  resample=resample if len(replicates) else None)
+    result = fit.to_dict()
+    checks = {"holdout": lambda: holdout_check(MERGING_LAW, inputs, loss, "k", n_holdout=holdout_k),
+              "forecast": lambda: predict_held_out(MERGING_LAW, inputs, loss, ~np.isin(inputs["k"], forecast_from), "k")}
+    for name, check in checks.items():
+        try:
+            result[name] = check().to_dict()
+        except MMCError as error:
+            result[name] = {"error": str(error)}
+    return result
+
+
+def plan_merging(params: Mapping[str, float], n_params: float, *, target: float | None = None,
+                 epsilon: float = 0.01, budget: float | None = None, sizes: Sequence[float] = (),
+                 gain_fractions: Sequence[float] = GAIN_FRACTIONS) -> dict:
+    """Planning answers from a fitted merging law at base size `n_params` (the paper's planning formulas).
+
+    With floor(N) = L* + B·N^-β and A(N) = A0·N^-γ, so that L(N, k) = floor + A / (k + b):
+    (a) the smallest k with L(N, k) <= target, or why there is none (the floor is not below the target);
+    (b) the stop rule: the first k at which one more expert gains less than `epsilon` (the marginal gain
+        L(k) - L(k+1) = A / ((k+b)(k+1+b))), and k_ε = A/ε − b, the experts needed to come within ε of the floor;
+    (c) for a budget of `budget` expert-parameters (k experts of size N cost k·N), the predicted loss of each base
+        size in `sizes` with as many experts as the budget buys, and the best;
+    and, for each fraction f in `gain_fractions`, the smallest k that reaches f of the gain merging can still
+    give beyond one expert, L(1) − L(∞) = A / (1 + b): k ≥ (1 + b) / (1 − f) − b.
+    """
+    law = get_law(MERGING_LAW)
+    check_number("--epsilon", epsilon, 0, low_open=True)
+    check_number("--n-params", n_params, 0, low_open=True)
+    if target is not None:
+        check_number("--target", target, 0, low_open=True)
+    if budget is not None:
+        check_number("--budget", budget, 0, low_open=True)
+    for size in sizes:
+        check_number("--sizes", size, 0, low_open=True)
+    floor = params["L_star"] + params["B"] * n_params ** -params["beta"]
+    amplitude = params["A0"] * n_params ** -params["gamma"]
+    b = params["b"]
+    answer: dict = {"n_params": n_params, "floor": floor, "amplitude": amplitude,
+                    "predicted_at_k1": floor + amplitude / (1 + b)}
+    if target is not None:
+        if target <= floor:
+            answer["target"] = {"target": target, "k": None,
+                                "reason": f"the floor at this size ({floor:.6g}) is not below the target"}
+        else:
+            k = max(1, math.ceil(amplitude / (target - floor) - b - 1e-12))
+            answer["target"] = {"target": target, "k": k, "predicted": float(law.predict(params, N=n_params, k=k))}
+    # (k+b)(k+1+b) > A/ε beyond the positive root of the quadratic
+    root = (-(2 * b + 1) + math.sqrt(1 + 4 * amplitude / epsilon)) / 2
+    stop = max(1, math.floor(root) + 1)
+    answer["stop"] = {"epsilon": epsilon, "k": stop, "marginal_gain_at_k": amplitude / ((stop + b) * (stop + 1 + b)),
+                      "k_within_epsilon_of_floor": amplitude / epsilon - b}
+    answer["gain_fractions"] = [{"fraction": f, "k": max(1, math.ceil((1 + b) / (1 - f) - b - 1e-12))}
+                                for f in gain_fractions]
+    if budget is not None:
+        options = [{"n_params": float(size), "k": math.floor(budget / size),
+                    "predicted": float(law.predict(params, N=float(size), k=math.floor(budget / size)))}
+                   for size in sizes if budget >= size]
+        answer["budget"] = {"budget": budget, "options": options,
+                            "best": min(options, key=lambda option: option["predicted"]) if options else None}
+    return answer
+
+
+def plan_from_law(law_path: str | Path, *, method: str = "joint", loss: str = "in_domain",
+                  n_params: float | None = None, target: float | None = None, epsilon: float = 0.005,
+                  budget: float | None = None, budget_multiple: float | None = None,
+                  sizes: Sequence[float] | None = None, out: str | Path | None = None) -> dict:
+    """The plan stage: `plan_merging` with the `method`'s fit of the `loss` law in a `fit-merge` metrics file, at
+    base size `n_params` (default: the largest base); the budget is given in expert-parameters or as a multiple of
+    the largest base size. Writes the answers as JSON to `out` when given. Returns them."""
+    path = Path(law_path)
+    if not path.is_file():
+        raise MMCError(f"'{path}' does not exist: fit the merging law first (`mmc fit-merge`, or dvc repro fit_merge)")
+    law = json.loads(path.read_text(encoding="utf-8"))
+    fit = law["fits"].get(method, {}).get(loss, {})
+    if "params" not in fit:
+        raise MMCError(f"'{path}' has no fitted {loss} law for method '{method}' "
+                       f"({fit.get('error') or 'it has: ' + ', '.join(law['fits'])})")
+    sizes = sizes or law["bases"]["n_params"]
+    n_params = n_params or max(sizes)
+    if budget is not None and budget_multiple is not None:
+        raise MMCError("give --budget or --budget-multiple, not both")
+    if budget_multiple is not None:
+        check_number("--budget-multiple", budget_multiple, 0, low_open=True)
+    budget = budget if budget_multiple is None else budget_multiple * max(sizes)
+    budget = None if budget is None else float(budget)
+    plan = plan_merging(fit["params"], n_params, target=target, epsilon=epsilon, budget=budget, sizes=sizes)
+    plan.update(method=method, loss=loss, law=str(path))
+    if out:
+        write_json(plan, out, "merge plan")
+    return plan
+
+
+def plan_text(plan: dict) -> str:
+    """The planning answers as lines for a terminal."""
+    lines = [f"plan for {plan['method']} ({plan['loss']} loss, bits per byte) at N = {plan['n_params']:,.0f}: "
+             f"floor {plan['floor']:.4f}, A(N) {plan['amplitude']:.4f}, one expert {plan['predicted_at_k1']:.4f}"]
+    if "target" in plan:
+        answer = plan["target"]
+        lines.append(f"  (a) target {answer['target']}: " + (f"k = {answer['k']} (predicted {answer['predicted']:.4f})"
+                                                             if answer["k"] else f"unreachable: {answer['reason']}"))
+    stop = plan["stop"]
+    lines.append(f"  (b) stop at k = {stop['k']}: the next expert gains {stop['marginal_gain_at_k']:.5f} < "
+                 f"{stop['epsilon']}; within epsilon of the floor from k = {stop['k_within_epsilon_of_floor']:.1f}")
+    lines.append("      " + ", ".join(f"{row['fraction']:.0%} of the gain beyond one expert at k = {row['k']}"
+                                      for row in plan["gain_fractions"]))
+    if "budget" in plan:
+        lines.append(f"  (c) budget {plan['budget']['budget']:,.0f} expert-parameters (k experts of size N cost k*N):")
+        for option in plan["budget"]["options"]:
+            best = " <- best" if option == plan["budget"]["best"] else ""
+            lines.append(f"      N = {option['n_params']:>12,.0f}  k = {option['k']:>3}  "
+                         f"predicted {option['predicted']:.4f}{best}")
+    return "\n".join(lines)
