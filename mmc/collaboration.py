@@ -54,14 +54,7 @@ def _series_points(table: pd.DataFrame) -> dict[str, np.ndarray]:
 
 def _fit_series(x: np.ndarray, y: np.ndarray, replicates: np.ndarray | None, seed: int) -> Fit:
     """The collaboration law on one point set (x, y); `replicates` (points, resamples) give the bootstrap fits."""
-    n_bootstrap = 0 if replicates is None else replicates.shape[1]
-    columns = iter(() if replicates is None else replicates.T)
-
-    def resample(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        return {"x": x}, next(columns)
-
-    return fit_law(COLLABORATION_LAW, {"x": x}, y, bootstrap=n_bootstrap, seed=seed,
-                   resample=resample if n_bootstrap else None)
+    return fit_law(COLLABORATION_LAW, {"x": x}, y, seed=seed, replicates=None if replicates is None else replicates.T)
 
 
 def _holdout(x: np.ndarray, y: np.ndarray, fraction: float) -> dict:
@@ -70,7 +63,7 @@ def _holdout(x: np.ndarray, y: np.ndarray, fraction: float) -> dict:
     try:
         return holdout_check(COLLABORATION_LAW, {"x": x}, y, "x", n_holdout=n_holdout).to_dict()
     except MMCError as error:
-        return {"error": str(error)}
+        return {"skipped": str(error).removeprefix("skipped: ")}
 
 
 def _curve(name: str, fit: Fit, x: np.ndarray, grid_points: int) -> pd.DataFrame:
@@ -91,7 +84,8 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
     `table` is the oracle's ensemble table; `replicates` (ensembles, resamples) its `oracle_bpb` recomputed on
     bootstrap resamples of the samples (`mmc.oracle.bootstrap_ensembles`), which give the 95% intervals
     (a resample that drew no sample, possible only on tiny pools, is NaN: left out and counted). A series with
-    fewer points than the law has parameters gets {"error": ...} instead of a fit. The held-out check predicts
+    fewer points than the law has parameters + 2 gets {"skipped": why} instead of a fit (none fitted at all is an
+    MMCError naming every series). The held-out check predicts
     the largest `holdout_fraction` of each series' distinct budgets.
     Returns the metrics (fits, held-out checks, the paper's two comparisons; JSON-ready, NaN as None), the
     fitted points and the fitted curves with bootstrap bands, both tidy for `dvc plots`.
@@ -107,11 +101,14 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
         try:
             fit = _fit_series(x, y, None if replicates is None else replicates[rows], seed)
         except MMCError as error:
-            fits[name] = {"error": str(error)}
+            fits[name] = {"skipped": str(error)}
             continue
         fits[name] = {**fit.to_dict(), "holdout": _holdout(x, y, holdout_fraction)}
         points.append(pd.DataFrame({"series": name, "total_params": x, "bpb": y}))
         curves.append(_curve(name, fit, x, grid_points))
+    if not any("params" in fit for fit in fits.values()):
+        raise MMCError("no series has enough points to fit: " + "; ".join(
+            f"series {name}: {fit['skipped'].removeprefix(f'law {COLLABORATION_LAW}: ')}" for name, fit in fits.items()))
     metrics = {
         "loss": "corpus bits per byte: sum of per-sample nll / (sum of bytes * ln 2)",
         "law": f"{COLLABORATION_LAW}: {LAWS[COLLABORATION_LAW].formula}, x = total parameters of the ensemble",
@@ -146,9 +143,15 @@ def _comparisons(table: pd.DataFrame, fits: dict) -> dict:
     homogeneous_alphas = {series.rsplit("/", 1)[1]: param(series, "alpha") for series in fits
                           if series.startswith("multi/homogeneous/") and param(series, "alpha") is not None}
     floor_single, floor_multi = param("single/pareto", "E"), param("multi/pareto", "E")
+    determined = {series: fits.get(series, {}).get("identified", {}).get("E", False)
+                  for series in ("single/pareto", "multi/pareto")}
     return {
         "floor": {
             "compared": "E of single/pareto (best single model per size) vs multi/pareto (best ensemble per size)",
+            "identified": determined,
+            "note": "both floors are determined by the data" if all(determined.values()) else
+                    "a floor the data do not determine (identified: false) is no basis for comparison: compare "
+                    "the predictions at matched budgets (predicted_bpb_at) instead",
             "single": floor_single, "single_ci95": ci("single/pareto", "E"),
             "multi": floor_multi, "multi_ci95": ci("multi/pareto", "E"),
             "multi_minus_single": None if None in (floor_single, floor_multi) else floor_multi - floor_single,

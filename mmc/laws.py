@@ -1,34 +1,46 @@
-"""Scaling laws: named formulas fitted by robust least squares on log loss, with bootstrap intervals.
+"""The fitting engine: scaling laws as named formulas, fitted robustly on log loss, with what the data determine.
 
 Every law here is a sum of positive terms, scale · Π input^(−exponent) [/ (input + offset)], so log L is a
-log-sum-exp of terms that are linear in the log-scales and exponents. Fits minimise Σ Huber_δ(log L_pred −
-log L_obs) (δ = 1e-3) with L-BFGS-B and analytic gradients from a grid of starts. Internally the losses and
-inputs are centred on their geometric means, which keeps the problem well conditioned whatever the units;
-reported parameters are in the caller's units, unrounded.
+log-sum-exp of terms that are linear in the log-scales and exponents. A fit minimises Σ w·ρ(log L_pred −
+log L_obs), ρ Huber's loss with threshold δ (default: 1.345 × the MAD scale of a least-squares fit's residuals,
+95% Gaussian efficiency) or squares:
+
+1. grid (variable projection): given the exponents and offsets, the scales enter the loss linearly, so for
+   every candidate of a dense grid over the nonlinear parameters they are solved inside (non-negative least
+   squares of the relative residuals, active sets enumerated), vectorised over candidates and data sets;
+2. polish: the best candidates are refined on the exact objective by a batched Levenberg–Marquardt with IRLS
+   weights, the best of them by L-BFGS-B;
+3. what is determined: a profile interval per parameter (the others re-optimised along it; threshold from
+   the robust drop-in-dispersion test) flags each parameter identified or not; bootstrap refits start from the
+   grid, never from the estimate, so a flat direction shows as a wide interval, not a zero-width one.
+
+Internally losses and inputs are centred on their geometric means (well conditioned whatever the units);
+reported parameters are in the caller's units, unrounded. A fit needs at least parameters + 2 points.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import OptimizeResult, minimize
+from scipy import stats
+from scipy.optimize import minimize
 
-from mmc import MMCError
+from mmc import MMCError, check_number
 
-HUBER_DELTA = 1e-3
 # fitted log-scales stay within e^±40 of the data's typical loss at its typical inputs
 LOG_SCALE_BOUND = 40.0
-# converged starts "agree" when their objectives differ by at most this, relative (absolute below δ²)
+# polished candidates "agree" when their objectives differ by at most this, relative, or the absolute below
 SAME_OPTIMUM_RTOL = 1e-6
-# default starts: scales as fractions of the typical loss, exponents and offsets as themselves
-DEFAULT_STARTS = {"scale": (0.1, 0.5), "exponent": (0.1, 0.4, 1.0), "offset": (0.0, 2.0)}
-# L-BFGS-B's default tolerances suit the objective scaled to units of δ² (see _Problem.scaled_objective);
-# tighter ones only trade convergence for line-search failures at the kinks of the Huber loss
-OPTIMIZER_OPTIONS = {"maxiter": 2000}
+SAME_OPTIMUM_ATOL = 1e-12  # an objective this small is a perfect fit (log residuals ~1e-6)
+GRID_DENSITY = 41  # grid values per exponent for a fit (offsets: about half as many, denser near 0)
+POLISH_KEEP = 5  # best grid candidates polished for a fit
+BOOTSTRAP_GRID_DENSITY = 9  # a coarser grid for each bootstrap refit, then LM from its best candidate
+BOOTSTRAP_BLOCK = 250  # resamples refitted together (memory: block × candidates × terms²)
+PROFILE_POINTS = 60  # values per parameter along its profile (half each side, denser near the estimate)
 
 
 @dataclass(frozen=True)
@@ -111,53 +123,50 @@ def get_law(law: str | Law) -> Law:
 class Fit:
     law: Law
     params: dict[str, float]
-    objective: float  # Σ Huber_δ of the log residuals at the optimum
+    objective: float  # Σ w·ρ(log L_pred − log L_obs) at the optimum (ρ: Huber_δ, or r²/2 for least squares)
     r2_log: float
     rmse_log: float
     n_points: int
-    start_objectives: np.ndarray = field(repr=False)  # (starts,) Σ Huber_δ where each start ended
-    start_params: np.ndarray = field(repr=False)  # (starts, params) where each start ended
-    start_converged: np.ndarray = field(repr=False)  # (starts,) L-BFGS-B reported success
-    ci95: dict[str, tuple[float, float]] | None = None
+    huber_delta: float | None  # None: least squares in log space
+    n_candidates: int  # grid candidates the scales were solved for
+    polished_objectives: np.ndarray = field(repr=False)  # objectives the best candidates were polished to
+    profile: dict[str, dict] = field(default_factory=dict)  # per parameter: interval, identified, one-sided bound
+    ci95: dict[str, tuple[float, float]] | None = None  # bootstrap percentile intervals
     n_bootstrap: int = 0
     n_bootstrap_converged: int = 0
     bootstrap_params: np.ndarray | None = field(default=None, repr=False)  # (converged resamples, params)
 
     @property
-    def n_starts(self) -> int:
-        return len(self.start_objectives)
-
-    @property
-    def n_converged(self) -> int:
-        return int(self.start_converged.sum())
-
-    @property
-    def n_at_optimum(self) -> int:
-        """Converged starts whose objective matches the best one's (relative tolerance SAME_OPTIMUM_RTOL)."""
-        tolerance = SAME_OPTIMUM_RTOL * max(self.objective, HUBER_DELTA**2)
-        return int((self.start_converged & (self.start_objectives <= self.objective + tolerance)).sum())
-
-    @property
     def same_optimum(self) -> bool:
-        """Every converged start reached the best objective: the optimum does not depend on where we began."""
-        return self.n_converged > 0 and self.n_at_optimum == self.n_converged
+        """The best polished candidates agree on the objective: the optimum does not depend on where we began."""
+        return bool((self.polished_objectives <= self.objective * (1 + SAME_OPTIMUM_RTOL) + SAME_OPTIMUM_ATOL).all())
+
+    @property
+    def identified(self) -> dict[str, bool]:
+        return {name: bool(self.profile.get(name, {}).get("identified", False)) for name in self.law.params}
 
     def predict(self, **inputs: np.ndarray | float) -> np.ndarray:
         return self.law.predict(self.params, **inputs)
 
     def to_dict(self) -> dict:
+        """JSON-ready: a parameter whose profile interval is open (reaches a bound or never closes) is marked not
+        identified, its interval shows only the side the data determine (the other is None), and its bootstrap
+        interval is left out: a flat direction is no certainty."""
+        identified = self.identified
         return {
             "law": self.law.name,
             "formula": self.law.formula,
             "params": dict(self.params),
-            "ci95": None if self.ci95 is None else {name: list(bounds) for name, bounds in self.ci95.items()},
+            "identified": identified,
+            "profile_ci95": {name: list(self.profile[name]["ci95"]) for name in self.law.params if name in self.profile},
+            "ci95": None if self.ci95 is None else {name: (list(bounds) if identified[name] else None)
+                                                     for name, bounds in self.ci95.items()},
             "objective": self.objective,
+            "loss": "least squares" if self.huber_delta is None else f"huber(delta={self.huber_delta:.6g})",
             "r2_log": self.r2_log,
             "rmse_log": self.rmse_log,
             "n_points": self.n_points,
-            "n_starts": self.n_starts,
-            "n_converged": self.n_converged,
-            "n_at_optimum": self.n_at_optimum,
+            "n_candidates": self.n_candidates,
             "same_optimum": self.same_optimum,
             "n_bootstrap": self.n_bootstrap,
             "n_bootstrap_converged": self.n_bootstrap_converged,
@@ -170,145 +179,381 @@ class _Centre:
     log_inputs: dict[str, float]
 
 
-class _Problem:
-    """A law on one data set in the fitting parameterisation: θ holds the centred log of each scale,
-    log S − log L̄ + Σ exponent · log x̄ (bars: geometric means), and the exponents and offsets as they are."""
+class _Design:
+    """A law at fixed inputs in the fitting parameterisation, for many data sets and parameter vectors at once.
 
-    def __init__(self, law: Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray,
-                 centre: _Centre | None = None) -> None:
+    θ holds the centred log of each scale, log S − log L̄ − Σ exponent · log x̄ (bars: geometric means), then the
+    exponents and offsets as they are; predictions are centred log losses, a log-sum-exp over the terms.
+    """
+
+    def __init__(self, law: Law, inputs: Mapping[str, np.ndarray], centre: _Centre) -> None:
         self.law = law
-        log_loss = np.log(loss)
+        self.centre = centre
         power_inputs = {name for term in law.terms for name, _ in term.powers}
-        self.centre = centre or _Centre(float(log_loss.mean()),
-                                        {name: float(np.log(inputs[name]).mean()) for name in power_inputs})
-        self.target = log_loss - self.centre.log_loss
-        self.centred_logs = {name: np.log(inputs[name]) - self.centre.log_inputs[name] for name in power_inputs}
-        self.shift_inputs = {term.shift[0]: np.asarray(inputs[term.shift[0]], dtype=np.float64)
-                             for term in law.terms if term.shift}
+        self.logs = {name: np.log(inputs[name]) - centre.log_inputs[name] for name in power_inputs}
+        self.shifts = {term.shift[0]: np.asarray(inputs[term.shift[0]], dtype=np.float64)
+                       for term in law.terms if term.shift}
         self.index = {name: i for i, name in enumerate(law.params)}
-        self.bounds = [(-LOG_SCALE_BOUND, LOG_SCALE_BOUND) if law.kind(name) == "scale" else law.bounds[name]
-                       for name in law.params]
+        self.scales = [self.index[term.scale] for term in law.terms]
+        self.nonlinear = [i for i, name in enumerate(law.params) if law.kind(name) != "scale"]
+        self.lower = np.array([-LOG_SCALE_BOUND if law.kind(n) == "scale" else law.bounds[n][0] for n in law.params])
+        self.upper = np.array([LOG_SCALE_BOUND if law.kind(n) == "scale" else law.bounds[n][1] for n in law.params])
+        self.n_points = len(next(iter(inputs.values())))
 
-    def log_predict(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Centred log L_pred (points,) and its Jacobian (points, params): a softmax-weighted sum over terms."""
-        n_points = len(self.target)
-        exponents = np.empty((n_points, len(self.law.terms)))
-        shifted = {}  # term index -> shift input + offset
+    def log_terms(self, theta: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """(M, n, T) centred log of every term, and the shifted inputs (M, n) of the terms that have one."""
+        out = np.empty((len(theta), self.n_points, len(self.law.terms)))
+        shifted = {}
         for t, term in enumerate(self.law.terms):
-            exponents[:, t] = theta[self.index[term.scale]]
+            out[:, :, t] = theta[:, self.index[term.scale], None]
             for name, exponent in term.powers:
-                exponents[:, t] -= theta[self.index[exponent]] * self.centred_logs[name]
+                out[:, :, t] -= theta[:, self.index[exponent], None] * self.logs[name]
             if term.shift:
                 name, offset = term.shift
-                shifted[t] = self.shift_inputs[name] + theta[self.index[offset]]
-                exponents[:, t] -= np.log(shifted[t])
-        peak = exponents.max(axis=1, keepdims=True)
-        weights = np.exp(exponents - peak)
-        total = weights.sum(axis=1)
-        weights /= total[:, None]
-        jacobian = np.zeros((n_points, len(theta)))
+                shifted[t] = self.shifts[name] + theta[:, self.index[offset], None]
+                out[:, :, t] -= np.log(shifted[t])
+        return out, shifted
+
+    def log_predict(self, theta: np.ndarray, jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Centred log L_pred (M, n) and its Jacobian (M, n, P): a softmax-weighted sum over the terms."""
+        terms, shifted = self.log_terms(theta)
+        peak = terms.max(axis=2, keepdims=True)
+        weights = np.exp(terms - peak)
+        total = weights.sum(axis=2)
+        prediction = peak[:, :, 0] + np.log(total)
+        if not jacobian:
+            return prediction, None
+        weights /= total[:, :, None]
+        jac = np.zeros((*prediction.shape, len(self.law.params)))
         for t, term in enumerate(self.law.terms):
-            jacobian[:, self.index[term.scale]] = weights[:, t]
+            jac[:, :, self.index[term.scale]] = weights[:, :, t]
             for name, exponent in term.powers:
-                jacobian[:, self.index[exponent]] = -weights[:, t] * self.centred_logs[name]
+                jac[:, :, self.index[exponent]] = -weights[:, :, t] * self.logs[name]
             if term.shift:
-                jacobian[:, self.index[term.shift[1]]] = -weights[:, t] / shifted[t]
-        return peak[:, 0] + np.log(total), jacobian
+                jac[:, :, self.index[term.shift[1]]] = -weights[:, :, t] / shifted[t]
+        return prediction, jac
 
-    def scaled_objective(self, theta: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-        """Σ w · Huber_δ(r) / δ² and its gradient: Huber in units of δ, so L-BFGS-B's tolerances fit its size."""
-        prediction, jacobian = self.log_predict(theta)
-        z = (prediction - self.target) / HUBER_DELTA
-        small = np.abs(z) <= 1.0
-        losses = np.where(small, 0.5 * z * z, np.abs(z) - 0.5)
-        slopes = np.clip(z, -1.0, 1.0)
-        if weights is not None:
-            losses, slopes = losses * weights, slopes * weights
-        return float(losses.sum()), jacobian.T @ slopes / HUBER_DELTA
-
-    def minimise(self, theta0: np.ndarray, weights: np.ndarray | None = None) -> OptimizeResult:
-        return minimize(self.scaled_objective, theta0, args=(weights,), jac=True, method="L-BFGS-B",
-                        bounds=self.bounds, options=OPTIMIZER_OPTIONS)
-
-    def to_natural(self, theta: np.ndarray) -> np.ndarray:
-        natural = np.array(theta, dtype=np.float64)
-        for term in self.law.terms:
-            i = self.index[term.scale]
-            shift = self.centre.log_loss + sum(theta[self.index[exponent]] * self.centre.log_inputs[name]
-                                               for name, exponent in term.powers)
-            natural[i] = math.exp(theta[i] + shift)
-        return natural
-
-    def start_grid(self, starts: Mapping[str, Sequence[float]] | None) -> np.ndarray:
-        """Product grid of starting θ: scales from fractions of the typical loss, the rest as given, clipped."""
+    def candidates(self, density: int) -> np.ndarray:
+        """A product grid over the nonlinear parameters (exponents evenly over their bounds; offsets denser near
+        small values), `density` values per exponent."""
         axes = []
-        for name, (low, high) in zip(self.law.params, self.bounds):
-            kind = self.law.kind(name)
-            values = np.asarray((starts or {}).get(name, DEFAULT_STARTS[kind]), dtype=np.float64)
-            if kind == "scale":
-                if (values <= 0).any():
-                    raise MMCError(f"starts for scale {name} must be positive fractions of the typical loss")
-                values = np.log(values)
-            axes.append(np.clip(values, low, high))
-        return np.array(list(itertools.product(*axes)))
+        for i in self.nonlinear:
+            low, high = self.lower[i], self.upper[i]
+            if self.law.kind(self.law.params[i]) == "offset":
+                ladder = np.concatenate([[low, 0.5 * low], np.geomspace(0.05, max(high, 0.1), max(density // 2, 4))])
+                axes.append(np.unique(np.clip(np.concatenate([[0.0], ladder]), low, high)))
+            else:
+                axes.append(np.linspace(low, high, density))
+        return np.array(list(itertools.product(*axes))) if axes else np.zeros((1, 0))
+
+    def solve_scales(self, nonlinear: np.ndarray, target: np.ndarray, weights: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """For every grid candidate (G, q) and data set (B, n): the non-negative scales minimising the weighted
+        squared relative error Σ w (L̂/L − 1)² (a linearisation of the log residuals), by enumerating the active
+        sets of the ≤ 3 terms. Returns θ (B, G, P) and that error (B, G)."""
+        theta = np.zeros((len(nonlinear), len(self.law.params)))
+        theta[:, self.nonlinear] = nonlinear
+        terms, _ = self.log_terms(theta)
+        features = np.exp(terms)  # (G, n, T): each term with scale 1
+        loss = np.exp(target)  # (B, n) centred losses
+        n_terms = features.shape[2]
+        by_term = [np.ascontiguousarray(features[:, :, t].T) for t in range(n_terms)]  # (n, G) each
+        a = np.empty((len(target), len(nonlinear), n_terms, n_terms))
+        for t, u in itertools.combinations_with_replacement(range(n_terms), 2):
+            a[..., t, u] = a[..., u, t] = (weights / loss**2) @ (by_term[t] * by_term[u])
+        rhs = np.stack([(weights / loss) @ column for column in by_term], axis=-1)
+        best = np.full(a.shape[:2], np.inf)
+        scales = np.zeros((*a.shape[:2], n_terms))
+        total = weights.sum(axis=1)[:, None]
+        for size in range(1, n_terms + 1):
+            for subset in itertools.combinations(range(n_terms), size):
+                chosen = list(subset)
+                solution = _solve_small(a[..., chosen, :][..., :, chosen], rhs[..., chosen])
+                feasible = (solution > 0).all(axis=-1)
+                error = total - np.einsum("bgt,bgt->bg", solution, rhs[..., chosen])
+                better = feasible & (error < best)
+                best = np.where(better, error, best)
+                full_solution = np.zeros_like(scales)
+                full_solution[..., chosen] = solution
+                scales = np.where(better[..., None], full_solution, scales)
+        full = np.broadcast_to(theta, (len(target), *theta.shape)).copy()
+        with np.errstate(divide="ignore"):
+            full[..., self.scales] = np.clip(np.log(scales), -LOG_SCALE_BOUND, LOG_SCALE_BOUND)
+        return full, best
+
+
+def _solve_small(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve many 1×1, 2×2 or 3×3 systems a x = b (…, k, k) by Cramer's rule, elementwise: far faster than a
+    batched LU for millions of tiny systems. A singular system gives NaN (never feasible)."""
+    size = a.shape[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if size == 1:
+            return b / a[..., 0]
+        if size == 2:
+            det = a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
+            return np.stack([(b[..., 0] * a[..., 1, 1] - a[..., 0, 1] * b[..., 1]) / det,
+                             (a[..., 0, 0] * b[..., 1] - a[..., 1, 0] * b[..., 0]) / det], axis=-1)
+        det = np.linalg.det(a) if size > 3 else _det3(a)
+        columns = []
+        for i in range(size):
+            replaced = a.copy()
+            replaced[..., :, i] = b
+            columns.append((np.linalg.det(replaced) if size > 3 else _det3(replaced)) / det)
+        return np.stack(columns, axis=-1)
+
+
+def _det3(a: np.ndarray) -> np.ndarray:
+    return (a[..., 0, 0] * (a[..., 1, 1] * a[..., 2, 2] - a[..., 1, 2] * a[..., 2, 1])
+            - a[..., 0, 1] * (a[..., 1, 0] * a[..., 2, 2] - a[..., 1, 2] * a[..., 2, 0])
+            + a[..., 0, 2] * (a[..., 1, 0] * a[..., 2, 1] - a[..., 1, 1] * a[..., 2, 0]))
+
+
+def _rho(residuals: np.ndarray, delta: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The loss ρ, its derivative ψ and the IRLS weight ψ(r)/r of log residuals: Huber_δ, or squares (δ None)."""
+    if delta is None:
+        return 0.5 * residuals**2, residuals, np.ones_like(residuals)
+    small = np.abs(residuals) <= delta
+    rho = np.where(small, 0.5 * residuals**2, delta * (np.abs(residuals) - 0.5 * delta))
+    psi = np.clip(residuals, -delta, delta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        irls = np.where(small, 1.0, delta / np.abs(residuals))
+    return rho, psi, irls
+
+
+def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray, delta: float | None,
+            free: np.ndarray | None = None, tie: tuple[int, np.ndarray] | None = None, iterations: int = 200
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Levenberg–Marquardt with IRLS weights, batched: rows of θ (M, P) against rows of target and weights (M, n),
+    within the bounds; `free` (M, P) masks the parameters each row may move (a profile holds one fixed).
+    `tie` = (j, c): θ_j follows the others as θ_j = u + c·θ with u held (a natural scale held while the exponents
+    it is centred with move). Returns θ and the objectives (M,)."""
+    free = np.ones(theta.shape, dtype=bool) if free is None else free
+    theta = np.clip(theta, design.lower, design.upper)
+    if tie is not None:
+        tied, coefficients = tie
+        held = theta[:, tied] - theta @ coefficients
+
+    def objective(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        prediction, _ = design.log_predict(values, jacobian=False)
+        return (weights[rows] * _rho(prediction - target[rows], delta)[0]).sum(axis=1)
+
+    current = objective(theta, np.arange(len(theta)))
+    damping = np.full(len(theta), 1e-3)
+    active = np.ones(len(theta), dtype=bool)
+    eye = np.eye(theta.shape[1])
+    for _ in range(iterations):
+        rows = np.flatnonzero(active)
+        if not len(rows):
+            break
+        prediction, jac = design.log_predict(theta[rows])
+        residuals = prediction - target[rows]
+        _, psi, irls = _rho(residuals, delta)
+        if tie is not None:  # chain rule: moving a coefficient's parameter moves θ_j with it
+            jac = jac + jac[:, :, tied, None] * coefficients
+        jac = jac * free[rows, None, :]
+        hessian = np.einsum("mn,mnp,mnq->mpq", weights[rows] * irls, jac, jac)
+        gradient = np.einsum("mn,mnp->mp", weights[rows] * psi, jac)
+        diagonal = np.einsum("mpp->mp", hessian)
+        scaled = hessian + damping[rows, None, None] * (diagonal[:, :, None] * eye + 1e-12 * eye)
+        scaled += np.where(free[rows], 0.0, 1.0)[:, :, None] * eye  # held parameters: a unit pivot, zero step
+        finite = np.isfinite(scaled).all(axis=(1, 2)) & np.isfinite(gradient).all(axis=1)
+        scaled[~finite], gradient[~finite] = eye, 0.0
+        try:
+            step = -np.linalg.solve(scaled, gradient[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # a singular row (a vanished term): the pseudo-inverse's least-norm step
+            step = -(np.linalg.pinv(scaled) @ gradient[..., None])[..., 0]
+        trial = np.clip(theta[rows] + step, design.lower, design.upper)
+        if tie is not None:
+            trial[:, tied] = held[rows] + trial @ coefficients
+        value = objective(trial, rows)
+        better = value < current[rows]
+        improvement = np.where(better, current[rows] - value, 0.0)
+        theta[rows[better]] = trial[better]
+        current[rows[better]] = value[better]
+        damping[rows] = np.where(better, damping[rows] * 0.3, damping[rows] * 10.0)
+        converged = (better & (improvement <= 1e-13 * np.maximum(current[rows], 1e-300) + 1e-300)) | \
+            (damping[rows] > 1e12)
+        active[rows[converged]] = False
+    return theta, current
+
+
+def _scipy_polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray,
+                  delta: float | None) -> tuple[np.ndarray, float]:
+    """A last L-BFGS-B polish of one θ on the exact objective (its kinks handled by the line search)."""
+    def objective(values: np.ndarray) -> tuple[float, np.ndarray]:
+        prediction, jac = design.log_predict(values[None])
+        rho, psi, _ = _rho(prediction[0] - target, delta)
+        return float((weights * rho).sum()), jac[0].T @ (weights * psi)
+
+    scale = max(objective(theta)[0], 1e-300)
+    result = minimize(lambda values: tuple(np.asarray(part) / scale for part in objective(values)), theta, jac=True,
+                      method="L-BFGS-B", bounds=list(zip(design.lower, design.upper)), options={"maxiter": 2000})
+    value = objective(result.x)[0]
+    return (result.x, value) if value < objective(theta)[0] else (theta, objective(theta)[0])
+
+
+def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | None, density: int,
+               keep: int, grid: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grid (scales solved inside; or `grid`, the (θ, error) of an earlier call on the same data) → the `keep` best
+    candidates of each data set → LM polish. Returns the best θ (B, P) of each data set and the polished
+    objectives of its `keep` candidates (B, keep)."""
+    thetas, errors = grid or design.solve_scales(design.candidates(density), target, weights)
+    keep = min(keep, thetas.shape[1])
+    order = np.argsort(errors, axis=1)[:, :keep]
+    starts = np.take_along_axis(thetas, order[..., None], axis=1).reshape(-1, thetas.shape[-1])
+    polished, values = _polish(design, starts, np.repeat(target, keep, axis=0), np.repeat(weights, keep, axis=0),
+                               delta)
+    polished, values = polished.reshape(len(target), keep, -1), values.reshape(len(target), keep)
+    best = values.argmin(axis=1)
+    return polished[np.arange(len(target)), best], values
+
+
+def _natural(design: _Design, theta: np.ndarray) -> np.ndarray:
+    """θ (…, P) in the caller's units: scales exponentiated and un-centred."""
+    natural = np.array(theta, dtype=np.float64)
+    for term in design.law.terms:
+        i = design.index[term.scale]
+        shift = design.centre.log_loss + sum(theta[..., design.index[exponent]] * design.centre.log_inputs[name]
+                                             for name, exponent in term.powers)
+        natural[..., i] = np.exp(theta[..., i] + shift)
+    return natural
+
+
+def _auto_delta(design: _Design, target: np.ndarray, weights: np.ndarray, grid: tuple[np.ndarray, np.ndarray]
+                ) -> float:
+    """Huber's δ = 1.345 × a robust scale (MAD) of the log residuals of a least-squares fit: 95% of least
+    squares' efficiency under Gaussian noise, bounded influence of outliers."""
+    theta, _ = _fit_batch(design, target[None], weights[None], None, GRID_DENSITY, POLISH_KEEP, grid)
+    residuals = (design.log_predict(theta, jacobian=False)[0] - target)[0][weights > 0]
+    scale = 1.4826 * np.median(np.abs(residuals - np.median(residuals)))
+    return float(max(1.345 * scale, 1e-6))  # exact data: residuals ~0, any δ this small is least squares
+
+
+def _profile(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray, delta: float | None,
+             n_values: int = PROFILE_POINTS) -> dict[str, dict]:
+    """Profile intervals: each parameter held at values across its range while the others are re-optimised.
+
+    The threshold is the robust drop-in-dispersion test (Hampel et al. 1986, §7.6; for least squares, the
+    classic profile-likelihood interval): a value is inside while 2·Δobjective·mean(ψ′)/s² ≤ F(1, n − p; 0.95),
+    s² = Σ w ψ(r)² / (n − p). An interval that reaches the end of the range on one side is open there: the
+    parameter is not identified, and only the other side is reported.
+    """
+    n_params = len(theta)
+    prediction, _ = design.log_predict(theta[None], jacobian=False)
+    residuals = prediction[0] - target
+    rho, psi, _ = _rho(residuals, delta)
+    best = float((weights * rho).sum())
+    n_effective = float((weights > 0).sum()) if weights.max() <= 1 else float(weights.sum())
+    dof = max(n_effective - n_params, 1.0)
+    dispersion = float((weights * psi**2).sum()) / dof
+    slope = float((weights * (np.abs(residuals) <= delta if delta is not None else 1.0)).sum() / weights.sum())
+    # Huber's small-sample correction K² (Huber 1981, §7.6): the fewer points inside δ, the wider
+    correction = (1 + n_params / n_effective * (1 - slope) / max(slope, 1e-12)) ** 2
+    threshold = stats.f.ppf(0.95, 1, dof) * correction * dispersion / (2 * max(slope, 1e-12)) + 1e-14 * max(best, 1e-300)
+    profiles = {}
+    reach = np.geomspace(1e-6, 1.0, n_values // 2)  # each side: from next to the estimate out to the range's end
+    for j, name in enumerate(design.law.params):
+        coefficients = np.zeros(n_params)  # a scale's natural log is θ_j − c·θ (+ a constant): hold that
+        for term in design.law.terms:
+            if term.scale == name:
+                for input_name, exponent in term.powers:
+                    coefficients[design.index[exponent]] = -design.centre.log_inputs[input_name]
+        low_end = design.lower[j]
+        high_end = min(max(theta[j] + 12.0, 5.0), design.upper[j]) if design.law.kind(name) == "scale" else design.upper[j]
+        sides = {}
+        for side, end in (("low", low_end), ("high", high_end)):
+            values = theta[j] + (end - theta[j]) * reach
+            starts = np.repeat(theta[None], len(values), axis=0)
+            starts[:, j] = values
+            free = np.ones_like(starts, dtype=bool)
+            free[:, j] = False
+            tie = (j, coefficients) if coefficients.any() else None
+            path, objective = _polish(design, starts, np.repeat(target[None], len(values), axis=0),
+                                      np.repeat(weights[None], len(values), axis=0), delta, free, tie)
+            natural = np.concatenate([[_natural(design, theta)[j]], _natural(design, path)[:, j]])
+            rise = np.concatenate([[0.0], np.maximum(objective - best, 0.0)])
+            outside = np.flatnonzero(rise > threshold)
+            if not len(outside) or end == theta[j]:
+                sides[side] = None  # never leaves the interval before the end of the range: open on this side
+                continue
+            first = outside[0]  # interpolate the crossing between the last value inside and the first outside
+            share = (threshold - rise[first - 1]) / (rise[first] - rise[first - 1])
+            sides[side] = float(natural[first - 1] + share * (natural[first] - natural[first - 1]))
+        ends = [value for value in sides.values() if value is not None]
+        estimate = float(_natural(design, theta)[j])
+        profiles[name] = {"ci95": (None if sides["low"] is None else min(ends + [estimate]),
+                                   None if sides["high"] is None else max(ends + [estimate])),
+                          "identified": sides["low"] is not None and sides["high"] is not None}
+    return profiles
 
 
 def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, *,
-            starts: Mapping[str, Sequence[float]] | None = None, bootstrap: int = 0, seed: int = 0,
-            resample: Callable[[np.random.Generator], tuple[Mapping[str, np.ndarray], np.ndarray]] | None = None,
-            ) -> Fit:
-    """Fit `law` to (inputs, loss) from a grid of starts; optionally bootstrap 95% percentile intervals.
+            weights: np.ndarray | None = None, huber_delta: float | str | None = "auto", bootstrap: int = 0,
+            seed: int = 0, replicates: np.ndarray | None = None, profile: bool = True) -> Fit:
+    """Fit `law` to (inputs, loss): the scales solved inside a dense grid over the exponents and offsets, the best
+    candidates polished on the full objective; profile intervals and identification for every parameter;
+    optionally `bootstrap` refits for percentile intervals.
 
-    `starts` maps a parameter to its start values (scales as fractions of the data's typical loss; default
-    DEFAULT_STARTS). The default bootstrap resamples the points with replacement (as multiplicity weights);
-    `resample(rng) -> (inputs, loss)` supplies other resampled data sets instead. Bootstrap fits start from the
-    point estimate; resamples whose fit does not converge, or whose data cannot determine the law, are left out
-    of the intervals (`n_bootstrap_converged` counts the others).
+    `weights` weigh the points (the merging paper weighs by k). `huber_delta`: the Huber threshold on log
+    residuals; "auto" (default) takes 1.345 × the MAD scale of a least-squares fit's residuals, None fits least
+    squares. The default bootstrap resamples the points (multiplicity weights); `replicates` (resamples, points)
+    gives resampled losses at the same inputs instead (NaN: the point is missing from that resample). Every
+    resample is refitted from the grid, not from the estimate; resamples with too few points are left out.
     """
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
-    problem = _Problem(law, inputs, loss)
-    results = [problem.minimise(theta0) for theta0 in problem.start_grid(starts)]
-    converged = np.array([result.success for result in results])
-    best = min(itertools.compress(results, converged) if converged.any() else results,
-               key=lambda result: result.fun)
-    residuals = problem.log_predict(best.x)[0] - problem.target
-    total_variance = float(((problem.target - problem.target.mean()) ** 2).sum())
+    weights = np.ones(len(loss)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if weights.shape != loss.shape or not np.isfinite(weights).all() or (weights < 0).any():
+        raise MMCError(f"law {law.name}: weights must be one non-negative finite number per point")
+    log_loss = np.log(loss)
+    power_inputs = {name for term in law.terms for name, _ in term.powers}
+    centre = _Centre(float(log_loss.mean()), {name: float(np.log(inputs[name]).mean()) for name in power_inputs})
+    design = _Design(law, inputs, centre)
+    target = log_loss - centre.log_loss
+    grid = design.solve_scales(design.candidates(GRID_DENSITY), target[None], weights[None])
+    delta = _auto_delta(design, target, weights, grid) if huber_delta == "auto" else huber_delta
+    if delta is not None:
+        check_number("huber_delta", delta, 0, low_open=True)
+    theta, polished = _fit_batch(design, target[None], weights[None], delta, GRID_DENSITY, POLISH_KEEP, grid)
+    theta, objective = _scipy_polish(design, theta[0], target, weights, delta)
+    residuals = design.log_predict(theta[None], jacobian=False)[0][0] - target
+    total_variance = float(((target - target.mean()) ** 2).sum())
     fit = Fit(
-        law=law,
-        params=dict(zip(law.params, problem.to_natural(best.x).tolist())),
-        objective=best.fun * HUBER_DELTA**2,
+        law=law, params=dict(zip(law.params, _natural(design, theta).tolist())), objective=objective,
         r2_log=1.0 - float((residuals**2).sum()) / total_variance if total_variance > 0 else math.nan,
-        rmse_log=float(np.sqrt((residuals**2).mean())),
-        n_points=len(loss),
-        start_objectives=np.array([result.fun for result in results]) * HUBER_DELTA**2,
-        start_params=np.array([problem.to_natural(result.x) for result in results]),
-        start_converged=converged,
+        rmse_log=float(np.sqrt((residuals**2).mean())), n_points=len(loss), huber_delta=delta,
+        n_candidates=len(design.candidates(GRID_DENSITY)), polished_objectives=np.sort(polished[0])[:3],
     )
-    if bootstrap > 0:
-        _bootstrap(fit, problem, best.x, bootstrap, np.random.default_rng(seed), resample)
+    if profile:
+        fit.profile = _profile(design, theta, target, weights, delta)
+    if bootstrap > 0 or replicates is not None:
+        _bootstrap(fit, design, target, weights, delta, bootstrap, seed, replicates)
     return fit
 
 
-def _bootstrap(fit: Fit, problem: _Problem, theta_hat: np.ndarray, n_resamples: int, rng: np.random.Generator,
-               resample: Callable | None) -> None:
+def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | None,
+               n_resamples: int, seed: int, replicates: np.ndarray | None) -> None:
+    """Percentile intervals from refits of resamples, all at once: each from the grid, polished by LM."""
+    if replicates is None:
+        rng = np.random.default_rng(seed)
+        counts = rng.multinomial(len(target), np.full(len(target), 1 / len(target)), size=n_resamples)
+        targets, resampled = np.repeat(target[None], n_resamples, axis=0), counts * weights
+    else:
+        replicates = np.asarray(replicates, dtype=np.float64)
+        missing = ~np.isfinite(replicates) | (replicates <= 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            targets = np.where(missing, 0.0, np.log(np.where(missing, 1.0, replicates)) - design.centre.log_loss)
+        resampled = np.where(missing, 0.0, weights)
+    usable = ((resampled > 0).sum(axis=1) >= len(fit.law.params) + 2)
     estimates = []
-    for _ in range(n_resamples):
-        if resample is None:
-            counts = np.bincount(rng.integers(0, fit.n_points, fit.n_points), minlength=fit.n_points)
-            result = problem.minimise(theta_hat, counts.astype(np.float64))
-        else:
-            try:
-                inputs, loss = _check_data(fit.law, *resample(rng))
-            except MMCError:  # a resample that cannot determine the law (too few points, NaN) counts as failed
-                continue
-            result = _Problem(fit.law, inputs, loss, centre=problem.centre).minimise(theta_hat)
-        if result.success:
-            estimates.append(problem.to_natural(result.x))
-    fit.n_bootstrap = n_resamples
-    fit.n_bootstrap_converged = len(estimates)
+    for rows in np.array_split(np.flatnonzero(usable), max(1, int(np.ceil(usable.sum() / BOOTSTRAP_BLOCK)))):
+        if len(rows):
+            theta, _ = _fit_batch(design, targets[rows], resampled[rows], delta, BOOTSTRAP_GRID_DENSITY, 1)
+            estimates.append(_natural(design, theta))
+    fit.n_bootstrap = len(resampled)
+    fit.n_bootstrap_converged = int(usable.sum())
     if estimates:
-        fit.bootstrap_params = np.array(estimates)
+        fit.bootstrap_params = np.concatenate(estimates)
         low, high = np.percentile(fit.bootstrap_params, [2.5, 97.5], axis=0)
         fit.ci95 = {name: (float(lo), float(hi)) for name, lo, hi in zip(fit.law.params, low, high)}
 
@@ -318,8 +563,9 @@ def _check_data(law: Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray
     loss = np.asarray(loss, dtype=np.float64)
     if loss.ndim != 1 or not np.isfinite(loss).all() or (loss <= 0).any():
         raise MMCError(f"law {law.name}: losses must be a 1-D array of positive finite values")
-    if len(loss) < len(law.params):
-        raise MMCError(f"law {law.name}: {len(loss)} points cannot determine {len(law.params)} parameters")
+    if len(loss) < len(law.params) + 2:
+        raise MMCError(f"law {law.name}: {len(loss)} points cannot determine {len(law.params)} parameters (a fit "
+                       f"needs at least {len(law.params) + 2}: parameters + 2)")
     checked = {}
     for name in law.inputs:
         if name not in inputs:
@@ -367,7 +613,7 @@ class HoldoutCheck:
 
 
 def holdout_check(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, split_on: str,
-                  n_holdout: int = 1, *, starts: Mapping[str, Sequence[float]] | None = None) -> HoldoutCheck:
+                  n_holdout: int = 1, *, huber_delta: float | str | None = "auto") -> HoldoutCheck:
     """Fit on the points with the smaller values of `split_on`; predict those at its `n_holdout` largest values."""
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
@@ -376,19 +622,24 @@ def holdout_check(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.nda
     distinct = np.unique(inputs[split_on])
     if not 1 <= n_holdout < len(distinct):
         raise MMCError(f"law {law.name}: cannot hold out {n_holdout} of {len(distinct)} distinct {split_on} values")
-    return predict_held_out(law, inputs, loss, inputs[split_on] >= distinct[-n_holdout], split_on, starts=starts)
+    return predict_held_out(law, inputs, loss, inputs[split_on] >= distinct[-n_holdout], split_on,
+                            huber_delta=huber_delta)
 
 
 def predict_held_out(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, held: np.ndarray,
-                     split_on: str, *, starts: Mapping[str, Sequence[float]] | None = None) -> HoldoutCheck:
+                     split_on: str, *, huber_delta: float | str | None = "auto") -> HoldoutCheck:
     """Fit on the points where `held` is False and predict those where it is True (`split_on` names the input
-    whose held-out values are reported)."""
+    whose held-out values are reported). Too few points left to fit is an MMCError (callers report it skipped)."""
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
     held = np.asarray(held, dtype=bool)
     if not held.any() or held.all():
         raise MMCError(f"law {law.name}: a held-out check needs points on both sides of the split")
-    fit = fit_law(law, {name: values[~held] for name, values in inputs.items()}, loss[~held], starts=starts)
+    if (~held).sum() < len(law.params) + 2:
+        raise MMCError(f"skipped: {(~held).sum()} points left to fit {len(law.params)} parameters (at least "
+                       f"{len(law.params) + 2} needed)")
+    fit = fit_law(law, {name: values[~held] for name, values in inputs.items()}, loss[~held],
+                  huber_delta=huber_delta, profile=False)
     return HoldoutCheck(fit=fit, split_on=split_on, held_out=np.unique(inputs[split_on][held]).tolist(),
                         observed=loss[held], predicted=fit.predict(**{name: values[held] for name, values in inputs.items()}))
 

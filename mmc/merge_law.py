@@ -108,7 +108,7 @@ def fit_merge_laws(paths: Sequence[str | Path], *, bootstrap: int, seed: int, ho
                 fits[method][target] = fit_merging_law(rows(curves), column, [rows(c) for c in replicate_curves],
                                                        seed=seed, holdout_k=holdout_k)
             except MMCError as error:
-                fits[method][target] = {"error": str(error)}
+                fits[method][target] = {"skipped": str(error)}
     spread = curves.groupby("k")[["in_domain_bpb_std", "cross_domain_bpb_std"]].mean()
     metrics = {
         "loss": "bits per byte, macro-averaged over domains: in_domain over the expert domains, cross_domain over "
@@ -131,7 +131,7 @@ def fit_merge_study(stores: Sequence[str | Path], out: str | Path, plots: str | 
     check_number("--bootstrap", bootstrap, 0, integer=True)
     check_outputs([(out, "merging law"), (plots, "tables")], list(stores))
     metrics, points, curves = fit_merge_laws(stores, bootstrap=bootstrap, seed=seed, holdout_k=holdout_k)
-    errors = [fit["error"] for by_loss in metrics["fits"].values() for fit in by_loss.values() if "error" in fit]
+    errors = [fit["skipped"] for by_loss in metrics["fits"].values() for fit in by_loss.values() if "skipped" in fit]
     if not any("params" in fit for by_loss in metrics["fits"].values() for fit in by_loss.values()):
         raise MMCError(f"no merging law could be fitted: {errors[0] if errors else 'no merges with a loss'}")
     write_json(metrics, out, "merging law")
@@ -150,14 +150,10 @@ def fit_merging_law(curves: pd.DataFrame, target: str, replicates: Sequence[pd.D
     curves = curves.dropna(subset=[target])
     inputs = {"N": curves.n_params.to_numpy(np.float64), "k": curves.k.to_numpy(np.float64)}
     loss = curves[target].to_numpy()
-    columns = iter(replicates)
-
-    def resample(rng):
-        again = next(columns).dropna(subset=[target])
-        return {"N": again.n_params.to_numpy(np.float64), "k": again.k.to_numpy(np.float64)}, again[target].to_numpy()
-
-    fit = fit_law(MERGING_LAW, inputs, loss, bootstrap=len(replicates), seed=seed,
-                  resample=resample if len(replicates) else None)
+    key = ["n_params", "method", "k"]
+    matrix = np.array([curves[key].merge(again[[*key, target]], on=key, how="left")[target].to_numpy(np.float64)
+                       for again in replicates]) if len(replicates) else None
+    fit = fit_law(MERGING_LAW, inputs, loss, seed=seed, replicates=matrix)
     result = fit.to_dict()
     checks = {"holdout": lambda: holdout_check(MERGING_LAW, inputs, loss, "k", n_holdout=holdout_k),
               "forecast": lambda: predict_held_out(MERGING_LAW, inputs, loss, ~np.isin(inputs["k"], forecast_from), "k")}
@@ -165,7 +161,7 @@ def fit_merging_law(curves: pd.DataFrame, target: str, replicates: Sequence[pd.D
         try:
             result[name] = check().to_dict()
         except MMCError as error:
-            result[name] = {"error": str(error)}
+            result[name] = {"skipped": str(error).removeprefix("skipped: ")}
     return result
 
 
@@ -234,7 +230,7 @@ def plan_from_law(law_path: str | Path, *, method: str = "joint", loss: str = "i
     fit = law["fits"].get(method, {}).get(loss, {})
     if "params" not in fit:
         raise MMCError(f"'{path}' has no fitted {loss} law for method '{method}' "
-                       f"({fit.get('error') or 'it has: ' + ', '.join(law['fits'])})")
+                       f"({fit.get('skipped') or 'it has: ' + ', '.join(law['fits'])})")
     sizes = sizes or law["bases"]["n_params"]
     n_params = n_params or max(sizes)
     if budget is not None and budget_multiple is not None:

@@ -207,32 +207,52 @@ def _fmt(value, ci=None) -> str:
     return f"{text} [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else text
 
 
+def _param(fit: dict, name: str) -> str:
+    """A fitted parameter as the data determine it: the value with its 95% profile interval, or "not determined"
+    with the one-sided bound the profile gives (never a number with a zero-width interval)."""
+    low, high = (fit.get("profile_ci95") or {}).get(name, (None, None))
+    if fit.get("identified", {}).get(name, False):
+        return _fmt(fit["params"][name], (low, high))
+    bound = f" (≥ {low:.4g})" if low is not None else f" (≤ {high:.4g})" if high is not None else ""
+    return f"not determined{bound}"
+
+
+def _skipped(fit: dict) -> str:
+    return _md(fit.get("skipped", ""))
+
+
 def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, plan: dict | None) -> str:
-    """reports/README.md: what was fitted, with the figures and tables of parameters and 95% intervals."""
-    lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. "
-             f"Intervals: 95% from {laws['bootstrap']['resamples']} bootstrap resamples of the {laws['bootstrap']['over']}.",
+    """reports/README.md: what was fitted, with the figures and tables of parameters: each with its 95% profile
+    interval where the data determine it, "not determined" (and its one-sided bound) where they do not."""
+    lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. Intervals: 95% profile intervals "
+             f"(the other parameters re-optimised along each one); bootstrap intervals from "
+             f"{laws['bootstrap']['resamples']} resamples of the {laws['bootstrap']['over']} are in metrics/laws.json. "
+             "A parameter whose profile interval reaches a bound or never closes is *not determined* by the data.",
              "", "## Single-model and multi-model scaling", ""]
     lines += [f"![{name}]({name})" for name in ("scaling.png", "kinds.png") if name in figures]
     lines += ["", "| series | points | E (floor) | A | alpha | R² (log) | held-out max rel. error |",
               "|---|---|---|---|---|---|---|"]
     for series, fit in laws["fits"].items():
         if "params" not in fit:
-            lines.append(f"| {_md(series)} | – | {_md(fit.get('error', ''))} | | | | |")
+            lines.append(f"| {_md(series)} | – | skipped: {_skipped(fit)} | | | | |")
             continue
-        ci = fit.get("ci95") or {}
-        p = fit["params"]
-        holdout = fit.get("holdout", {}).get("max_abs_relative_error")
-        lines.append(f"| {_md(series)} | {fit['n_points']} | {_fmt(p['E'], ci.get('E'))} | {_fmt(p['A'])} | "
-                     f"{_fmt(p['alpha'], ci.get('alpha'))} | {fit['r2_log']:.3f} | {_fmt(holdout)} |")
+        holdout = fit.get("holdout", {})
+        lines.append(f"| {_md(series)} | {fit['n_points']} | {_param(fit, 'E')} | {_param(fit, 'A')} | "
+                     f"{_param(fit, 'alpha')} | {fit['r2_log']:.3f} | "
+                     f"{_fmt(holdout.get('max_abs_relative_error')) if 'skipped' not in holdout else 'skipped'} |")
     floor = laws["comparisons"]["floor"]
     kinds = laws["comparisons"]["heterogeneous_vs_homogeneous"]
-    lines += ["", "**Floors.** single-model " + _fmt(floor["single"], floor.get("single_ci95")) + ", multi-model "
-              + _fmt(floor["multi"], floor.get("multi_ci95")) + ". Predicted at common budgets:", ""]
+    single, multi = laws["fits"].get("single/pareto", {}), laws["fits"].get("multi/pareto", {})
+    lines += ["", "**Floors.** single-model " + (_param(single, "E") if "params" in single else "–") + ", multi-model "
+              + (_param(multi, "E") if "params" in multi else "–") + f". {floor.get('note', '').capitalize()}. "
+              "Predicted at common budgets:", ""]
     for name, row in floor["predicted_bpb_at"].items():
         lines.append(f"- {name.replace('_', ' ')} ({row['total_params']:.3g} parameters): single "
                      f"{_fmt(row.get('single/pareto'))}, multi {_fmt(row.get('multi/pareto'))} bits per byte")
-    lines += ["", f"**Heterogeneous vs homogeneous.** exponent {_fmt(kinds['alpha_heterogeneous'], kinds.get('alpha_heterogeneous_ci95'))}"
-              f" vs {_fmt(kinds['alpha_homogeneous_mean'])} (mean over families); mean oracle gain over the best member: "
+    hetero = laws["fits"].get("multi/heterogeneous", {})
+    lines += ["", "**Heterogeneous vs homogeneous.** exponent "
+              + (_param(hetero, "alpha") if "params" in hetero else "–")
+              + f" vs {_fmt(kinds['alpha_homogeneous_mean'])} (mean over families); mean oracle gain over the best member: "
               + ", ".join(f"{kind} {gain:.4f}" for kind, gain in kinds["mean_gain_bpb"].items()) + " bits per byte.", ""]
     lines += [f"![{name}]({name})" for name in ("expected_k.png", "attribution.png") if name in figures]
     if merge_law:
@@ -242,12 +262,14 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
         for method, by_target in merge_law["fits"].items():
             for target, fit in by_target.items():
                 if "params" not in fit:
+                    lines.append(f"| {_md(method)} | {target} | skipped: {_skipped(fit)} | | | | | | | |")
                     continue
-                p, ci = fit["params"], fit.get("ci95") or {}
-                lines.append(f"| {_md(method)} | {target} | " + " | ".join(_fmt(p[n], ci.get(n)) for n in
+                checks = [fit.get(check, {}) for check in ("holdout", "forecast")]
+                lines.append(f"| {_md(method)} | {target} | " + " | ".join(_param(fit, n) for n in
                                                                       ("L_star", "B", "beta", "A0", "gamma", "b"))
-                             + f" | {fit['r2_log']:.3f} | {_fmt(fit.get('holdout', {}).get('max_abs_relative_error'))}"
-                             f" / {_fmt(fit.get('forecast', {}).get('max_abs_relative_error'))} |")
+                             + f" | {fit['r2_log']:.3f} | " + " / ".join(
+                                 "skipped" if "skipped" in check else _fmt(check.get("max_abs_relative_error"))
+                                 for check in checks) + " |")
     if plan:
         lines += ["", "## Planning", "", plan_markdown(plan)]
     return "\n".join(lines) + "\n"

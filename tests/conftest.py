@@ -122,7 +122,7 @@ FAMILIES = ("alpha", "beta", "gamma")
 
 
 def synthetic_pool(path, n_samples=400, seed=0):
-    """Three families x four sizes; a model's per-sample nll = bytes · (family floor + A·N^-0.3) · noise.
+    """Three families x five sizes; a model's per-sample nll = bytes · (family floor + A·N^-0.3) · noise.
 
     Each family is best on its own third of the samples, so heterogeneous ensembles gain and homogeneous
     ones barely do."""
@@ -131,13 +131,13 @@ def synthetic_pool(path, n_samples=400, seed=0):
     home = np.arange(n_samples) % 3
     names, families, sizes, rows = [], [], [], []
     for f, family in enumerate(FAMILIES):
-        for size in (1e4, 4e4, 1.6e5, 6.4e5):
+        for size in (1e4, 4e4, 1.6e5, 6.4e5, 2.56e6):
             bits = 1.2 + 0.4 * f / 3 + 30.0 * size ** -0.3
             bits = bits * np.where(home == f, 0.8, 1.1) * rng.lognormal(0, 0.02, n_samples)
             names.append(f"{family}-{int(size)}"), families.append(family), sizes.append(int(size))
             rows.append(bits * n_bytes * np.log(2))
     pool = xr.Dataset({"nll": (("model", "sample"), np.array(rows)), "n_tokens": (("model", "sample"),
-                                                                                 np.ones((12, n_samples), int))},
+                                                                                 np.ones((len(rows), n_samples), int))},
                       coords={"model": names, "family": ("model", families), "n_params": ("model", sizes),
                               "n_params_nonembedding": ("model", sizes), "n_bytes": ("sample", n_bytes),
                               "sample": [f"s{i}" for i in range(n_samples)]})

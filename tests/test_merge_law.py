@@ -184,7 +184,7 @@ def test_plan_cli_reads_the_fitted_law_and_writes_json(tmp_path, capsys):
     law_path = tmp_path / "merge_law.json"
     law_path.write_text(json.dumps({"bases": {"n_params": [25, 100]},
                                     "fits": {"joint": {"in_domain": {"params": PLAN_LAW}},
-                                             "dare": {"in_domain": {"error": "too few points"}}}}))
+                                             "dare": {"in_domain": {"skipped": "too few points"}}}}))
     out = tmp_path / "metrics" / "plan.json"
     assert main(["plan", "--law", str(law_path), "--target", "1.3", "--epsilon", "0.01", "--budget-multiple", "4",
                  "--out", str(out)]) == 0

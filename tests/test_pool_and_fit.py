@@ -14,7 +14,7 @@ from mmc.cli import main
 from mmc.store import assemble_pool, open_store, write_store
 
 FAMILIES = ("alpha", "beta", "gamma")
-FIT_KEYS = {"law", "formula", "params", "ci95", "r2_log", "rmse_log", "n_points", "n_bootstrap",
+FIT_KEYS = {"law", "formula", "params", "identified", "profile_ci95", "ci95", "r2_log", "rmse_log", "n_points", "n_bootstrap",
             "n_bootstrap_converged", "holdout"}
 
 
@@ -86,11 +86,18 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
     for name, fit in laws["fits"].items():
         assert fit["n_bootstrap"] == 40 and fit["n_bootstrap_converged"] >= 36, name
         assert set(fit) >= FIT_KEYS, name
-        for param, (low, high) in fit["ci95"].items():
-            assert low <= fit["params"][param] <= high, (name, param)
-        assert "max_abs_relative_error" in fit["holdout"] or "error" in fit["holdout"]
-    for name in ("single/pareto", "multi/pareto", "multi/heterogeneous", "multi/homogeneous/alpha"):
-        assert laws["fits"][name]["r2_log"] > 0.9 and laws["fits"][name]["holdout"]["max_abs_relative_error"] < 0.1
+        for param, interval in fit["ci95"].items():
+            assert interval is None or interval[1] > interval[0], (name, param)  # never a zero-width interval
+            assert (interval is None) == (not fit["identified"][param]), (name, param)
+        assert "max_abs_relative_error" in fit["holdout"] or "skipped" in fit["holdout"]
+    for name in ("single/pareto", "multi/pareto", "multi/homogeneous/alpha"):
+        assert laws["fits"][name]["r2_log"] > 0.9
+    assert laws["fits"]["multi/heterogeneous"]["r2_log"] > 0.8  # every heterogeneous ensemble: a cloud per budget
+    for name in ("multi/pareto", "multi/heterogeneous", "multi/homogeneous/alpha"):
+        assert laws["fits"][name]["holdout"]["max_abs_relative_error"] < 0.1
+    # five sizes: holding out the largest leaves four points, too few for three parameters + 2
+    assert laws["fits"]["single/pareto"]["holdout"] == {
+        "skipped": "4 points left to fit 3 parameters (at least 5 needed)"}
     # the best single model at each size is family alpha's: the single-model frontier recovers its law
     assert laws["fits"]["single/pareto"]["params"] == laws["fits"]["single/alpha"]["params"]
     # a family's single-model law: its floor is its own (1.2 + 0.4f/3, scaled by its sample mix), alpha near 0.3
@@ -111,9 +118,8 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
     assert curves[0] == "series,total_params,predicted_bpb,lower_bpb,upper_bpb"
 
 
-def test_fit_on_a_tiny_pool_reports_what_it_cannot_fit(tmp_path):
-    """Three samples and three models: some series have too few points, and 2 of the 60 resamples draw no
-    sample at all; the fit still writes strict JSON, with an error where a law cannot be determined."""
+def test_fit_with_too_few_points_everywhere_is_one_line_naming_the_series(tmp_path, capsys):
+    """Three models: no series has the 5 points (parameters + 2) a fit of the power law needs."""
     rng = np.random.default_rng(1)
     pool = xr.Dataset({"nll": (("model", "sample"), rng.gamma(5.0, 20.0, (3, 3)))},
                       coords={"model": ["a", "b", "c"], "family": ("model", ["x", "x", "y"]),
@@ -121,10 +127,31 @@ def test_fit_on_a_tiny_pool_reports_what_it_cannot_fit(tmp_path):
                               "n_bytes": ("sample", [50, 60, 70])})
     write_store(pool, tmp_path / "pool.zarr", "pool")
     assert main(["oracle", "--pool", str(tmp_path / "pool.zarr"), "--out", str(tmp_path / "oracle")]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--pool", str(tmp_path / "pool.zarr"), "--oracle", str(tmp_path / "oracle"),
+                 "--out", str(tmp_path / "laws.json"), "--plots", str(tmp_path / "plots"), "--bootstrap", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mmc fit: error: no series has enough points to fit: ")
+    assert "series single/pareto: 2 points cannot determine 3 parameters (a fit needs at least 5" in err
+    assert not (tmp_path / "laws.json").exists()
+
+
+def test_fit_skips_the_series_with_too_few_points(tmp_path):
+    """Seven models: the pooled single-model series fits, a family of two is skipped with why; a tiny sample
+    set makes some resamples draw nothing: they are left out of the intervals and counted."""
+    rng = np.random.default_rng(1)
+    pool = xr.Dataset({"nll": (("model", "sample"), rng.gamma(5.0, 20.0, (7, 4)))},
+                      coords={"model": list("abcdefg"), "family": ("model", ["x"] * 5 + ["y"] * 2),
+                              "n_params": ("model", [10, 20, 40, 80, 160, 15, 30]),
+                              "n_params_nonembedding": ("model", [5, 10, 20, 40, 80, 7, 15]),
+                              "n_bytes": ("sample", [50, 60, 70, 80])})
+    write_store(pool, tmp_path / "pool.zarr", "pool")
+    assert main(["oracle", "--pool", str(tmp_path / "pool.zarr"), "--out", str(tmp_path / "oracle")]) == 0
     assert main(["fit", "--pool", str(tmp_path / "pool.zarr"), "--oracle", str(tmp_path / "oracle"),
                  "--out", str(tmp_path / "laws.json"), "--plots", str(tmp_path / "plots"), "--bootstrap", "60"]) == 0
     laws = json.loads((tmp_path / "laws.json").read_text(), parse_constant=reject_constant)
-    assert laws["fits"]["single/x"] == {"error": "law power: 2 points cannot determine 3 parameters"}
+    assert laws["fits"]["single/y"] == {"skipped": "law power: 2 points cannot determine 3 parameters (a fit needs "
+                                                   "at least 5: parameters + 2)"}
     pooled = laws["fits"]["single/pooled"]
-    assert pooled["n_points"] == 3 and pooled["n_bootstrap"] == 60 and pooled["holdout"]["error"]
-    assert pooled["n_bootstrap_converged"] <= 58 and pooled["ci95"] is not None
+    assert pooled["n_points"] == 7 and pooled["n_bootstrap"] == 60 and pooled["holdout"]["held_out"] == [160.0]
+    assert pooled["n_bootstrap_converged"] <= 60
