@@ -17,6 +17,7 @@ from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models
 from mmc.oracle import oracle_study
 from mmc.presets import apply_preset
 from mmc.report import write_report
+from mmc.routing import routing_study
 from mmc.store import SAMPLE_CHUNK, write_pool
 from mmc.sweep import DEFAULT_SWEEP, write_sweep
 from mmc.train import train_expert
@@ -329,6 +330,42 @@ def _add_fit(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_fit)
 
 
+EPILOG_ROUTE = """example:
+  mmc route --pool data/pool.zarr --oracle data/oracle --data data/corpus/eval --out data/routing \\
+            --metrics metrics/routing.json --test-fraction 0.5 --bootstrap 200
+"""
+
+
+def _run_route(args: argparse.Namespace) -> None:
+    metrics = routing_study(args.pool, args.oracle, args.data, args.out, args.metrics, test_fraction=args.test_fraction,
+                            seed=args.seed, bootstrap=args.bootstrap, ngram_features=args.ngram_features,
+                            ridge_alpha=args.ridge_alpha)
+    largest = metrics["at_largest_k"]
+    shares = ", ".join(f"{name} {value['value']:.2f}" for name, value in largest["share_of_oracle_gain"].items())
+    print(f"wrote {args.out} and {args.metrics}: at k = {largest['k']}, share of the oracle's gain realised: {shares}")
+
+
+def _add_route(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "route", parents=[common], help="what mixtures and routers realise of the oracle's gain, and their cost",
+        description="On the oracle's ensembles, cross-fitted on a seeded split of the documents: the uniform and the "
+                    "fitted sequence-level mixture, routers that pick one member per document (n-gram features, the "
+                    "smallest member's loss, the best single member), each one's FLOPs per byte, the share of the "
+                    "oracle's gain each realises at the largest k, and the power law of each strategy's frontier.",
+        epilog=EPILOG_ROUTE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", required=True, help="pool store written by `mmc assemble`")
+    parser.add_argument("--oracle", required=True, help="folder written by `mmc oracle`")
+    parser.add_argument("--data", required=True, help="the eval split the pool scored (texts for the n-gram router)")
+    parser.add_argument("--out", required=True, help="output folder of the tables")
+    parser.add_argument("--metrics", required=True, help="metrics JSON")
+    parser.add_argument("--test-fraction", type=float, default=0.5, help="share of documents held out (default 0.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and resamples (default 0)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="resamples of the test documents (default 200)")
+    parser.add_argument("--ngram-features", type=int, default=4096, help="hashed n-gram features (default 4096)")
+    parser.add_argument("--ridge-alpha", type=float, default=1.0, help="ridge penalty of the routers (default 1.0)")
+    parser.set_defaults(run=_run_route)
+
+
 EPILOG_MERGE = """examples:
   mmc merge --base data/zoo/gpt2-m --experts data/experts/gpt2-m/tests data/experts/gpt2-m/gui \\
             --method ties --density 0.2 --out data/merged/gpt2-m-ties --emit-mergekit-config ties.yaml
@@ -382,7 +419,8 @@ EPILOG_REPORT = """example:
 
 def _run_report(args: argparse.Namespace) -> None:
     figures = write_report(args.laws, args.law_plots, args.oracle, args.out, merge_law_path=args.merge_law,
-                           merge_plots=args.merge_plots, plan_path=args.plan)
+                           merge_plots=args.merge_plots, plan_path=args.plan, routing_dir=args.routing,
+                           routing_path=args.routing_metrics)
     print(f"wrote {args.out}: README.md and {len(figures)} figures ({', '.join(figures)})")
 
 
@@ -399,6 +437,8 @@ def _add_report(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-law", type=_optional_str, default=None, help="metrics JSON of the merging law")
     parser.add_argument("--merge-plots", type=_optional_str, default=None, help="folder of the merging curves")
     parser.add_argument("--plan", type=_optional_str, default=None, help="JSON written by `mmc plan`")
+    parser.add_argument("--routing", type=_optional_str, default=None, help="folder written by `mmc route`")
+    parser.add_argument("--routing-metrics", type=_optional_str, default=None, help="JSON written by `mmc route`")
     parser.add_argument("--out", required=True, help="output folder (figures and README.md)")
     parser.set_defaults(run=_run_report)
 
@@ -535,7 +575,7 @@ def _add_preset(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_preset)
 
 
-COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_assemble, _add_oracle, _add_fit, _add_experts,
+COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
                             _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report, _add_preset]
 
 

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 from mmc import MMCError  # noqa: E402
 from mmc.laws import LAWS  # noqa: E402
 from mmc.merge_law import MERGING_LAW  # noqa: E402
-from mmc.oracle import read_ensembles  # noqa: E402
+from mmc.oracle import pareto_indices, read_ensembles  # noqa: E402
 from mmc.store import atomic_path, check_outputs  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
@@ -193,6 +193,61 @@ def figure_merging_spread(curves: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+STRATEGY_STYLE = {"oracle": ("black", "oracle (bound)"), "mixture_fitted": ("tab:blue", "mixture, fitted weights"),
+                  "mixture_uniform": ("tab:cyan", "mixture, uniform"), "router_ngram": ("tab:orange", "router: n-grams"),
+                  "router_small_model": ("tab:green", "router: smallest model"),
+                  "router_best_single": ("tab:red", "best single member")}
+
+
+def figure_routing(curves: pd.DataFrame, path: Path) -> None:
+    """Realisable collaboration: each strategy's test loss on its Pareto frontier against total parameters, with
+    its fitted law: how much of the oracle's gain mixtures and routers keep as pools grow."""
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for strategy, own in curves.groupby("strategy", sort=False):
+        color, label = STRATEGY_STYLE.get(strategy, ("0.5", _plain(strategy)))
+        seen = own.dropna(subset=["observed_bpb"])
+        ax.scatter(seen.total_params, seen.observed_bpb, s=14, color=color, label=label, zorder=3)
+        law = own.dropna(subset=["predicted_bpb"])
+        ax.plot(law.total_params, law.predicted_bpb, color=color, lw=1.3)
+    _log_axes(ax, "Oracle, mixtures and routers (frontiers chosen on training documents, scored on test)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def figure_routing_cost(strategies: pd.DataFrame, path: Path) -> None:
+    """Test loss against inference FLOPs per byte for every ensemble and strategy, with the frontier over all."""
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for strategy, own in strategies.groupby("strategy", sort=False):
+        color, label = STRATEGY_STYLE.get(strategy, ("0.5", _plain(strategy)))
+        ax.scatter(own.flops_per_byte, own.test_bpb, s=5, alpha=0.5, color=color, label=label)
+    realisable = strategies[strategies.strategy != "oracle"]
+    frontier = realisable.iloc[pareto_indices(realisable.flops_per_byte.to_numpy(), realisable.test_bpb.to_numpy())]
+    ax.step(frontier.flops_per_byte, frontier.test_bpb, where="post", color="black", lw=1.2,
+            label="best realisable loss at each cost")
+    _log_axes(ax, "Loss against inference cost", xlabel="inference FLOPs per byte")
+    ax.legend(fontsize=7, markerscale=2)
+    _save(fig, path)
+
+
+def routing_markdown(routing: dict) -> str:
+    """The realisable-collaboration section of reports/README.md."""
+    largest = routing["at_largest_k"]
+    rows = [f"At the whole pool (k = {largest['k']}, {largest['total_params']:.3g} parameters), test documents "
+            f"(bits per byte, 95% intervals over {routing['bootstrap']['resamples']} resamples of them); best single "
+            f"member {_md(largest['best_single_member'])}, best router {_md(largest['best_router'])} (both chosen on "
+            "the training documents):", "", "| strategy | bits per byte | share of the oracle's gain |", "|---|---|---|"]
+    for name, value in largest["bpb"].items():
+        share = largest["share_of_oracle_gain"].get(name)
+        rows.append(f"| {_md(STRATEGY_STYLE.get(name, (None, name))[1])} | {_fmt(value['value'], value['ci95'])} | "
+                    + (_fmt(share["value"], share["ci95"]) if share else "–") + " |")
+    rows += ["", "| frontier law | points | E | A | alpha |", "|---|---|---|---|---|"]
+    for name, fit in routing["laws"].items():
+        label = _md(STRATEGY_STYLE.get(name, (None, name))[1])
+        rows.append(f"| {label} | skipped: {_skipped(fit)} | | | |" if "params" not in fit else
+                    f"| {label} | {fit['n_points']} | {_param(fit, 'E')} | {_param(fit, 'A')} | {_param(fit, 'alpha')} |")
+    return "\n".join(rows)
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path, "figure") as tmp:
@@ -221,7 +276,8 @@ def _skipped(fit: dict) -> str:
     return _md(fit.get("skipped", ""))
 
 
-def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, plan: dict | None) -> str:
+def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, plan: dict | None,
+                     routing: dict | None = None) -> str:
     """reports/README.md: what was fitted, with the figures and tables of parameters: each with its 95% profile
     interval where the data determine it, "not determined" (and its one-sided bound) where they do not."""
     lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. Intervals: 95% profile intervals "
@@ -270,6 +326,9 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
                              + f" | {fit['r2_log']:.3f} | " + " / ".join(
                                  "skipped" if "skipped" in check else _fmt(check.get("max_abs_relative_error"))
                                  for check in checks) + " |")
+    if routing:
+        lines += ["", "## Realisable collaboration: mixtures and routers", "", "![routing](routing.png)", "",
+                  "![routing cost](routing_cost.png)", "", routing_markdown(routing)]
     if plan:
         lines += ["", "## Planning", "", plan_markdown(plan)]
     return "\n".join(lines) + "\n"
@@ -300,16 +359,18 @@ def plan_markdown(plan: dict) -> str:
 
 def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str | Path, out: str | Path, *,
                  merge_law_path: str | Path | None = None, merge_plots: str | Path | None = None,
-                 plan_path: str | Path | None = None) -> list[str]:
+                 plan_path: str | Path | None = None, routing_dir: str | Path | None = None,
+                 routing_path: str | Path | None = None) -> list[str]:
     """Draw every figure the inputs allow and write the summary into `out`, replaced atomically."""
     plt.rcParams.update(STYLE)
-    inputs = [laws_path, law_plots, oracle_dir, merge_law_path, merge_plots, plan_path]
+    inputs = [laws_path, law_plots, oracle_dir, merge_law_path, merge_plots, plan_path, routing_dir, routing_path]
     check_outputs([(out, "report")], inputs)
     laws = json.loads(Path(laws_path).read_text())
     points, curves = _read_csv(Path(law_plots) / "points.csv"), _read_csv(Path(law_plots) / "curves.csv")
     ensembles = read_ensembles(oracle_dir)
     merge_law = json.loads(Path(merge_law_path).read_text()) if merge_law_path else None
     plan = json.loads(Path(plan_path).read_text()) if plan_path else None
+    routing = json.loads(Path(routing_path).read_text()) if routing_path else None
     with atomic_path(out, "report") as tmp:
         tmp.mkdir()
         figure_scaling(points, curves, ensembles, tmp / "scaling.png")
@@ -320,6 +381,9 @@ def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str |
             merge_curves = _read_csv(Path(merge_plots) / "curves.csv")
             figure_merging(merge_curves, merge_law["fits"], tmp / "merging.png")
             figure_merging_spread(merge_curves, tmp / "merging_spread.png")
+        if routing and routing_dir:
+            figure_routing(_read_csv(Path(routing_dir) / "curves.csv"), tmp / "routing.png")
+            figure_routing_cost(_read_csv(Path(routing_dir) / "strategies.csv"), tmp / "routing_cost.png")
         figures = sorted(p.name for p in tmp.glob("*.png"))
-        (tmp / "README.md").write_text(summary_markdown(laws, figures, merge_law, plan), encoding="utf-8")
+        (tmp / "README.md").write_text(summary_markdown(laws, figures, merge_law, plan, routing), encoding="utf-8")
     return figures

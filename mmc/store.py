@@ -28,7 +28,8 @@ CHECKSUMMED = (ZstdCodec(), Crc32cCodec())  # every chunk compressed, then check
 MARKER = ".mmc-output"  # in every folder mmc writes: the kind of output it is
 # file outputs are recognised by their content: a JSON object's keys, or how a text file begins
 JSON_SIGNATURES = {"collaboration laws": {"law", "fits", "comparisons"}, "merging law": {"law", "fits", "bases"},
-                   "merge plan": {"floor", "stop", "gain_fractions"}}
+                   "merge plan": {"floor", "stop", "gain_fractions"},
+                   "routing metrics": {"at_largest_k", "laws", "split"}}
 TEXT_SIGNATURES = {"training log": b"step,tokens,loss,lr\n", "figure": b"\x89PNG\r\n",
                    "mergekit config": b"# mergekit configuration equivalent to `mmc merge"}
 LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")

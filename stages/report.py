@@ -1,11 +1,11 @@
 """DVC stage `report`: figures and a readable summary of the fitted laws.
-Usage: report.py LAWS LAW_PLOTS ORACLE MERGE_LAW MERGE_PLOTS PLAN OUT"""
+Usage: report.py LAWS LAW_PLOTS ORACLE MERGE_LAW MERGE_PLOTS PLAN ROUTING ROUTING_METRICS OUT"""
 import sys
 
 from common import run
 
 from mmc.report import write_report
 
-laws, law_plots, oracle, merge_law, merge_plots, plan, out = sys.argv[1:]
+laws, law_plots, oracle, merge_law, merge_plots, plan, routing, routing_metrics, out = sys.argv[1:]
 run("report", lambda: write_report(laws, law_plots, oracle, out, merge_law_path=merge_law, merge_plots=merge_plots,
-                                   plan_path=plan))
+                                   plan_path=plan, routing_dir=routing, routing_path=routing_metrics))

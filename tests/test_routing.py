@@ -1,0 +1,114 @@
+"""Realisable collaboration: mixtures and routers against exact expectations, and the routing stage end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from conftest import synthetic_pool
+from mmc import routing
+from mmc.cli import main
+
+LN2 = math.log(2)
+
+
+def random_losses(seed: int = 0, n_models: int = 5, n_documents: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    nll = rng.gamma(4.0, 30.0, (n_models, n_documents))
+    member = rng.random((25, n_models)) < 0.5
+    member[np.arange(25), rng.integers(0, n_models, 25)] = True  # no empty ensemble
+    return nll, member
+
+
+def test_uniform_mixture_is_the_brute_force_log_sum_exp_and_within_log_k_of_the_oracle():
+    nll, member = random_losses()
+    mixture = routing.mixture_nll(nll, member)
+    oracle = routing.oracle_nll(nll, member)
+    for e in range(len(member)):
+        rows = np.flatnonzero(member[e])
+        for d in range(nll.shape[1]):
+            expected = -math.log(sum(math.exp(-nll[i, d] + nll[rows, d].min()) for i in rows) / len(rows)) \
+                + nll[rows, d].min()
+            assert mixture[e, d] == pytest.approx(expected, rel=1e-12)
+            assert oracle[e, d] == nll[rows, d].min()
+    k = member.sum(axis=1)[:, None]
+    assert (mixture >= oracle - 1e-9).all() and (mixture <= oracle + np.log(k) + 1e-9).all()
+
+
+def test_fitted_mixture_weights_beat_uniform_on_their_documents_and_find_a_dominant_member():
+    nll, member = random_losses(1)
+    weights = routing.fit_mixture_weights(nll, member)
+    assert np.allclose(np.exp(weights).sum(axis=1), 1.0) and (np.exp(weights)[~member] == 0).all()
+    assert (routing.mixture_nll(nll, member, weights).sum(axis=1)
+            <= routing.mixture_nll(nll, member).sum(axis=1) + 1e-9).all()
+    dominant = nll.copy()
+    dominant[2] = nll.min(axis=0) - 50.0  # model 2 is the best on every document by 50 nats: the weights go to it
+    weights = routing.fit_mixture_weights(dominant, np.ones((1, 5), dtype=bool))
+    assert np.exp(weights[0, 2]) > 0.999
+
+
+def test_a_router_of_the_true_losses_is_the_oracle_and_a_constant_one_the_best_single_member():
+    nll, member = random_losses(2)
+    chosen = routing.route(nll, member)
+    documents = np.arange(nll.shape[1])
+    np.testing.assert_array_equal(nll[chosen, documents], routing.oracle_nll(nll, member))
+    train = np.arange(nll.shape[1]) < 20
+    constant = routing.router_predictions("best_single", nll / 100.0, train, [""] * 40, np.arange(5.0),
+                                          ngram_features=16, ridge_alpha=1.0)
+    chosen = routing.route(constant, member)
+    best_on_train = np.where(member, nll[:, train].mean(axis=1), np.inf).argmin(axis=1)
+    np.testing.assert_array_equal(chosen, np.repeat(best_on_train[:, None], 40, axis=1))
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("routing")
+    pool_path = synthetic_pool(root / "pool.zarr", n_samples=240)
+    pool = xr.open_zarr(pool_path)
+    home = np.arange(240) % 3  # each family is best on its own third: texts that say which third
+    texts = [f"{['alpha', 'beta', 'gamma'][h]} document {i}: " + ["def f(): pass", "the lazy dog", "a = [1, 2]"][h] * 5
+             for i, h in enumerate(home)]
+    data = root / "eval"
+    datasets.Dataset.from_dict({"sample_id": [str(s) for s in pool.sample.values], "text": texts}).save_to_disk(str(data))
+    assert main(["oracle", "--pool", str(pool_path), "--out", str(root / "oracle"), "--max-subsets-per-k", "20"]) == 0
+    assert main(["route", "--pool", str(pool_path), "--oracle", str(root / "oracle"), "--data", str(data),
+                 "--out", str(root / "routing"), "--metrics", str(root / "routing.json"), "--bootstrap", "50"]) == 0
+    return root
+
+
+def test_the_routing_stage_writes_cross_fitted_strategies_costs_and_laws(routed):
+    metrics = json.loads((routed / "routing.json").read_text())
+    table = pd.read_parquet(routed / "routing" / "strategies.parquet")
+    assert set(table.strategy) == set(routing.STRATEGIES)
+    by = table.pivot(index="ensemble", columns="strategy", values="test_bpb")
+    assert (by.mixture_uniform >= by.oracle - 1e-12).all() and (by.router_ngram >= by.oracle - 1e-12).all()
+    cost = table.pivot(index="ensemble", columns="strategy", values="flops_per_byte")
+    assert (cost.router_ngram <= cost.oracle + 1e-6).all()  # a router runs one member, the oracle all of them
+    singles = table[(table.k == 1)].pivot(index="ensemble", columns="strategy", values="test_bpb")
+    np.testing.assert_allclose(singles.mixture_uniform, singles.oracle)  # one member: every strategy is it
+    largest = metrics["at_largest_k"]
+    assert largest["k"] == 15 and largest["bpb"]["oracle"]["value"] <= largest["bpb"]["mixture_fitted"]["value"]
+    shares = largest["share_of_oracle_gain"]
+    assert shares["mixture_fitted"]["value"] >= shares["mixture_uniform"]["value"] - 0.05
+    # the texts say which family's third a document is in: the n-gram router realises most of the oracle's gain
+    assert shares["router_ngram"]["value"] > 0.5 > shares["router_best_single"]["value"]
+    assert metrics["routing_accuracy_at_largest_k"]["router_ngram"] > 0.2
+    for name in ("oracle", "mixture_fitted", "mixture_uniform"):
+        assert "params" in metrics["laws"][name] or "skipped" in metrics["laws"][name]
+    assert metrics["split"] == {"test_documents": 120, "train_documents": 120}
+    assert (routed / "routing" / "curves.csv").is_file()
+
+
+def test_the_report_draws_the_routing_figures(routed, tmp_path):
+    from mmc.report import figure_routing, figure_routing_cost, routing_markdown
+    figure_routing(pd.read_csv(routed / "routing" / "curves.csv"), tmp_path / "r.png")
+    figure_routing_cost(pd.read_csv(routed / "routing" / "strategies.csv"), tmp_path / "c.png")
+    assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "c.png").is_file()
+    text = routing_markdown(json.loads((routed / "routing.json").read_text()))
+    assert "| router: n-grams |" in text and "share of the oracle's gain" in text
