@@ -299,7 +299,7 @@ EPILOG_FIT = """example:
 
 def _run_fit(args: argparse.Namespace) -> None:
     metrics = fit_collaboration(args.pool, args.oracle, args.out, args.plots, bootstrap=args.bootstrap, seed=args.seed,
-                                holdout_fraction=args.holdout_fraction, sample_chunk=args.sample_chunk)
+                                holdout_fraction=args.holdout_fraction, sample_chunk=args.sample_chunk, x=args.x)
     floor = metrics["comparisons"]["floor"]
     fitted = sum("params" in fit for fit in metrics["fits"].values())
     print(f"wrote {args.out} and {args.plots}: {fitted} of {len(metrics['fits'])} laws fitted; floor (bits per "
@@ -325,6 +325,8 @@ def _add_fit(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout-fraction", type=float, default=HOLDOUT_FRACTION,
                         help="held-out check: fit on the smaller budgets, predict this share of the largest distinct "
                              "budgets, at least one (default %(default)s)")
+    parser.add_argument("--x", default="total", choices=("total", "nonembedding"),
+                        help="budget axis: total or non-embedding parameters (the other is reported too; default total)")
     parser.add_argument("--sample-chunk", type=int, default=SAMPLE_CHUNK,
                         help="samples per block streamed from the pool; memory grows with it (default %(default)s)")
     parser.set_defaults(run=_run_fit)

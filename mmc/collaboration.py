@@ -11,13 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
+from scipy.optimize import least_squares
 
 from mmc import MMCError, check_number
+from mmc.laws import EXPONENT_BOUNDS
 from mmc.laws import LAWS, Fit, fit_law, holdout_check, json_ready
-from mmc.oracle import bootstrap_ensembles, pareto_indices, read_ensembles
+from mmc.oracle import bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles
 from mmc.store import SAMPLE_CHUNK, check_outputs, open_store, write_json, write_tables
 
 COLLABORATION_LAW = "power"
+X_COLUMNS = {"total": "total_params", "nonembedding": "total_params_nonembedding"}
+MATCHED_BUDGETS = 5  # budgets, log-spaced over the range both series cover, where their predictions are compared
 HOLDOUT_FRACTION = 0.2  # default share of the largest budgets (distinct x) predicted by the held-out check
 POINT_COLUMNS = ["series", "total_params", "bpb"]
 CURVE_COLUMNS = ["series", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb"]
@@ -77,8 +82,8 @@ def _curve(name: str, fit: Fit, x: np.ndarray, grid_points: int) -> pd.DataFrame
 
 
 def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None, *, seed: int = 0,
-                       holdout_fraction: float = HOLDOUT_FRACTION, grid_points: int = 50
-                       ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+                       holdout_fraction: float = HOLDOUT_FRACTION, grid_points: int = 50, x: str = "total",
+                       halves: np.ndarray | None = None) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Fit the single-model and multi-model laws (L = E + A·x^-alpha on bits per byte, x = total parameters).
 
     `table` is the oracle's ensemble table; `replicates` (ensembles, resamples) its `oracle_bpb` recomputed on
@@ -86,7 +91,9 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
     (a resample that drew no sample, possible only on tiny pools, is NaN: left out and counted). A series with
     fewer points than the law has parameters + 2 gets {"skipped": why} instead of a fit (none fitted at all is an
     MMCError naming every series). The held-out check predicts
-    the largest `holdout_fraction` of each series' distinct budgets.
+    the largest `holdout_fraction` of each series' distinct budgets. `x` is "total" or "nonembedding" parameters
+    (the headline comparisons are also given under the other). `halves` (ensembles, 2), each ensemble's loss on
+    two halves of the samples, give the cross-fitted frontiers: chosen on one half, scored on the other.
     Returns the metrics (fits, held-out checks, the paper's two comparisons; JSON-ready, NaN as None), the
     fitted points and the fitted curves with bootstrap bands, both tidy for `dvc plots`.
     """
@@ -94,21 +101,24 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
         raise MMCError(f"holdout_fraction must be between 0 and 1 (got {holdout_fraction})")
     if replicates is not None and replicates.shape[0] != len(table):
         raise MMCError(f"{replicates.shape[0]} rows of bootstrap replicates for {len(table)} ensembles")
-    params, bpb = table.total_params.to_numpy(np.float64), table.oracle_bpb.to_numpy(np.float64)
-    fits, points, curves = {}, [], []
+    params, bpb = table[X_COLUMNS[x]].to_numpy(np.float64), table.oracle_bpb.to_numpy(np.float64)
+    fits, points, curves, fitted = {}, [], [], {}
     for name, rows in _series_points(table).items():
-        x, y = params[rows], bpb[rows]
+        xs, y = params[rows], bpb[rows]
         try:
-            fit = _fit_series(x, y, None if replicates is None else replicates[rows], seed)
+            fit = _fit_series(xs, y, None if replicates is None else replicates[rows], seed)
         except MMCError as error:
             fits[name] = {"skipped": str(error)}
             continue
-        fits[name] = {**fit.to_dict(), "holdout": _holdout(x, y, holdout_fraction)}
-        points.append(pd.DataFrame({"series": name, "total_params": x, "bpb": y}))
-        curves.append(_curve(name, fit, x, grid_points))
+        fitted[name] = fit
+        fits[name] = {**fit.to_dict(), "holdout": _holdout(xs, y, holdout_fraction)}
+        points.append(pd.DataFrame({"series": name, "total_params": xs, "bpb": y}))
+        curves.append(_curve(name, fit, xs, grid_points))
     if not any("params" in fit for fit in fits.values()):
         raise MMCError("no series has enough points to fit: " + "; ".join(
             f"series {name}: {fit['skipped'].removeprefix(f'law {COLLABORATION_LAW}: ')}" for name, fit in fits.items()))
+    if halves is not None:
+        fits.update(_cross_fitted(table, params, halves))
     metrics = {
         "loss": "corpus bits per byte: sum of per-sample nll / (sum of bytes * ln 2)",
         "law": f"{COLLABORATION_LAW}: {LAWS[COLLABORATION_LAW].formula}, x = total parameters of the ensemble",
@@ -118,9 +128,14 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
         "holdout": {"fraction": holdout_fraction,
                     "rule": "fit on the smaller budgets, predict the largest fraction of distinct budgets "
                             "(at least 1)"},
+        "x": f"{X_COLUMNS[x]} ({x} parameters of the ensemble)",
         "fits": fits,
-        "comparisons": _comparisons(table, fits),
+        "comparisons": {**_comparisons(table, fits),
+                        **_single_vs_multi(table, params, bpb, fitted, replicates, seed)},
     }
+    other = "nonembedding" if x == "total" else "total"
+    metrics["comparisons"][f"with_{other}_parameters"] = _single_vs_multi(
+        table, table[X_COLUMNS[other]].to_numpy(np.float64), bpb, None, None, seed)
     points = pd.concat(points, ignore_index=True) if points else pd.DataFrame(columns=POINT_COLUMNS)
     curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
     return json_ready(metrics), points, curves
@@ -185,18 +200,147 @@ def _predictions_at_budgets(table: pd.DataFrame, fits: dict) -> dict:
 
 def fit_collaboration(pool_path: str | Path, oracle_dir: str | Path, out: str | Path, plots: str | Path, *,
                       bootstrap: int, seed: int, holdout_fraction: float = HOLDOUT_FRACTION,
-                      sample_chunk: int = SAMPLE_CHUNK) -> dict:
+                      sample_chunk: int = SAMPLE_CHUNK, x: str = "total") -> dict:
     """The fit stage: the laws of `collaboration_laws` on the oracle's table, with `bootstrap` resamples of the
     pool's samples; writes the metrics JSON to `out` and points.csv and curves.csv into `plots`, atomically.
     Returns the metrics."""
     check_number("--bootstrap", bootstrap, 0, integer=True)
     check_outputs([(out, "collaboration laws"), (plots, "tables")], [pool_path, oracle_dir])
+    if x not in X_COLUMNS:
+        raise MMCError(f"fit.x must be one of {', '.join(X_COLUMNS)} (got {x!r})")
     table = read_ensembles(oracle_dir)
+    pool = open_store(pool_path, chunks={})
     replicates = None
     if bootstrap:
-        replicates = bootstrap_ensembles(open_store(pool_path, chunks={}), table.members.tolist(), bootstrap, seed,
-                                         sample_chunk)
-    metrics, points, curves = collaboration_laws(table, replicates, seed=seed, holdout_fraction=holdout_fraction)
+        replicates = bootstrap_ensembles(pool, table.members.tolist(), bootstrap, seed, sample_chunk)
+    halves = halves_ensembles(pool, table.members.tolist(), seed, sample_chunk)
+    metrics, points, curves = collaboration_laws(table, replicates, seed=seed, holdout_fraction=holdout_fraction, x=x,
+                                                 halves=halves)
     write_json(metrics, out, "collaboration laws")
     write_tables({"points": points, "curves": curves}, plots)
     return metrics
+
+
+def _frontier_rows(table: pd.DataFrame, params: np.ndarray, loss: np.ndarray, kind: str) -> np.ndarray:
+    rows = np.flatnonzero((table.kind == "single").to_numpy() if kind == "single" else np.ones(len(table), bool))
+    return rows[pareto_indices(params[rows], loss[rows])]
+
+
+def _cross_fitted(table: pd.DataFrame, params: np.ndarray, halves: np.ndarray) -> dict:
+    """Each Pareto frontier chosen on one half of the samples and scored on the other, both ways, and the law
+    fitted to those points: the in-sample frontier's optimism removed (it picks ensembles lucky on its samples)."""
+    fits = {}
+    for kind in ("single", "multi"):
+        xs, ys = [], []
+        for chosen, scored in ((0, 1), (1, 0)):
+            rows = _frontier_rows(table, params, halves[:, chosen], kind)
+            xs.append(params[rows])
+            ys.append(halves[rows, scored])
+        try:
+            fits[f"{kind}/pareto/cross_fitted"] = fit_law(COLLABORATION_LAW, {"x": np.concatenate(xs)},
+                                                          np.concatenate(ys)).to_dict()
+        except MMCError as error:
+            fits[f"{kind}/pareto/cross_fitted"] = {"skipped": str(error)}
+    return fits
+
+
+def _single_vs_multi(table: pd.DataFrame, params: np.ndarray, bpb: np.ndarray, fitted: dict | None,
+                     replicates: np.ndarray | None, seed: int) -> dict:
+    """The single-model and multi-model frontiers compared where both have data: predictions at matched budgets
+    inside both ranges (with paired bootstrap intervals of the difference), and a joint least-squares fit in log
+    space with a shared floor, testing separate floors and separate exponents (F tests of nested models)."""
+    rows = {kind: _frontier_rows(table, params, bpb, kind) for kind in ("single", "multi")}
+    points = {kind: (params[r], bpb[r]) for kind, r in rows.items()}
+    if min(len(r) for r in rows.values()) < 5:
+        return {"matched_budgets": {"skipped": "a frontier has fewer than 5 points"},
+                "joint_fit": {"skipped": "a frontier has fewer than 5 points"}}
+    if fitted is None:
+        fitted = {f"{kind}/pareto": fit_law(COLLABORATION_LAW, {"x": x}, y, profile=False)
+                  for kind, (x, y) in points.items()}
+    low = max(points["single"][0].min(), points["multi"][0].min())
+    high = min(points["single"][0].max(), points["multi"][0].max())
+    matched: dict = {"skipped": "the two frontiers' budgets do not overlap"}
+    if low < high:
+        budgets = np.geomspace(low, high, MATCHED_BUDGETS)
+        single, multi = (fitted[f"{kind}/pareto"] for kind in ("single", "multi"))
+        matched = {"total_params": budgets.tolist(), "single": single.predict(x=budgets).tolist(),
+                   "multi": multi.predict(x=budgets).tolist(),
+                   "multi_minus_single": (multi.predict(x=budgets) - single.predict(x=budgets)).tolist()}
+        draws = [fit.bootstrap_params for fit in (single, multi)]
+        if all(d is not None for d in draws) and len(draws[0]) == len(draws[1]):  # the same resamples: paired
+            law = LAWS[COLLABORATION_LAW]
+            predicted = [np.array([law.predict(dict(zip(law.params, row)), x=budgets) for row in d]) for d in draws]
+            for name, values in (("single", predicted[0]), ("multi", predicted[1]),
+                                 ("multi_minus_single", predicted[1] - predicted[0])):
+                matched[f"{name}_ci95"] = np.percentile(values, [2.5, 97.5], axis=0).T.tolist()
+    joint = _joint_fit(points, None if replicates is None else {k: replicates[r] for k, r in rows.items()})
+    return {"matched_budgets": matched, "joint_fit": joint}
+
+
+def _joint_residuals(theta: np.ndarray, points: dict, shape: str) -> np.ndarray:
+    """Log residuals of both frontiers under a shared floor: θ = (log E, log A_s, α_s, log A_m, α_m), or with
+    `shape` "shared_exponent" (log E, log A_s, log A_m, α)."""
+    if shape == "shared_exponent":
+        log_e, log_as, log_am, alpha = theta
+        alpha_s = alpha_m = alpha
+    else:
+        log_e, log_as, alpha_s, log_am, alpha_m = theta
+    (xs, ys), (xm, ym) = points["single"], points["multi"]
+    return np.concatenate([np.log(np.exp(log_e) + np.exp(log_as) * xs ** -alpha_s) - np.log(ys),
+                           np.log(np.exp(log_e) + np.exp(log_am) * xm ** -alpha_m) - np.log(ym)])
+
+
+def _fit_joint(points: dict, shape: str, starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    size = 4 if shape == "shared_exponent" else 5
+    low = np.full(size, -np.inf)
+    high = np.full(size, np.inf)
+    for i in ((3,) if shape == "shared_exponent" else (2, 4)):
+        low[i], high[i] = EXPONENT_BOUNDS
+    best = None
+    for start in starts:
+        result = least_squares(_joint_residuals, np.clip(start, low + 1e-9, high - 1e-9), bounds=(low, high),
+                               args=(points, shape), method="trf")
+        if best is None or result.cost < best.cost:
+            best = result
+    return best.x, float(2 * best.cost)
+
+
+def _joint_fit(points: dict, replicates: dict | None) -> dict:
+    """Nested least-squares fits in log space: separate laws (6 parameters), a shared floor (5), a shared floor
+    and exponent (4); F tests of each restriction, and the exponent difference under the shared floor with its
+    bootstrap interval (the same resamples refitted)."""
+    separate = {kind: fit_law(COLLABORATION_LAW, {"x": x}, y, huber_delta=None, profile=False)
+                for kind, (x, y) in points.items()}
+    rss_separate = sum(2 * fit.objective for fit in separate.values())
+    s, m = separate["single"].params, separate["multi"].params
+    floors = [min(s["E"], m["E"]), np.sqrt(max(s["E"], 1e-12) * max(m["E"], 1e-12)), max(s["E"], m["E"])]
+    starts = [np.log([max(floor, 1e-12), s["A"], 1.0, m["A"], 1.0]) * [1, 1, 0, 1, 0] + [0, 0, s["alpha"], 0, m["alpha"]]
+              for floor in floors]
+    theta, rss_floor = _fit_joint(points, "shared_floor", starts)
+    shared = [np.array([theta[0], theta[1], theta[3], (theta[2] + theta[4]) / 2])]
+    theta_exponent, rss_exponent = _fit_joint(points, "shared_exponent", shared)
+    n = sum(len(y) for _, y in points.values())
+
+    def test(rss_restricted: float, rss_full: float, dof: int) -> dict:
+        statistic = (rss_restricted - rss_full) / max(rss_full / dof, 1e-300)
+        return {"f_statistic": float(statistic), "p_value": float(stats.f.sf(statistic, 1, dof))}
+
+    result = {
+        "fit": "least squares on log loss; single/pareto and multi/pareto frontiers, one floor E for both",
+        "rss_log": {"separate": rss_separate, "shared_floor": rss_floor, "shared_floor_and_exponent": rss_exponent},
+        "shared_floor": {"E": float(np.exp(theta[0])), "alpha_single": float(theta[2]), "alpha_multi": float(theta[4]),
+                         "alpha_multi_minus_single": float(theta[4] - theta[2])},
+        "separate_floors_supported": test(rss_floor, rss_separate, n - 6),
+        "separate_exponents_supported": test(rss_exponent, rss_floor, n - 5),
+    }
+    if replicates is not None:
+        differences = []
+        for column in range(replicates["single"].shape[1]):
+            again = {kind: (points[kind][0], replicates[kind][:, column]) for kind in points}
+            if all(np.isfinite(y).all() and (y > 0).all() for _, y in again.values()):
+                refit, _ = _fit_joint(again, "shared_floor", [theta])
+                differences.append(refit[4] - refit[2])
+        if differences:
+            result["shared_floor"]["alpha_multi_minus_single_ci95"] = np.percentile(differences, [2.5, 97.5]).tolist()
+            result["shared_floor"]["n_bootstrap"] = len(differences)
+    return result

@@ -94,6 +94,8 @@ class Law:
 
 
 EXPONENT_BOUNDS = (0.0, 3.0)
+# the merging amplitude A0·N^-γ may grow with N (γ < 0): the law's shape is tested, not imposed
+SIGNED_EXPONENT_BOUNDS = (-3.0, 3.0)
 POSITIVE = (0.0, math.inf)
 
 LAWS: dict[str, Law] = {law.name: law for law in (
@@ -105,7 +107,7 @@ LAWS: dict[str, Law] = {law.name: law for law in (
         (Term("E"), Term("A", (("N", "alpha"),)), Term("B", (("D", "beta"),)))),
     Law("merging", "L = L_star + B * N^(-beta) + A0 * N^(-gamma) / (k + b)", ("N", "k"),
         ("L_star", "B", "beta", "A0", "gamma", "b"),
-        {"L_star": POSITIVE, "B": POSITIVE, "beta": EXPONENT_BOUNDS, "A0": POSITIVE, "gamma": EXPONENT_BOUNDS,
+        {"L_star": POSITIVE, "B": POSITIVE, "beta": EXPONENT_BOUNDS, "A0": POSITIVE, "gamma": SIGNED_EXPONENT_BOUNDS,
          "b": (-0.99, 50.0)},
         (Term("L_star"), Term("B", (("N", "beta"),)), Term("A0", (("N", "gamma"),), shift=("k", "b")))),
 )}

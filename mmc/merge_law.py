@@ -155,14 +155,66 @@ def fit_merging_law(curves: pd.DataFrame, target: str, replicates: Sequence[pd.D
                        for again in replicates]) if len(replicates) else None
     fit = fit_law(MERGING_LAW, inputs, loss, seed=seed, replicates=matrix)
     result = fit.to_dict()
+    if fit.bootstrap_params is not None:  # the plan's intervals: each answer computed for every resample's law
+        result["bootstrap_params"] = fit.bootstrap_params.tolist()
+    residual = np.log(fit.predict(**inputs)) - np.log(loss)
+    result["within_base_r2_log"] = _within_base_r2(curves.n_params.to_numpy(), np.log(loss), residual)
+    result["amplitude_grows_with_n"] = bool(fit.params["gamma"] < 0)
     checks = {"holdout": lambda: holdout_check(MERGING_LAW, inputs, loss, "k", n_holdout=holdout_k),
               "forecast": lambda: predict_held_out(MERGING_LAW, inputs, loss, ~np.isin(inputs["k"], forecast_from), "k")}
+    if len(np.unique(inputs["N"])) >= 4:  # a base size held out: fit on the others, predict it
+        checks["held_out_base"] = lambda: _held_out_base(inputs, loss)
     for name, check in checks.items():
         try:
             result[name] = check().to_dict()
         except MMCError as error:
             result[name] = {"skipped": str(error).removeprefix("skipped: ")}
+    if "skipped" in result["holdout"]:
+        result["baselines"] = {"skipped": "no held-out check to compare with"}
+    else:
+        result["baselines"] = _baselines(inputs, loss, holdout_k)
     return result
+
+
+def _within_base_r2(sizes: np.ndarray, log_loss: np.ndarray, residual: np.ndarray) -> dict:
+    """R² in log space within each base size: how much of the loss's variation over k (and methods) the law
+    explains once the base's level is given (the floor term alone fits the differences between bases)."""
+    out = {}
+    for size in np.unique(sizes):
+        rows = sizes == size
+        spread = float(((log_loss[rows] - log_loss[rows].mean()) ** 2).sum())
+        out[str(int(size))] = 1.0 - float((residual[rows] ** 2).sum()) / spread if spread > 0 else None
+    return out
+
+
+def _held_out_base(inputs: dict[str, np.ndarray], loss: np.ndarray):
+    """Fit on every base size but the largest and predict it: the forecast in N that planning relies on."""
+    return predict_held_out(MERGING_LAW, inputs, loss, inputs["N"] == inputs["N"].max(), "N")
+
+
+def _baselines(inputs: dict[str, np.ndarray], loss: np.ndarray, holdout_k: int) -> dict:
+    """Simple baselines on the same held-out k as the law's check: per base c + a/k (two parameters per base,
+    least squares on the smaller k) and carrying each base's last observed loss forward."""
+    k, sizes = inputs["k"], inputs["N"]
+    held = k >= np.unique(k)[-holdout_k]
+    per_base, carried = np.full(len(loss), np.nan), np.full(len(loss), np.nan)
+    for size in np.unique(sizes):
+        rows = sizes == size
+        train = rows & ~held
+        if train.sum() >= 2 and len(np.unique(k[train])) >= 2:
+            design = np.column_stack([np.ones(train.sum()), 1.0 / k[train]])
+            coefficients = np.linalg.lstsq(design, loss[train], rcond=None)[0]
+            per_base[rows & held] = coefficients[0] + coefficients[1] / k[rows & held]
+        if train.any():
+            last = k[train].max()
+            carried[rows & held] = loss[train & (k == last)].mean()
+
+    def errors(predicted: np.ndarray) -> dict:
+        relative = np.abs(predicted[held] / loss[held] - 1.0)
+        return {"max_abs_relative_error": float(np.nanmax(relative)), "mean_abs_relative_error": float(np.nanmean(relative))}
+
+    return {"held_out_k": np.unique(k[held]).tolist(), "per_base_c_plus_a_over_k": errors(per_base),
+            "carry_last_k_forward": errors(carried)}
 
 
 def plan_merging(params: Mapping[str, float], n_params: float, *, target: float | None = None,
@@ -240,10 +292,40 @@ def plan_from_law(law_path: str | Path, *, method: str = "joint", loss: str = "i
     budget = budget if budget_multiple is None else budget_multiple * max(sizes)
     budget = None if budget is None else float(budget)
     plan = plan_merging(fit["params"], n_params, target=target, epsilon=epsilon, budget=budget, sizes=sizes)
+    draws = [plan_merging(dict(zip(LAWS[MERGING_LAW].params, row)), n_params, target=target, epsilon=epsilon,
+                          budget=budget, sizes=sizes) for row in fit.get("bootstrap_params", [])]
+    _mark_extrapolation(plan, draws, max_k=len(law.get("expert_domains", [])) or None,
+                        max_n=max(law["bases"]["n_params"]))
     plan.update(method=method, loss=loss, law=str(path))
     if out:
         write_json(plan, out, "merge plan")
     return plan
+
+
+def _mark_extrapolation(plan: dict, draws: list[dict], *, max_k: int | None, max_n: float) -> None:
+    """Mark every answer beyond the observed range (k above the experts merged, N above the largest base) as
+    extrapolation, and give each k its 95% interval over the bootstrap resamples' laws (None: unreachable)."""
+    def interval(pick) -> list | None:
+        values = np.array([np.inf if pick(draw) is None else pick(draw) for draw in draws], dtype=float)
+        if not len(values):
+            return None
+        low, high = np.percentile(values, [2.5, 97.5])
+        return [float(low), None if not np.isfinite(high) else float(high)]
+
+    def mark(answer: dict, k_key: str, pick) -> None:
+        k = answer.get(k_key)
+        answer["extrapolation"] = bool(plan["n_params"] > max_n or (k is not None and max_k is not None and k > max_k))
+        answer["ci95"] = interval(pick)
+
+    plan["observed"] = {"max_k": max_k, "max_n_params": max_n, "n_params_extrapolated": bool(plan["n_params"] > max_n)}
+    if "target" in plan:
+        mark(plan["target"], "k", lambda draw: draw["target"]["k"])
+    mark(plan["stop"], "k", lambda draw: draw["stop"]["k"])
+    for i, row in enumerate(plan["gain_fractions"]):
+        mark(row, "k", lambda draw, i=i: draw["gain_fractions"][i]["k"])
+    for i, option in enumerate(plan.get("budget", {}).get("options", [])):
+        mark(option, "k", lambda draw, i=i: draw["budget"]["options"][i]["predicted"])
+        option["extrapolation"] = bool(option["extrapolation"] or option["n_params"] > max_n)
 
 
 def plan_text(plan: dict) -> str:
@@ -253,11 +335,12 @@ def plan_text(plan: dict) -> str:
     if "target" in plan:
         answer = plan["target"]
         lines.append(f"  (a) target {answer['target']}: " + (f"k = {answer['k']} (predicted {answer['predicted']:.4f})"
-                                                             if answer["k"] else f"unreachable: {answer['reason']}"))
+                                                             if answer["k"] else f"unreachable: {answer['reason']}")
+                     + beyond_text(answer))
     stop = plan["stop"]
-    lines.append(f"  (b) stop at k = {stop['k']}: the next expert gains {stop['marginal_gain_at_k']:.5f} < "
+    lines.append(f"  (b) stop at k = {stop['k']}{beyond_text(stop)}: the next expert gains {stop['marginal_gain_at_k']:.5f} < "
                  f"{stop['epsilon']}; within epsilon of the floor from k = {stop['k_within_epsilon_of_floor']:.1f}")
-    lines.append("      " + ", ".join(f"{row['fraction']:.0%} of the gain beyond one expert at k = {row['k']}"
+    lines.append("      " + ", ".join(f"{row['fraction']:.0%} of the gain beyond one expert at k = {row['k']}{beyond_text(row)}"
                                       for row in plan["gain_fractions"]))
     if "budget" in plan:
         lines.append(f"  (c) budget {plan['budget']['budget']:,.0f} expert-parameters (k experts of size N cost k*N):")
@@ -266,3 +349,11 @@ def plan_text(plan: dict) -> str:
             lines.append(f"      N = {option['n_params']:>12,.0f}  k = {option['k']:>3}  "
                          f"predicted {option['predicted']:.4f}{best}")
     return "\n".join(lines)
+
+
+def beyond_text(answer: dict) -> str:
+    """' (extrapolated; 95% interval [a, b])' for an answer beyond the observed range."""
+    interval = answer.get("ci95")
+    span = "" if not interval else f"; 95% interval [{interval[0]:.3g}, " + \
+        ("unreachable" if interval[1] is None else f"{interval[1]:.3g}") + "]"
+    return f" (extrapolated{span})" if answer.get("extrapolation") else (f" ({span[2:]})" if span else "")

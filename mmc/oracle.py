@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -359,21 +359,32 @@ def poisson_weights(seed: int, start: int, stop: int, n_bootstrap: int) -> np.nd
     return np.concatenate(blocks)[start - offset:stop - offset].astype(np.float64)
 
 
-class _BootstrapMinima(_EnsembleMinima):
-    """Σ_s w[s, r] · min_{m∈S} nll[m, s] for every ensemble S and bootstrap replicate r, and Σ_s w[s, r] · bytes:
-    (minima block) @ (weights block), accumulated in the streaming pass that takes the minima."""
+def half_weights(seed: int, start: int, stop: int) -> np.ndarray:
+    """(samples, 2) indicators of two seeded halves of the pool's samples [start, stop), by position (as
+    `poisson_weights`, the same however the pool is streamed)."""
+    first, last = start // WEIGHT_BLOCK, -(-stop // WEIGHT_BLOCK)
+    draws = np.concatenate([np.random.default_rng([seed, block, 2]).random(WEIGHT_BLOCK) for block in range(first, last)])
+    first_half = draws[start - first * WEIGHT_BLOCK:stop - first * WEIGHT_BLOCK] < 0.5
+    return np.column_stack([first_half, ~first_half]).astype(np.float64)
 
-    def __init__(self, ensembles: Sequence[Ensemble], n_models: int, n_bootstrap: int, seed: int) -> None:
+
+class _BootstrapMinima(_EnsembleMinima):
+    """Σ_s w[s, r] · min_{m∈S} nll[m, s] for every ensemble S and weight column r, and Σ_s w[s, r] · bytes:
+    (minima block) @ (weights block), accumulated in the streaming pass that takes the minima. `weights(start,
+    stop)` gives the (samples, columns) weights of the pool's samples [start, stop)."""
+
+    def __init__(self, ensembles: Sequence[Ensemble], n_models: int, n_columns: int,
+                 weights: Callable[[int, int], np.ndarray]) -> None:
         super().__init__(ensembles, n_models)
-        self.n_bootstrap, self.seed = n_bootstrap, seed
-        self.sorted_boot_sums = np.zeros((len(ensembles), n_bootstrap))
-        self.boot_bytes = np.zeros(n_bootstrap)
+        self.weights = weights
+        self.sorted_boot_sums = np.zeros((len(ensembles), n_columns))
+        self.boot_bytes = np.zeros(n_columns)
 
     def update(self, chunk: _Chunk) -> None:
         weights = None
         for start, stop, first, last, minima in self.block_minima(chunk):
             if first == 0:  # the first block of ensembles on new samples
-                weights = poisson_weights(self.seed, chunk.offset + start, chunk.offset + stop, self.n_bootstrap)
+                weights = self.weights(chunk.offset + start, chunk.offset + stop)
                 self.boot_bytes += chunk.n_bytes[start:stop] @ weights
             self.sorted_boot_sums[first:last] += minima @ weights
 
@@ -520,10 +531,26 @@ def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_bo
         raise MMCError(f"ensemble member {error} is not a model of the pool") from None
     if n_bootstrap < 1:
         raise MMCError(f"the number of bootstrap resamples must be at least 1 (got {n_bootstrap})")
-    sums = _BootstrapMinima(ensembles, models.count, n_bootstrap, seed)
+    sums = _BootstrapMinima(ensembles, models.count, n_bootstrap,
+                            lambda start, stop: poisson_weights(seed, start, stop, n_bootstrap))
     _stream(pool, [sums], sample_chunk)
     with np.errstate(invalid="ignore"):
         return sums.boot_sums / (sums.boot_bytes * LN2)
+
+
+def halves_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], seed: int,
+                     sample_chunk: int = SAMPLE_CHUNK) -> np.ndarray:
+    """(ensembles, 2): each ensemble's oracle bits per byte on two seeded halves of the samples (`half_weights`),
+    for choosing on one half and scoring on the other (cross-fitting), in one streaming pass."""
+    models = _Models.of(pool)
+    index = {name: i for i, name in enumerate(models.names)}
+    try:
+        ensembles = [Ensemble(tuple(sorted(index[name] for name in names)), "") for names in members]
+    except KeyError as error:
+        raise MMCError(f"ensemble member {error} is not a model of the pool") from None
+    sums = _BootstrapMinima(ensembles, models.count, 2, lambda start, stop: half_weights(seed, start, stop))
+    _stream(pool, [sums], sample_chunk)
+    return sums.boot_sums / (sums.boot_bytes * LN2)
 
 
 OUTPUT_CSVS = ("ensembles", "expected_curves", "pareto", "attribution")

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 
 from mmc import MMCError  # noqa: E402
 from mmc.laws import LAWS  # noqa: E402
-from mmc.merge_law import MERGING_LAW  # noqa: E402
+from mmc.merge_law import MERGING_LAW, beyond_text  # noqa: E402
 from mmc.oracle import pareto_indices, read_ensembles  # noqa: E402
 from mmc.store import atomic_path, check_outputs  # noqa: E402
 
@@ -305,6 +305,24 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     for name, row in floor["predicted_bpb_at"].items():
         lines.append(f"- {name.replace('_', ' ')} ({row['total_params']:.3g} parameters): single "
                      f"{_fmt(row.get('single/pareto'))}, multi {_fmt(row.get('multi/pareto'))} bits per byte")
+    matched = laws["comparisons"].get("matched_budgets", {})
+    if "total_params" in matched:
+        lines += ["", "**Single vs multi at matched budgets** (inside both frontiers' ranges; 95% intervals over the "
+                  "same resamples):", "", "| total parameters | single | multi | multi − single |", "|---|---|---|---|"]
+        for i, budget in enumerate(matched["total_params"]):
+            intervals = [matched.get(f"{name}_ci95", [None] * len(matched["total_params"]))[i]
+                         for name in ("single", "multi", "multi_minus_single")]
+            lines.append(f"| {budget:.3g} | {_fmt(matched['single'][i], intervals[0])} | "
+                         f"{_fmt(matched['multi'][i], intervals[1])} | {_fmt(matched['multi_minus_single'][i], intervals[2])} |")
+    joint = laws["comparisons"].get("joint_fit", {})
+    if "shared_floor" in joint:
+        shared = joint["shared_floor"]
+        lines += ["", f"**Joint fit, one floor for both** (least squares on log loss): E = {shared['E']:.4g}, exponent "
+                  f"multi − single {_fmt(shared['alpha_multi_minus_single'], shared.get('alpha_multi_minus_single_ci95'))}; "
+                  f"separate floors: F = {joint['separate_floors_supported']['f_statistic']:.3g}, "
+                  f"p = {joint['separate_floors_supported']['p_value']:.3g}; separate exponents: "
+                  f"F = {joint['separate_exponents_supported']['f_statistic']:.3g}, "
+                  f"p = {joint['separate_exponents_supported']['p_value']:.3g}."]
     hetero = laws["fits"].get("multi/heterogeneous", {})
     lines += ["", "**Heterogeneous vs homogeneous.** exponent "
               + (_param(hetero, "alpha") if "params" in hetero else "–")
@@ -343,17 +361,22 @@ def plan_markdown(plan: dict) -> str:
         target = plan["target"]
         answer = (f"k = {target['k']} (predicted {target['predicted']:.4f})" if target["k"]
                   else f"unreachable: {target['reason']}")
-        rows.append(f"| (a) experts to reach {target['target']} bits per byte | {answer} |")
+        rows.append(f"| (a) experts to reach {target['target']} bits per byte | {answer}{beyond_text(target)} |")
     stop = plan["stop"]
-    rows.append(f"| (b) stop adding experts (next gains < {stop['epsilon']}) | k = {stop['k']} "
+    rows.append(f"| (b) stop adding experts (next gains < {stop['epsilon']}) | k = {stop['k']}{beyond_text(stop)} "
                 f"(next expert gains {stop['marginal_gain_at_k']:.5f}) |")
-    rows += [f"| k reaching {row['fraction']:.0%} of the gain beyond one expert | k = {row['k']} |"
+    rows += [f"| k reaching {row['fraction']:.0%} of the gain beyond one expert | k = {row['k']}{beyond_text(row)} |"
              for row in plan.get("gain_fractions", [])]
     if "budget" in plan:
         for option in plan["budget"]["options"]:
             best = " **(best)**" if option == plan["budget"]["best"] else ""
             rows.append(f"| (c) budget {plan['budget']['budget']:,.0f}: base N = {option['n_params']:,.0f} | "
-                        f"k = {option['k']}, predicted {option['predicted']:.4f}{best} |")
+                        f"k = {option['k']}, predicted {option['predicted']:.4f}{best}"
+                        f"{' (extrapolated)' if option.get('extrapolation') else ''} |")
+    observed = plan.get("observed")
+    if observed:
+        rows += ["", f"Observed range: k ≤ {observed['max_k']}, N ≤ {observed['max_n_params']:,.0f}; answers "
+                 "beyond it are marked extrapolated, with 95% intervals over the bootstrap resamples' laws."]
     return "\n".join(rows)
 
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -13,7 +14,7 @@ from mmc import MMCError
 from mmc.cli import main
 from mmc.laws import get_law
 from mmc.losses import compute_losses
-from mmc.merge_law import fit_merge_laws, merge_points, plan_merging
+from mmc.merge_law import fit_merge_laws, fit_merging_law, merge_points, plan_from_law, plan_merging
 from mmc.merging import MergeSpec
 from mmc.sweep import expert_subsets, merge_sweep
 from mmc.store import write_store
@@ -197,3 +198,60 @@ def test_plan_cli_reads_the_fitted_law_and_writes_json(tmp_path, capsys):
                                                "method 'dare' (too few points)")
     assert main(["plan", "--law", str(tmp_path / "missing.json")]) == 2
     assert "fit the merging law first" in capsys.readouterr().err
+
+
+def law_curves(truth: dict, sizes=(1e4, 4e4, 1.6e5, 6.4e5), ks=range(1, 7), noise: float = 0.0, seed: int = 0
+               ) -> pd.DataFrame:
+    """Merge curves (one row per base size and k) that follow `truth` exactly, or with lognormal noise."""
+    n_params, k = np.meshgrid(np.array(sizes, dtype=float), np.array(list(ks), dtype=float))
+    loss = get_law("merging").predict(truth, N=n_params.ravel(), k=k.ravel())
+    loss = loss * np.random.default_rng(seed).lognormal(0.0, noise, loss.shape) if noise else loss
+    return pd.DataFrame({"n_params": n_params.ravel(), "method": "average", "k": k.ravel(), "in_domain_bpb_mean": loss})
+
+
+def test_gamma_may_be_negative_and_the_amplitude_is_said_to_grow_with_n():
+    truth = {**TRUE_LAW, "gamma": -0.2, "A0": 0.5}  # the amplitude grows with N, as the default study's average
+    result = fit_merging_law(law_curves(truth), "in_domain_bpb_mean")
+    assert result["params"]["gamma"] == pytest.approx(-0.2, abs=1e-3) and result["amplitude_grows_with_n"] is True
+    assert fit_merging_law(law_curves(TRUE_LAW), "in_domain_bpb_mean")["amplitude_grows_with_n"] is False
+
+
+def test_within_base_r2_baselines_and_the_held_out_base_size():
+    curves = law_curves(TRUE_LAW)
+    result = fit_merging_law(curves, "in_domain_bpb_mean", holdout_k=2)
+    assert result["within_base_r2_log"] == pytest.approx({"10000": 1.0, "40000": 1.0, "160000": 1.0, "640000": 1.0},
+                                                        abs=1e-8)
+    assert result["held_out_base"]["held_out"] == [640000.0] and result["held_out_base"]["max_abs_relative_error"] < 1e-5
+    baselines = result["baselines"]
+    assert baselines["held_out_k"] == [5.0, 6.0]
+    # c + a/k is the law at b = 0: here b = 0.5, so it is close but not exact; carrying k = 4 forward overestimates
+    k4 = curves[curves.k == 4].set_index("n_params").in_domain_bpb_mean
+    held = curves[curves.k >= 5]
+    carried = np.abs(k4.loc[held.n_params].to_numpy() / held.in_domain_bpb_mean.to_numpy() - 1)
+    assert baselines["carry_last_k_forward"]["max_abs_relative_error"] == pytest.approx(carried.max(), rel=1e-12)
+    assert result["holdout"]["max_abs_relative_error"] < baselines["per_base_c_plus_a_over_k"]["max_abs_relative_error"]
+    # data that are exactly c + a/k per base: that baseline's error is 0
+    exact = law_curves({**TRUE_LAW, "b": 0.0}, sizes=(1e4, 4e4, 1.6e5))
+    assert fit_merging_law(exact, "in_domain_bpb_mean")["baselines"]["per_base_c_plus_a_over_k"][
+        "max_abs_relative_error"] == pytest.approx(0.0, abs=1e-12)
+    assert "held_out_base" not in fit_merging_law(exact, "in_domain_bpb_mean")  # three bases: none held out
+
+
+def test_the_plan_marks_extrapolation_with_intervals(tmp_path):
+    curves = law_curves(TRUE_LAW, noise=0.003)
+    replicates = [law_curves(TRUE_LAW, noise=0.003, seed=seed) for seed in range(1, 21)]
+    fit = fit_merging_law(curves, "in_domain_bpb_mean", replicates)
+    law = {"fits": {"joint": {"in_domain": fit}}, "bases": {"n_params": [1e4, 4e4, 1.6e5, 6.4e5]},
+           "expert_domains": ["d1", "d2", "d3", "d4", "d5", "d6"]}
+    (tmp_path / "law.json").write_text(json.dumps(law))
+
+    plan = plan_from_law(tmp_path / "law.json", epsilon=1e-4, budget_multiple=4)
+    assert plan["observed"] == {"max_k": 6, "max_n_params": 6.4e5, "n_params_extrapolated": False}
+    fractions = {row["fraction"]: row for row in plan["gain_fractions"]}
+    for row in [plan["stop"], *fractions.values()]:
+        assert row["extrapolation"] == (row["k"] > 6)
+        low, high = row["ci95"]
+        assert low <= row["k"] and (high is None or row["k"] <= high + 1)
+    assert plan["stop"]["extrapolation"] is True  # a gain of 1e-4 per expert comes far beyond six experts
+    larger = plan_from_law(tmp_path / "law.json", n_params=1e7)
+    assert larger["observed"]["n_params_extrapolated"] and larger["stop"]["extrapolation"]

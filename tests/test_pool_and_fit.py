@@ -79,11 +79,14 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
     assert main(["fit", "--pool", str(pool), "--oracle", str(tmp_path / "oracle"), "--out", str(tmp_path / "laws.json"),
                  "--plots", str(tmp_path / "plots"), "--bootstrap", "40"]) == 0
     laws = json.loads((tmp_path / "laws.json").read_text(), parse_constant=reject_constant)
-    assert set(laws) == {"loss", "law", "bootstrap", "holdout", "fits", "comparisons"}
+    assert set(laws) == {"loss", "law", "x", "bootstrap", "holdout", "fits", "comparisons"}
     assert "bits per byte" in laws["loss"] and laws["bootstrap"]["resamples"] == 40
     assert {"single/pareto", "single/pooled", "single/alpha", "multi/pareto", "multi/heterogeneous",
             "multi/homogeneous/beta"} <= set(laws["fits"])
     for name, fit in laws["fits"].items():
+        if name.endswith("/cross_fitted"):  # chosen on one half of the samples, scored on the other: no resampling
+            assert fit["n_bootstrap"] == 0 and fit["ci95"] is None, name
+            continue
         assert fit["n_bootstrap"] == 40 and fit["n_bootstrap_converged"] >= 36, name
         assert set(fit) >= FIT_KEYS, name
         for param, interval in fit["ci95"].items():
@@ -104,7 +107,8 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
     alpha = laws["fits"]["single/alpha"]["params"]
     assert 0.15 < alpha["alpha"] < 0.6 and 0.8 < alpha["E"] < 1.3
     comparisons = laws["comparisons"]
-    assert set(comparisons) == {"floor", "heterogeneous_vs_homogeneous"}
+    assert set(comparisons) == {"floor", "heterogeneous_vs_homogeneous", "matched_budgets", "joint_fit",
+                                "with_nonembedding_parameters"}
     assert set(comparisons["floor"]) >= {"single", "single_ci95", "multi", "multi_ci95", "multi_minus_single"}
     assert set(comparisons["heterogeneous_vs_homogeneous"]) >= {
         "alpha_heterogeneous", "alpha_heterogeneous_ci95", "alpha_homogeneous", "mean_gain_bpb", "mean_gain_bpb_by_k"}
@@ -155,3 +159,41 @@ def test_fit_skips_the_series_with_too_few_points(tmp_path):
     pooled = laws["fits"]["single/pooled"]
     assert pooled["n_points"] == 7 and pooled["n_bootstrap"] == 60 and pooled["holdout"]["held_out"] == [160.0]
     assert pooled["n_bootstrap_converged"] <= 60
+
+
+def test_the_joint_fit_tells_a_shared_floor_from_separate_exponents():
+    """Frontiers with one floor and different exponents: separate floors are not supported, separate exponents
+    are; with different floors, the shared-floor fit is rejected."""
+    from mmc.collaboration import _joint_fit
+    rng = np.random.default_rng(0)
+    x = np.geomspace(1e4, 1e7, 8)
+
+    def frontier(e, a, alpha):
+        return x, (e + a * x ** -alpha) * rng.lognormal(0, 0.002, len(x))
+
+    same_floor = _joint_fit({"single": frontier(1.5, 40, 0.3), "multi": frontier(1.5, 40, 0.45)}, None)
+    assert same_floor["separate_floors_supported"]["p_value"] > 0.05
+    assert same_floor["separate_exponents_supported"]["p_value"] < 1e-3
+    assert same_floor["shared_floor"]["E"] == pytest.approx(1.5, rel=0.02)
+    assert same_floor["shared_floor"]["alpha_multi_minus_single"] == pytest.approx(0.15, abs=0.02)
+    other_floor = _joint_fit({"single": frontier(1.5, 40, 0.3), "multi": frontier(1.0, 40, 0.3)}, None)
+    assert other_floor["separate_floors_supported"]["p_value"] < 1e-3
+
+
+def test_fit_reports_matched_budgets_the_joint_test_and_cross_fitted_frontiers(tmp_path):
+    pool = synthetic_pool(tmp_path / "pool.zarr")
+    assert main(["oracle", "--pool", str(pool), "--out", str(tmp_path / "oracle"), "--max-subsets-per-k", "30"]) == 0
+    assert main(["fit", "--pool", str(pool), "--oracle", str(tmp_path / "oracle"), "--out", str(tmp_path / "l.json"),
+                 "--plots", str(tmp_path / "plots"), "--bootstrap", "30", "--x", "nonembedding"]) == 0
+    laws = json.loads((tmp_path / "l.json").read_text(), parse_constant=reject_constant)
+    assert laws["x"].startswith("total_params_nonembedding")
+    matched = laws["comparisons"]["matched_budgets"]
+    assert len(matched["total_params"]) == 5 and len(matched["multi_minus_single_ci95"]) == 5
+    for (low, high), value in zip(matched["multi_minus_single_ci95"], matched["multi_minus_single"]):
+        assert low <= high
+    joint = laws["comparisons"]["joint_fit"]
+    assert 0 <= joint["separate_floors_supported"]["p_value"] <= 1 and joint["shared_floor"]["n_bootstrap"] == 30
+    low, high = joint["shared_floor"]["alpha_multi_minus_single_ci95"]
+    assert low <= high
+    assert {"single/pareto/cross_fitted", "multi/pareto/cross_fitted"} <= set(laws["fits"])
+    assert "matched_budgets" in laws["comparisons"]["with_total_parameters"]
