@@ -523,34 +523,32 @@ def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_bo
     however the pool is chunked); all replicates come from one streaming pass over the pool. A replicate that
     drew no sample at all (possible only for tiny pools) is NaN.
     """
-    models = _Models.of(pool)
-    index = {name: i for i, name in enumerate(models.names)}
-    try:
-        ensembles = [Ensemble(tuple(sorted(index[name] for name in names)), "") for names in members]
-    except KeyError as error:
-        raise MMCError(f"ensemble member {error} is not a model of the pool") from None
     if n_bootstrap < 1:
         raise MMCError(f"the number of bootstrap resamples must be at least 1 (got {n_bootstrap})")
-    sums = _BootstrapMinima(ensembles, models.count, n_bootstrap,
-                            lambda start, stop: poisson_weights(seed, start, stop, n_bootstrap))
-    _stream(pool, [sums], sample_chunk)
-    with np.errstate(invalid="ignore"):
-        return sums.boot_sums / (sums.boot_bytes * LN2)
+    return _weighted_ensembles(pool, members, n_bootstrap,
+                               lambda start, stop: poisson_weights(seed, start, stop, n_bootstrap), sample_chunk)
 
 
 def halves_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], seed: int,
                      sample_chunk: int = SAMPLE_CHUNK) -> np.ndarray:
     """(ensembles, 2): each ensemble's oracle bits per byte on two seeded halves of the samples (`half_weights`),
     for choosing on one half and scoring on the other (cross-fitting), in one streaming pass."""
+    return _weighted_ensembles(pool, members, 2, lambda start, stop: half_weights(seed, start, stop), sample_chunk)
+
+
+def _weighted_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_columns: int,
+                        weights: Callable[[int, int], np.ndarray], sample_chunk: int) -> np.ndarray:
+    """(ensembles, columns): each ensemble's oracle bits per byte under each column of sample weights."""
     models = _Models.of(pool)
     index = {name: i for i, name in enumerate(models.names)}
     try:
         ensembles = [Ensemble(tuple(sorted(index[name] for name in names)), "") for names in members]
     except KeyError as error:
         raise MMCError(f"ensemble member {error} is not a model of the pool") from None
-    sums = _BootstrapMinima(ensembles, models.count, 2, lambda start, stop: half_weights(seed, start, stop))
+    sums = _BootstrapMinima(ensembles, models.count, n_columns, weights)
     _stream(pool, [sums], sample_chunk)
-    return sums.boot_sums / (sums.boot_bytes * LN2)
+    with np.errstate(invalid="ignore"):
+        return sums.boot_sums / (sums.boot_bytes * LN2)
 
 
 OUTPUT_CSVS = ("ensembles", "expected_curves", "pareto", "attribution")
