@@ -395,14 +395,19 @@ def _scipy_polish(design: _Design, theta: np.ndarray, target: np.ndarray, weight
 
 
 def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | None, density: int,
-               keep: int, grid: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               keep: int, grid: tuple[np.ndarray, np.ndarray] | None = None, also: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Grid (scales solved inside; or `grid`, the (θ, error) of an earlier call on the same data) → the `keep` best
     candidates of each data set → LM polish. Returns the best θ (B, P) of each data set and the polished
     objectives of its `keep` candidates (B, keep)."""
     thetas, errors = grid or design.solve_scales(design.candidates(density), target, weights)
     keep = min(keep, thetas.shape[1])
     order = np.argsort(errors, axis=1)[:, :keep]
-    starts = np.take_along_axis(thetas, order[..., None], axis=1).reshape(-1, thetas.shape[-1])
+    starts = np.take_along_axis(thetas, order[..., None], axis=1)
+    if also is not None:  # one more start per data set (the estimate, for resamples): the better optimum wins
+        starts = np.concatenate([starts, np.broadcast_to(also, (len(target), 1, len(also)))], axis=1)
+        keep += 1
+    starts = starts.reshape(-1, thetas.shape[-1])
     polished, values = _polish(design, starts, np.repeat(target, keep, axis=0), np.repeat(weights, keep, axis=0),
                                delta)
     polished, values = polished.reshape(len(target), keep, -1), values.reshape(len(target), keep)
@@ -529,13 +534,14 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     if profile:
         fit.profile = _profile(design, theta, target, weights, delta)
     if bootstrap > 0 or replicates is not None:
-        _bootstrap(fit, design, target, weights, delta, bootstrap, seed, replicates)
+        _bootstrap(fit, design, target, weights, delta, bootstrap, seed, replicates, theta)
     return fit
 
 
 def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | None,
-               n_resamples: int, seed: int, replicates: np.ndarray | None) -> None:
-    """Percentile intervals from refits of resamples, all at once: each from the grid, polished by LM."""
+               n_resamples: int, seed: int, replicates: np.ndarray | None, estimate: np.ndarray) -> None:
+    """Percentile intervals from refits of resamples, all at once: each polished by LM from the best candidate
+    of the grid and from the estimate, the better kept (never from the estimate alone: a flat direction shows)."""
     if replicates is None:
         rng = np.random.default_rng(seed)
         counts = rng.multinomial(len(target), np.full(len(target), 1 / len(target)), size=n_resamples)
@@ -550,7 +556,8 @@ def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarra
     estimates = []
     for rows in np.array_split(np.flatnonzero(usable), max(1, int(np.ceil(usable.sum() / BOOTSTRAP_BLOCK)))):
         if len(rows):
-            theta, _ = _fit_batch(design, targets[rows], resampled[rows], delta, BOOTSTRAP_GRID_DENSITY, 1)
+            theta, _ = _fit_batch(design, targets[rows], resampled[rows], delta, BOOTSTRAP_GRID_DENSITY, 1,
+                                  also=estimate)
             estimates.append(_natural(design, theta))
     fit.n_bootstrap = len(resampled)
     fit.n_bootstrap_converged = int(usable.sum())
