@@ -39,7 +39,9 @@ SAME_OPTIMUM_ATOL = 1e-12  # an objective this small is a perfect fit (log resid
 GRID_DENSITY = 41  # grid values per exponent for a fit (offsets: about half as many, denser near 0)
 POLISH_KEEP = 5  # best grid candidates polished for a fit
 BOOTSTRAP_GRID_DENSITY = 9  # a coarser grid for each bootstrap refit, then LM from its best candidate
+BOOTSTRAP_POLISH = {"iterations": 60, "tolerance": 1e-9}  # a percentile needs no 13th digit
 BOOTSTRAP_BLOCK = 250  # resamples refitted together (memory: block × candidates × terms²)
+PROFILE_TOLERANCE = 1e-10  # a profile compares objective rises with a threshold: ten digits are plenty
 PROFILE_POINTS = 60  # values per parameter along its profile (half each side, denser near the estimate)
 
 
@@ -323,8 +325,8 @@ def _rho(residuals: np.ndarray, delta: float | None) -> tuple[np.ndarray, np.nda
 
 
 def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray, delta: float | None,
-            free: np.ndarray | None = None, tie: tuple[int, np.ndarray] | None = None, iterations: int = 200
-            ) -> tuple[np.ndarray, np.ndarray]:
+            free: np.ndarray | None = None, tie: tuple[int, np.ndarray] | None = None, iterations: int = 200,
+            tolerance: float = 1e-13) -> tuple[np.ndarray, np.ndarray]:
     """Levenberg–Marquardt with IRLS weights, batched: rows of θ (M, P) against rows of target and weights (M, n),
     within the bounds; `free` (M, P) masks the parameters each row may move (a profile holds one fixed).
     `tie` = (j, c): θ_j follows the others as θ_j = u + c·θ with u held (a natural scale held while the exponents
@@ -373,7 +375,7 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
         theta[rows[better]] = trial[better]
         current[rows[better]] = value[better]
         damping[rows] = np.where(better, damping[rows] * 0.3, damping[rows] * 10.0)
-        converged = (better & (improvement <= 1e-13 * np.maximum(current[rows], 1e-300) + 1e-300)) | \
+        converged = (better & (improvement <= tolerance * np.maximum(current[rows], 1e-300) + 1e-300)) | \
             (damping[rows] > 1e12)
         active[rows[converged]] = False
     return theta, current
@@ -395,8 +397,8 @@ def _scipy_polish(design: _Design, theta: np.ndarray, target: np.ndarray, weight
 
 
 def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | None, density: int,
-               keep: int, grid: tuple[np.ndarray, np.ndarray] | None = None, also: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               keep: int, grid: tuple[np.ndarray, np.ndarray] | None = None, also: np.ndarray | None = None,
+               **polish) -> tuple[np.ndarray, np.ndarray]:
     """Grid (scales solved inside; or `grid`, the (θ, error) of an earlier call on the same data) → the `keep` best
     candidates of each data set → LM polish. Returns the best θ (B, P) of each data set and the polished
     objectives of its `keep` candidates (B, keep)."""
@@ -409,7 +411,7 @@ def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: 
         keep += 1
     starts = starts.reshape(-1, thetas.shape[-1])
     polished, values = _polish(design, starts, np.repeat(target, keep, axis=0), np.repeat(weights, keep, axis=0),
-                               delta)
+                               delta, **polish)
     polished, values = polished.reshape(len(target), keep, -1), values.reshape(len(target), keep)
     best = values.argmin(axis=1)
     return polished[np.arange(len(target)), best], values
@@ -476,7 +478,8 @@ def _profile(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np
             free[:, j] = False
             tie = (j, coefficients) if coefficients.any() else None
             path, objective = _polish(design, starts, np.repeat(target[None], len(values), axis=0),
-                                      np.repeat(weights[None], len(values), axis=0), delta, free, tie)
+                                      np.repeat(weights[None], len(values), axis=0), delta, free, tie,
+                                      tolerance=PROFILE_TOLERANCE)
             natural = np.concatenate([[_natural(design, theta)[j]], _natural(design, path)[:, j]])
             rise = np.concatenate([[0.0], np.maximum(objective - best, 0.0)])
             outside = np.flatnonzero(rise > threshold)
@@ -557,7 +560,7 @@ def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarra
     for rows in np.array_split(np.flatnonzero(usable), max(1, int(np.ceil(usable.sum() / BOOTSTRAP_BLOCK)))):
         if len(rows):
             theta, _ = _fit_batch(design, targets[rows], resampled[rows], delta, BOOTSTRAP_GRID_DENSITY, 1,
-                                  also=estimate)
+                                  also=estimate, **BOOTSTRAP_POLISH)
             estimates.append(_natural(design, theta))
     fit.n_bootstrap = len(resampled)
     fit.n_bootstrap_converged = int(usable.sum())

@@ -105,7 +105,8 @@ def fit_merge_laws(paths: Sequence[str | Path], *, bootstrap: int, seed: int, ho
             if rows(curves)[column].isna().all():
                 continue
             try:
-                fits[method][target] = fit_merging_law(rows(curves), column, [rows(c) for c in replicate_curves],
+                replicated = np.array([rows(c)[column].to_numpy(np.float64) for c in replicate_curves])
+                fits[method][target] = fit_merging_law(rows(curves), column, replicated,
                                                        seed=seed, holdout_k=holdout_k)
             except MMCError as error:
                 fits[method][target] = {"skipped": str(error)}
@@ -139,20 +140,19 @@ def fit_merge_study(stores: Sequence[str | Path], out: str | Path, plots: str | 
     return metrics
 
 
-def fit_merging_law(curves: pd.DataFrame, target: str, replicates: Sequence[pd.DataFrame] = (), *, seed: int = 0,
+def fit_merging_law(curves: pd.DataFrame, target: str, replicates: np.ndarray | None = None, *, seed: int = 0,
                     holdout_k: int = 2, forecast_from: Sequence[int] = FORECAST_FROM_K) -> dict:
     """The merging law L(N, k) fitted to the `target` column of merge curves (one row per base size N and k).
 
-    `replicates` are the same curves recomputed on bootstrap resamples of the eval samples (they give the 95%
-    intervals). Two held-out checks: `holdout` fits on k <= K - holdout_k and predicts the rest; `forecast`
+    `replicates` (resamples, rows of `curves`) are the `target` column recomputed on bootstrap resamples of the
+    eval samples (they give the 95% intervals). Two held-out checks: `holdout` fits on k <= K - holdout_k and predicts the rest; `forecast`
     fits on the merges at k in `forecast_from` alone (the paper's {1, 2, 4}) and predicts every other k.
     """
-    curves = curves.dropna(subset=[target])
+    present = curves[target].notna().to_numpy()
+    curves = curves[present]
     inputs = {"N": curves.n_params.to_numpy(np.float64), "k": curves.k.to_numpy(np.float64)}
     loss = curves[target].to_numpy()
-    key = ["n_params", "method", "k"]
-    matrix = np.array([curves[key].merge(again[[*key, target]], on=key, how="left")[target].to_numpy(np.float64)
-                       for again in replicates]) if len(replicates) else None
+    matrix = None if replicates is None or not len(replicates) else np.asarray(replicates)[:, present]
     fit = fit_law(MERGING_LAW, inputs, loss, seed=seed, replicates=matrix)
     result = fit.to_dict()
     if fit.bootstrap_params is not None:  # the plan's intervals: each answer computed for every resample's law

@@ -15,8 +15,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import datasets
-import transformers
 import yaml
 
 from mmc import check_name, exit_status
@@ -87,8 +85,10 @@ def _exit_on_error(where: str, call: Callable[[], object]) -> None:
 def run(stage: str, call: Callable[[], object]) -> None:
     """Run the stage's library call and exit: 0, or 2 with one line for an MMCError."""
     if not sys.stderr.isatty():  # library progress bars only on a terminal: DVC logs stay readable
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+        if "datasets" in sys.modules:  # only where the stage's library imported them: no import for a fit stage
+            sys.modules["datasets"].disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     sys.exit(exit_status(stage, call, debug=os.environ.get("MMC_DEBUG") == "1"))
 
 

@@ -240,7 +240,7 @@ def test_within_base_r2_baselines_and_the_held_out_base_size():
 def test_the_plan_marks_extrapolation_with_intervals(tmp_path):
     curves = law_curves(TRUE_LAW, noise=0.003)
     replicates = [law_curves(TRUE_LAW, noise=0.003, seed=seed) for seed in range(1, 21)]
-    fit = fit_merging_law(curves, "in_domain_bpb_mean", replicates)
+    fit = fit_merging_law(curves, "in_domain_bpb_mean", np.array([r.in_domain_bpb_mean.to_numpy() for r in replicates]))
     law = {"fits": {"joint": {"in_domain": fit}}, "bases": {"n_params": [1e4, 4e4, 1.6e5, 6.4e5]},
            "expert_domains": ["d1", "d2", "d3", "d4", "d5", "d6"]}
     (tmp_path / "law.json").write_text(json.dumps(law))
