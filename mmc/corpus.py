@@ -72,19 +72,26 @@ def load_samples(data_dir: str | Path, split: str = "eval") -> datasets.Dataset:
         )
     if len(loaded) == 0:
         raise MMCError(f"dataset '{data_dir}' is empty: there is nothing to score")
-    ids, texts = loaded["sample_id"], loaded["text"]
-    not_strings = [name for name, values in (("sample_id", ids), ("text", texts))
-                   if not all(isinstance(value, str) for value in values)]
+    columns = {name: loaded.data.column(name) for name in REQUIRED_COLUMNS}  # checked in Arrow, not per sample
+    found = {name: _non_string(column) for name, column in columns.items()}
+    not_strings = [name for name, kind in found.items() if kind]
     if not_strings:
         raise MMCError(f"dataset '{data_dir}': every {' and '.join(not_strings)} must be a string (found "
-                       f"{', '.join(sorted({type(v).__name__ for n in not_strings for v in loaded[n]} - {'str'}))})")
-    if len(set(ids)) != len(ids):
+                       f"{', '.join(sorted({found[name] for name in not_strings}))})")
+    if pc.count_distinct(columns["sample_id"]).as_py() != len(loaded):
         raise MMCError(f"dataset '{data_dir}' has duplicate sample_id values; ids must be unique")
-    empty = sum(not text for text in texts)
+    empty = pc.sum(pc.equal(pc.utf8_length(columns["text"]), 0)).as_py() or 0
     if empty:
         raise MMCError(f"dataset '{data_dir}' has {empty} empty text(s): a loss of 0 nats over 0 tokens means "
                        f"nothing; drop them (`mmc corpus` does)")
     return loaded
+
+
+def _non_string(column: pa.ChunkedArray) -> str | None:
+    """None for a column of strings without nulls, else the Python type name of what it holds instead."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return type(column[0].as_py()).__name__
+    return "NoneType" if column.null_count else None
 
 
 # ---------------------------------------------------------------------------------------------

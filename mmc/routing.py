@@ -97,7 +97,7 @@ def route(predicted: np.ndarray, member: np.ndarray) -> np.ndarray:
 
 
 def router_predictions(name: str, bpb: np.ndarray, train: np.ndarray, texts: Sequence[str], n_params: np.ndarray,
-                       *, ngram_features: int, ridge_alpha: float) -> np.ndarray:
+                       *, ngram_features: int, ridge_alpha: float, n_bytes: np.ndarray | None = None) -> np.ndarray:
     """(models, documents) predicted bits per byte of every model on every document, trained on `train` only."""
     if name == "best_single":
         return np.broadcast_to(bpb[:, train].mean(axis=1, keepdims=True), bpb.shape)
@@ -106,7 +106,8 @@ def router_predictions(name: str, bpb: np.ndarray, train: np.ndarray, texts: Seq
                                      alternate_sign=False, norm="l2").transform(texts)
     elif name == "small_model":
         smallest = int(np.argmin(n_params))
-        features = np.column_stack([bpb[smallest], np.log([max(len(text.encode()), 1) for text in texts])])
+        sizes = np.fromiter(map(len, texts), float, len(texts)) if n_bytes is None else np.asarray(n_bytes, float)
+        features = np.column_stack([bpb[smallest], np.log(np.maximum(sizes, 1.0))])
     else:
         raise MMCError(f"unknown router '{name}' (known: {', '.join(ROUTERS)})")
     model = Ridge(alpha=ridge_alpha).fit(features[train], bpb[:, train].T)
@@ -149,7 +150,7 @@ def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence
     accuracy = {}
     for name in ROUTERS:
         predicted = router_predictions(name, bpb, train, texts, n_params, ngram_features=ngram_features,
-                                       ridge_alpha=ridge_alpha)
+                                       ridge_alpha=ridge_alpha, n_bytes=n_bytes)
         chosen = route(predicted, member)
         documents = np.arange(nll.shape[1])
         per_document[f"router_{name}"] = nll[chosen, documents]
@@ -186,11 +187,11 @@ def routing_study(pool_path: str | Path, oracle_dir: str | Path, eval_split: str
     pool = open_store(pool_path)
     ensembles = read_ensembles(oracle_dir)
     samples = load_samples(eval_split)
-    text_of = dict(zip(samples["sample_id"], samples["text"]))
-    try:
-        texts = [text_of[str(sample)] for sample in pool["sample"].values]
-    except KeyError as error:
-        raise MMCError(f"pool sample {error} is not in '{eval_split}': route on the eval split the pool scored") from None
+    texts = pd.Series(samples["text"], index=samples["sample_id"]).reindex(pool.indexes["sample"].astype(str))
+    if texts.isna().any():
+        raise MMCError(f"pool sample '{texts.index[texts.isna()][0]}' is not in '{eval_split}': route on the eval "
+                       "split the pool scored")
+    texts = texts.tolist()
     result = realised(pool, ensembles.members.tolist(), texts, test_fraction=test_fraction, seed=seed,
                       bootstrap=bootstrap, ngram_features=ngram_features, ridge_alpha=ridge_alpha)
     table = result["table"].merge(ensembles[["kind", "k", "total_params"]], left_on="ensemble", right_index=True)
@@ -229,6 +230,9 @@ def _routing_metrics(table: pd.DataFrame, replicates: dict, ensembles: pd.DataFr
             with np.errstate(invalid="ignore", divide="ignore"):
                 shares = (replicates["oracle"][best_single] - replicates[strategy][whole]) / gain
             at_largest["share_of_oracle_gain"][name] = {"value": float(share), "ci95": _interval(shares)}
+            if name == "router_best_single":  # it runs the best single member: 0 by construction, no interval
+                at_largest["share_of_oracle_gain"][name] = {"value": float(share), "ci95": None,
+                                                            "note": "0 by construction: it runs the best single member"}
     accuracy = table[table.ensemble == whole].set_index("strategy").routing_accuracy.dropna()
     laws, curves = {}, []
     x_all = ensembles.total_params.to_numpy(np.float64)
