@@ -45,8 +45,10 @@ def output_kind(path: Path) -> str | None:
     if path.is_dir():
         if not any(path.iterdir()):
             return ""
-        marker = path / MARKER
-        return marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+        try:
+            return (path / MARKER).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:  # no marker, or the folder was just renamed away by a writer replacing it
+            return None if path.is_dir() else ""
     with path.open("rb") as file:
         head = file.read(64)
     for kind, signature in TEXT_SIGNATURES.items():
@@ -139,8 +141,9 @@ def atomic_path(path: str | Path, kind: str | None) -> Iterator[Path]:
     Temporaries of writers that died are removed; concurrent writers replace `path` one after another.
     """
     path = Path(path)
-    if kind is not None:
-        _refuse_replacing(path, kind)
+    if kind is not None and path.parent.is_dir():
+        with _folder_lock(path.parent):  # not mid-way through another writer's two renames
+            _refuse_replacing(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
