@@ -39,7 +39,8 @@ def _optional_str(text: str) -> str | None:
 
 def _run_losses(args: argparse.Namespace) -> None:
     dataset = write_losses(
-        args.model, args.data, args.out, split=args.split, family=args.family or "", revision=args.revision,
+        args.model, args.data, args.out, split=args.split, family=args.family or "", data=args.data_label or "",
+        revision=args.revision,
         max_length=args.max_length, stride=args.stride, batch_tokens=args.batch_tokens, device=args.device,
         dtype=args.dtype, device_map=args.device_map, allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code, limit=args.limit,
@@ -58,6 +59,8 @@ def _add_losses(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output Zarr store, written atomically")
     parser.add_argument("--split", default="eval", help="split to score when DATA is a DatasetDict (default: eval)")
     parser.add_argument("--family", default="", help="model family label recorded in the store")
+    parser.add_argument("--data-label", default="", help="label of the model's training data recorded in the store "
+                        "(e.g. own or mix): the fit compares heterogeneous and homogeneous ensembles within each label")
     parser.add_argument("--revision", type=_optional_str, default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--max-length", type=_optional_int, default=None,
                         help="window length in tokens (default: the model's context)")

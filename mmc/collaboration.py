@@ -7,17 +7,19 @@ series, and makes the paper's comparisons: multi-model vs single-model floor, he
 
 from __future__ import annotations
 
+from itertools import combinations, product
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 from scipy import stats
 from scipy.optimize import least_squares
 
 from mmc import MMCError, check_number
 from mmc.laws import EXPONENT_BOUNDS
 from mmc.laws import LAWS, Fit, fit_law, holdout_check, json_ready
-from mmc.oracle import bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles
+from mmc.oracle import bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles
 from mmc.store import SAMPLE_CHUNK, check_outputs, open_store, write_json, write_tables
 
 COLLABORATION_LAW = "power"
@@ -216,6 +218,8 @@ def fit_collaboration(pool_path: str | Path, oracle_dir: str | Path, out: str | 
     halves = halves_ensembles(pool, table.members.tolist(), seed, sample_chunk)
     metrics, points, curves = collaboration_laws(table, replicates, seed=seed, holdout_fraction=holdout_fraction, x=x,
                                                  halves=halves)
+    metrics["comparisons"]["heterogeneous_vs_homogeneous"]["matched"] = json_ready(
+        matched_heterogeneity(pool, bootstrap, seed, sample_chunk))
     write_json(metrics, out, "collaboration laws")
     write_tables({"points": points, "curves": curves}, plots)
     return metrics
@@ -344,3 +348,147 @@ def _joint_fit(points: dict, replicates: dict | None) -> dict:
             result["shared_floor"]["alpha_multi_minus_single_ci95"] = np.percentile(differences, [2.5, 97.5]).tolist()
             result["shared_floor"]["n_bootstrap"] = len(differences)
     return result
+
+
+def design_cells(pool: xr.Dataset) -> pd.DataFrame:
+    """The pool's members as cells of a factorial design, one row per member in pool order: training-data label
+    (`data`, "" where unlabelled), family and size (the rank of its parameter count within its label and family).
+    Members of one cell (same label, family and size: seeds of one configuration) are replicates."""
+    def labels(name: str) -> list[str]:
+        return [str(value) for value in pool[name].values] if name in pool.coords else [""] * pool.sizes["model"]
+
+    members = pd.DataFrame({"name": labels("model"), "family": labels("family"), "data": labels("data"),
+                            "n_params": np.asarray(pool["n_params"].values, dtype=np.int64)})
+    members["size_rank"] = members.groupby(["data", "family"]).n_params.rank(method="dense").astype(int) - 1
+    return members
+
+
+def _matched_ensembles(members: pd.DataFrame) -> tuple[list[tuple], pd.DataFrame]:
+    """The cells (data, family, size) and the matched ensembles over them, as rows (data, k, size_set,
+    heterogeneous, cells): within one data label, for every set of k ≥ 2 sizes that all its families have, each
+    family's homogeneous ensemble of those sizes and every heterogeneous one (one member per size, ≥ 2 families)."""
+    cells = sorted(members.groupby(["data", "family", "size_rank"]).groups)
+    index = {cell: i for i, cell in enumerate(cells)}
+    rows = []
+    for data in sorted(members.data.unique()):
+        here = members[members.data == data]
+        families = sorted(here.family.unique())
+        sizes = sorted(set.intersection(*(set(here.size_rank[here.family == family]) for family in families)))
+        for k in range(2, len(sizes) + 1):
+            for size_set in combinations(sizes, k):
+                for assignment in product(families, repeat=k):
+                    rows.append((data, k, size_set, len(set(assignment)) > 1,
+                                 tuple(index[(data, family, size)] for family, size in zip(assignment, size_set))))
+    return cells, pd.DataFrame(rows, columns=["data", "k", "size_set", "heterogeneous", "cells"])
+
+
+def matched_heterogeneity(pool: xr.Dataset, n_bootstrap: int, seed: int, sample_chunk: int = SAMPLE_CHUNK) -> dict:
+    """Heterogeneous minus homogeneous collaboration gain at matched k and size composition, within each
+    training-data label of the pool (`design_cells`), with intervals over documents, over models and over both.
+
+    An ensemble's gain is its best member's bits per byte minus its oracle bits per byte. For every set of k
+    sizes, the mean gain of the heterogeneous ensembles built from those sizes minus that of the homogeneous
+    ones; averaged over the size sets of each k. Resampling documents draws Poisson weights (the fit's
+    bootstrap, same seed); resampling models draws, for every cell with replicates (seeds), one of them.
+    """
+    members = design_cells(pool)
+    cells, ensembles = _matched_ensembles(members)
+    if ensembles.empty or not ensembles.heterogeneous.any() or ensembles.heterogeneous.all():
+        return {"skipped": "no data label has 2 families with 2 sizes in common"}
+    replicates = [members.index[(members.data == d) & (members.family == f) & (members.size_rank == z)].to_numpy()
+                  for d, f, z in cells]
+    n_replicates = np.array([len(r) for r in replicates])
+    # every choice of replicates of each matched ensemble, enumerated in the order of itertools.product (the
+    # last cell fastest), so a choice's position is a mixed-radix number of the chosen replicate indices
+    width = int(ensembles.k.max())
+    cell_table = np.array([cells_ + (cells_[0],) * (width - len(cells_)) for cells_ in ensembles.cells])
+    in_ensemble = np.arange(width) < ensembles.k.to_numpy()[:, None]
+    radix = np.where(in_ensemble, n_replicates[cell_table], 1)
+    strides = np.where(in_ensemble, np.cumprod(radix[:, ::-1], axis=1)[:, ::-1] // radix, 0)
+    n_choices = np.prod(radix, axis=1)
+    offsets = np.concatenate([[0], np.cumsum(n_choices)[:-1]])
+    names = members["name"].to_numpy()
+    concrete = [[names[replicates[cell][choice]] for cell, choice in zip(cells_, choices)]
+                for cells_ in ensembles.cells for choices in product(*(range(n_replicates[c]) for c in cells_))]
+    bpb = resampled_ensembles(pool, concrete + [[name] for name in names], n_bootstrap, seed, sample_chunk)
+    ensemble_bpb, member_bpb = bpb[:len(concrete)], bpb[len(concrete):]
+    replicate_table = np.full((len(cells), n_replicates.max()), -1)
+    for cell, rows in enumerate(replicates):
+        replicate_table[cell, :len(rows)] = rows
+
+    def gains(choice: np.ndarray, column: np.ndarray) -> np.ndarray:
+        """(draws, ensembles): gains with replicate `choice` (draws, cells) on weight `column` (draws,)."""
+        chosen = choice[:, cell_table]  # (draws, ensembles, width)
+        oracle = ensemble_bpb[offsets + (chosen * strides).sum(axis=2), column[:, None]]
+        single = member_bpb[replicate_table[cell_table, chosen], column[:, None, None]]
+        return np.where(in_ensemble, single, np.inf).min(axis=2) - oracle
+
+    groups = ensembles.groupby(["data", "k"], sort=True).ngroup().to_numpy()
+    n_groups = groups.max() + 1
+    count = ensembles.groupby(["data", "k", "size_set", "heterogeneous"]).cells.transform("size").to_numpy()
+    n_sets = ensembles.groupby(["data", "k"]).size_set.transform("nunique").to_numpy()
+    share = np.zeros((len(ensembles), n_groups))
+    share[np.arange(len(ensembles)), groups] = 1.0 / (count * n_sets)  # each ensemble's weight in its kind's mean
+    heterogeneous = ensembles.heterogeneous.to_numpy()[:, None]
+    mean_heterogeneous, mean_homogeneous = share * heterogeneous, share * ~heterogeneous
+    difference = mean_heterogeneous - mean_homogeneous
+
+    none = np.zeros((1, len(cells)), dtype=np.intp)
+    point = gains(none, np.zeros(1, dtype=np.intp))
+    rng = np.random.default_rng([seed, 1])
+    draws = np.arange(1, n_bootstrap + 1)
+    model_choice = (rng.random((n_bootstrap, len(cells))) * n_replicates).astype(np.intp)
+    resampled = {"documents": (np.zeros((n_bootstrap, len(cells)), dtype=np.intp), draws),
+                 "models": (model_choice, np.zeros(n_bootstrap, dtype=np.intp)),
+                 "documents_and_models": (model_choice, draws)}
+    intervals = {name: np.nanpercentile(gains(*args) @ difference, [2.5, 97.5], axis=0).T if n_bootstrap else None
+                 for name, args in resampled.items()}
+    totals = members.n_params.to_numpy()[replicate_table[cell_table, 0]]
+    log_total = np.log(np.where(in_ensemble, totals, 0).sum(axis=1))
+
+    by_data: dict = {}
+    keys = ensembles.groupby(["data", "k"], sort=True).size().index
+    for group, (data, k) in enumerate(keys):
+        here = ensembles.data == data
+        replicated = [cell for cell in set(np.concatenate(ensembles.cells[here].map(list).to_numpy()))
+                      if n_replicates[cell] > 1]
+        entry = by_data.setdefault(data or "unlabelled", {
+            "families": sorted(members.family[members.data == data].unique()),
+            "replicated_cells": [f"{cells[c][1]} size {cells[c][2]}" for c in sorted(replicated)], "by_k": {}})
+        result = {"heterogeneous_minus_homogeneous_gain_bpb": float((point @ difference)[0, group]),
+                  "heterogeneous_gain_bpb": float((point @ mean_heterogeneous)[0, group]),
+                  "homogeneous_gain_bpb": float((point @ mean_homogeneous)[0, group]),
+                  "size_sets": int(ensembles.size_set[here & (ensembles.k == k)].nunique()),
+                  "total_params_ratio": float(np.exp(log_total @ difference[:, group]))}
+        for name, interval in intervals.items():
+            if interval is not None and not (name == "models" and not replicated):
+                result[f"ci95_{name}"] = interval[group].tolist()
+        entry["by_k"][int(k)] = result
+    return {
+        "compared": "gain = best member's bpb - the ensemble's oracle bpb; heterogeneous and homogeneous ensembles "
+                    "of the same k sizes (one member per size) within one training-data label: matched in k and in "
+                    "size composition (total_params_ratio: heterogeneous over homogeneous, geometric mean)",
+        "by_data": by_data,
+        "uncertainty": _uncertainty(by_data, members, member_bpb, n_replicates, replicates),
+    }
+
+
+def _uncertainty(by_data: dict, members: pd.DataFrame, member_bpb: np.ndarray, n_replicates: np.ndarray,
+                 replicates: list[np.ndarray]) -> dict:
+    """Which resampling dominates the intervals: mean widths over documents and over models, and each replicated
+    cell's seed-to-seed spread of bits per byte beside a member's document-bootstrap standard deviation."""
+    widths = {name: [entry[f"ci95_{name}"][1] - entry[f"ci95_{name}"][0] for design in by_data.values()
+                     for entry in design["by_k"].values() if f"ci95_{name}" in entry]
+              for name in ("documents", "models")}
+    mean_width = {name: float(np.mean(values)) if values else None for name, values in widths.items()}
+    seeds = [{"members": members["name"].to_numpy()[rows].tolist(), "bpb": member_bpb[rows, 0].tolist(),
+              "spread_bpb": float(np.ptp(member_bpb[rows, 0])),
+              "document_sd_bpb": float(np.nanstd(member_bpb[rows[0], 1:])) if member_bpb.shape[1] > 1 else None}
+             for rows in replicates if len(rows) > 1]
+    dominant = None
+    if None not in mean_width.values():
+        dominant = "documents" if mean_width["documents"] > mean_width["models"] else "models"
+    return {"mean_ci95_width_bpb": mean_width, "dominant": dominant, "seed_replicates": seeds,
+            "note": "no cell has replicates: model-to-model (seed) variation is not in any interval"
+                    if not (n_replicates > 1).any() else
+                    f"intervals over {dominant or 'documents and models'} are the wider"}

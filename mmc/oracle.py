@@ -529,6 +529,16 @@ def bootstrap_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_bo
                                lambda start, stop: poisson_weights(seed, start, stop, n_bootstrap), sample_chunk)
 
 
+def resampled_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_bootstrap: int, seed: int,
+                        sample_chunk: int = SAMPLE_CHUNK) -> np.ndarray:
+    """(ensembles, 1 + n_bootstrap): each ensemble's oracle bits per byte on all samples (column 0), then on the
+    resamples of `bootstrap_ensembles` (the same seeded weights), in one streaming pass."""
+    return _weighted_ensembles(
+        pool, members, 1 + n_bootstrap,
+        lambda start, stop: np.column_stack([np.ones(stop - start), poisson_weights(seed, start, stop, n_bootstrap)]),
+        sample_chunk)
+
+
 def halves_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], seed: int,
                      sample_chunk: int = SAMPLE_CHUNK) -> np.ndarray:
     """(ensembles, 2): each ensemble's oracle bits per byte on two seeded halves of the samples (`half_weights`),

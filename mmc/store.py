@@ -254,8 +254,8 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
     `stores` maps model names to store paths, or lists paths, each named by its file name without `.zarr`.
     Names must be unique and hold no comma (ensembles are written as comma-joined names). Every store must
     have scored the same eval set: the same dataset fingerprint, the same sample ids in the same order. Model
-    coords `family`, `n_params`, `n_params_nonembedding` and `source` (the model scored) come from each
-    store's attrs; sample coords `domain` and `n_bytes` from the first store. `nll` and `n_tokens` are
+    coords `family`, `data` (the training-data label), `n_params`, `n_params_nonembedding` and `source` (the model
+    scored) come from each store's attrs; sample coords `domain` and `n_bytes` from the first store. `nll` and `n_tokens` are
     dask-backed, in chunks of SAMPLE_CHUNK samples, so `write_store` streams the pool to disk.
     """
     if isinstance(stores, Mapping):
@@ -305,6 +305,7 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
         coords={
             "model": names,
             "family": ("model", [str(dataset.attrs.get("family", "")) for dataset in datasets]),
+            "data": ("model", [str(dataset.attrs.get("data", "")) for dataset in datasets]),
             "n_params": ("model", [int(dataset.attrs["n_params"]) for dataset in datasets]),
             "n_params_nonembedding": ("model", [int(dataset.attrs["n_params_nonembedding"]) for dataset in datasets]),
             "source": ("model", [str(dataset.attrs.get("model", "")) for dataset in datasets]),

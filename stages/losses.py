@@ -10,4 +10,5 @@ slug = stage_key("pool slug")
 values = params("losses", f"pool.{slug}")
 member = values[f"pool.{slug}"]
 run(f"losses@{slug}", lambda: write_losses(member["model"], eval_split, fill(out, key=slug), family=member["family"],
+                                           data=member.get("data") or "",
                                            revision=member["revision"], **values["losses"]))

@@ -9,7 +9,8 @@ corpus_train, out, log = sys.argv[1:]
 member = stage_key("zoo member")
 shared = ("context", "train_tokens", "batch_size", "warmup_steps", "seed", "device")
 values = params(*(f"zoo.{name}" for name in shared), f"zoo.members.{member}")
-spec = dict(values[f"zoo.members.{member}"])
+# a member's own setting (e.g. its seed, for a replicate) overrides the zoo-wide one
+spec = {name: values[f"zoo.{name}"] for name in shared} | values[f"zoo.members.{member}"]
 run(f"zoo@{member}", lambda: train_zoo_member(
     corpus_train, fill(out, key=member), fill(log, key=member), domains=comma_list(spec.pop("domains", None)),
-    tokenizer_kind=spec.pop("tokenizer"), **spec, **{name: values[f"zoo.{name}"] for name in shared}))
+    tokenizer_kind=spec.pop("tokenizer"), **spec))

@@ -11,6 +11,7 @@ import xarray as xr
 from conftest import loss_store, synthetic_pool
 from mmc import MMCError, store
 from mmc.cli import main
+from mmc.collaboration import design_cells, matched_heterogeneity
 from mmc.store import assemble_pool, open_store, write_store
 
 FAMILIES = ("alpha", "beta", "gamma")
@@ -111,7 +112,15 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
                                 "with_nonembedding_parameters"}
     assert set(comparisons["floor"]) >= {"single", "single_ci95", "multi", "multi_ci95", "multi_minus_single"}
     assert set(comparisons["heterogeneous_vs_homogeneous"]) >= {
-        "alpha_heterogeneous", "alpha_heterogeneous_ci95", "alpha_homogeneous", "mean_gain_bpb", "mean_gain_bpb_by_k"}
+        "alpha_heterogeneous", "alpha_heterogeneous_ci95", "alpha_homogeneous", "mean_gain_bpb", "mean_gain_bpb_by_k",
+        "matched"}
+    matched = comparisons["heterogeneous_vs_homogeneous"]["matched"]["by_data"]["unlabelled"]
+    assert sorted(matched["by_k"]) == ["2", "3", "4", "5"] and matched["replicated_cells"] == []
+    for entry in matched["by_k"].values():  # each family best on its own third: mixing families gains
+        low, high = entry["ci95_documents"]
+        assert 0.03 < low < entry["heterogeneous_minus_homogeneous_gain_bpb"] < high
+        assert "ci95_models" not in entry  # no seeds: model variation unmeasured, and said so
+    assert "not in any interval" in comparisons["heterogeneous_vs_homogeneous"]["matched"]["uncertainty"]["note"]
     gains = comparisons["heterogeneous_vs_homogeneous"]["mean_gain_bpb"]
     assert gains["heterogeneous"] > 0.05 and gains["heterogeneous"] > 5 * gains["homogeneous"] >= 0
     at_pool = comparisons["floor"]["predicted_bpb_at"]["whole_pool"]
@@ -197,3 +206,69 @@ def test_fit_reports_matched_budgets_the_joint_test_and_cross_fitted_frontiers(t
     assert low <= high
     assert {"single/pareto/cross_fitted", "multi/pareto/cross_fitted"} <= set(laws["fits"])
     assert "matched_budgets" in laws["comparisons"]["with_total_parameters"]
+
+
+def factorial_pool(n_samples: int = 40) -> xr.Dataset:
+    """Two data labels x two families x two sizes, one cell with a second seed; every sample is 10 bytes.
+
+    Label "own": family a is good on the first half of the samples, b on the second (nll c on its half, 2c on the
+    other; c = 1.5 for size 0, 1 for size 1). Within a family the larger model wins everywhere: homogeneous
+    ensembles gain 0. {a0, b1} and {a1, b0}: oracle (1.5 + 1)/2 = 1.25 per sample, best member (2 + 1)/2 = 1.5,
+    gain 0.25 nats per sample. Label "mix": both families have a's pattern, so mixing them gains nothing either.
+    The replicate a1' of own/a/size 1 is worse on every sample (c = 1.2): {a0, a1'} still gains 0, and
+    {a1', b0} gains 0.45 (oracle (1.2 + 1.5)/2 = 1.35, best member a1' (1.2 + 2.4)/2 = 1.8)."""
+    first = np.arange(n_samples) < n_samples // 2
+    rows, names, families, labels, sizes = [], [], [], [], []
+    for label, family, size, good_first, scale, name in [
+            ("own", "a", 100, True, 1.5, "own-a0"), ("own", "a", 400, True, 1.0, "own-a1"),
+            ("own", "a", 400, True, 1.2, "own-a1-seed1"), ("own", "b", 110, False, 1.5, "own-b0"),
+            ("own", "b", 420, False, 1.0, "own-b1"), ("mix", "a", 100, True, 1.5, "mix-a0"),
+            ("mix", "a", 400, True, 1.0, "mix-a1"), ("mix", "b", 110, True, 1.5, "mix-b0"),
+            ("mix", "b", 420, True, 1.0, "mix-b1")]:
+        rows.append(scale * np.where(first == good_first, 1.0, 2.0))
+        names.append(name), families.append(family), labels.append(label), sizes.append(size)
+    return xr.Dataset({"nll": (("model", "sample"), np.array(rows))},
+                      coords={"model": names, "family": ("model", families), "data": ("model", labels),
+                              "n_params": ("model", sizes), "n_params_nonembedding": ("model", sizes),
+                              "n_bytes": ("sample", np.full(n_samples, 10)),
+                              "sample": [f"s{i}" for i in range(n_samples)]})
+
+
+def test_design_cells_name_label_family_size_and_replicates():
+    cells = design_cells(factorial_pool())
+    assert cells.size_rank.tolist() == [0, 1, 1, 0, 1, 0, 1, 0, 1]  # ranks within label and family
+    assert cells.groupby(["data", "family", "size_rank"]).size().max() == 2  # own/a/1 has two seeds
+
+
+def test_matched_heterogeneity_gives_the_derived_gains_with_intervals_over_documents_and_models():
+    bits = 1 / (10 * np.log(2))  # nats per sample -> bits per byte
+    result = matched_heterogeneity(factorial_pool(), 400, seed=3)
+    own, mix = result["by_data"]["own"], result["by_data"]["mix"]
+    assert own["families"] == ["a", "b"] and own["replicated_cells"] == ["a size 1"] and mix["replicated_cells"] == []
+    # own: heterogeneous {a0, b1} and {a1, b0} (seed 0) both gain 0.25; homogeneous ensembles gain 0
+    entry = own["by_k"][2]
+    assert entry["size_sets"] == 1 and entry["homogeneous_gain_bpb"] == 0
+    np.testing.assert_allclose(entry["heterogeneous_minus_homogeneous_gain_bpb"], 0.25 * bits, rtol=1e-12)
+    # totals: heterogeneous 100 + 420 and 400 + 110, homogeneous 100 + 400 and 110 + 420 (geometric means)
+    np.testing.assert_allclose(entry["total_params_ratio"], np.sqrt(520 * 510 / (500 * 530)), rtol=1e-12)
+    # over models: the seed of own/a/1 is either 0 (gains 0.25 and 0.25) or 1 (0.25 and 0.45), nothing else
+    np.testing.assert_allclose(entry["ci95_models"], [0.25 * bits, 0.35 * bits], rtol=1e-12)
+    # over documents: with a share p of first-half samples, {a0, b1} gains 0.5p and {a1, b0} 0.5(1 - p): their
+    # mean is 0.25 on every resample
+    np.testing.assert_allclose(entry["ci95_documents"], [0.25 * bits, 0.25 * bits], rtol=1e-12)
+    # both: seed 1 with p varying, mean gain 0.45 - 0.2p: the interval widens above the models' one
+    low, high = entry["ci95_documents_and_models"]
+    np.testing.assert_allclose(low, 0.25 * bits, rtol=1e-12)
+    assert 0.36 * bits < high < 0.4 * bits
+    # mix: both families alike, so heterogeneity gains nothing on any resample
+    assert mix["by_k"][2]["heterogeneous_minus_homogeneous_gain_bpb"] == 0
+    assert mix["by_k"][2]["ci95_documents"] == [0, 0] and "ci95_models" not in mix["by_k"][2]
+    uncertainty = result["uncertainty"]
+    assert uncertainty["seed_replicates"][0]["members"] == ["own-a1", "own-a1-seed1"]
+    np.testing.assert_allclose(uncertainty["seed_replicates"][0]["spread_bpb"], 0.2 * 1.5 * bits, rtol=1e-12)
+    assert uncertainty["dominant"] in ("documents", "models")
+
+
+def test_matched_heterogeneity_needs_two_families_with_common_sizes():
+    pool = factorial_pool().isel(model=[0, 1])  # family a alone
+    assert "skipped" in matched_heterogeneity(pool, 10, seed=0)
