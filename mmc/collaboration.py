@@ -373,6 +373,8 @@ def _matched_ensembles(members: pd.DataFrame) -> tuple[list[tuple], pd.DataFrame
     for data in sorted(members.data.unique()):
         here = members[members.data == data]
         families = sorted(here.family.unique())
+        if len(families) < 2:  # nothing to mix within this label
+            continue
         sizes = sorted(set.intersection(*(set(here.size_rank[here.family == family]) for family in families)))
         for k in range(2, len(sizes) + 1):
             for size_set in combinations(sizes, k):
@@ -393,7 +395,7 @@ def matched_heterogeneity(pool: xr.Dataset, n_bootstrap: int, seed: int, sample_
     """
     members = design_cells(pool)
     cells, ensembles = _matched_ensembles(members)
-    if ensembles.empty or not ensembles.heterogeneous.any() or ensembles.heterogeneous.all():
+    if ensembles.empty:
         return {"skipped": "no data label has 2 families with 2 sizes in common"}
     replicates = [members.index[(members.data == d) & (members.family == f) & (members.size_rank == z)].to_numpy()
                   for d, f, z in cells]

@@ -327,7 +327,10 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     lines += ["", "**Heterogeneous vs homogeneous.** exponent "
               + (_param(hetero, "alpha") if "params" in hetero else "–")
               + f" vs {_fmt(kinds['alpha_homogeneous_mean'])} (mean over families); mean oracle gain over the best member: "
-              + ", ".join(f"{kind} {gain:.4f}" for kind, gain in kinds["mean_gain_bpb"].items()) + " bits per byte.", ""]
+              + ", ".join(f"{kind} {gain:.4f}" for kind, gain in kinds["mean_gain_bpb"].items()) + " bits per byte "
+              "(all ensembles, whatever their sizes and data).", ""]
+    if "by_data" in kinds.get("matched", {}):
+        lines += [matched_markdown(kinds["matched"]), ""]
     lines += [f"![{name}]({name})" for name in ("expected_k.png", "attribution.png") if name in figures]
     if merge_law:
         lines += ["", "## Model merging", "", "![merging](merging.png)", "", "![spread](merging_spread.png)", "",
@@ -350,6 +353,33 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     if plan:
         lines += ["", "## Planning", "", plan_markdown(plan)]
     return "\n".join(lines) + "\n"
+
+
+def matched_markdown(matched: dict) -> str:
+    """The heterogeneous-minus-homogeneous gains at matched k and sizes, per training-data label, as a table."""
+    rows = ["**Heterogeneous minus homogeneous gain at matched k and sizes**, within each training-data label "
+            "(gain: best member's bits per byte minus the oracle's; 95% intervals over documents, over models "
+            "(seed replicates), and both):", "",
+            "| data | k | size sets | heterogeneous gain | homogeneous gain | difference | over documents | "
+            "over models | both | total params ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for data, entry in matched["by_data"].items():
+        for k, row in entry["by_k"].items():
+            intervals = [_interval(row.get(f"ci95_{name}")) for name in ("documents", "models", "documents_and_models")]
+            rows.append(f"| {_md(data)} | {k} | {row['size_sets']} | {row['heterogeneous_gain_bpb']:.4f} | "
+                        f"{row['homogeneous_gain_bpb']:.4f} | {row['heterogeneous_minus_homogeneous_gain_bpb']:.4f} | "
+                        + " | ".join(intervals) + f" | {row['total_params_ratio']:.2f} |")
+    uncertainty = matched["uncertainty"]
+    widths = uncertainty["mean_ci95_width_bpb"]
+    rows += ["", f"Mean interval width: over documents {_fmt(widths['documents'])}, over models "
+             f"{_fmt(widths['models'])} bits per byte; {uncertainty['note']}."]
+    for replicate in uncertainty["seed_replicates"]:
+        rows.append(f"- seeds {', '.join(replicate['members'])}: spread {replicate['spread_bpb']:.4f} bits per byte "
+                    f"(document-bootstrap sd of one of them: {_fmt(replicate['document_sd_bpb'])})")
+    return "\n".join(rows)
+
+
+def _interval(interval: list | None) -> str:
+    return "–" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
 
 
 def plan_markdown(plan: dict) -> str:

@@ -116,3 +116,26 @@ def test_dvc_plots_show_renders_the_tiny_outputs(tiny_repo):
     for title in titles:  # every plot drawn: its spec has data and a title
         assert f'"title": {{"text": "{title}"' in html, title
     assert "var spec = {};" not in html  # no plot left empty
+
+
+@pytest.mark.slow
+def test_tiny_factorial_zoo_compares_families_within_each_data_design(tiny_repo):
+    repo, _, _ = tiny_repo
+    pool = open_store(repo / "data" / "pool.zarr")
+    labels = dict(zip(pool.model.values, pool.data.values))
+    assert labels["gpt2-xs"] == labels["gpt2-xs-seed1"] == "own" and labels["gpt2-xs-mix"] == "mix"
+    replicate, original = (open_store(repo / "data" / "losses" / f"{name}.zarr") for name in ("gpt2-xs-seed1", "gpt2-xs"))
+    assert replicate.attrs["n_params"] == original.attrs["n_params"]  # one configuration, another seed
+    assert not np.array_equal(replicate.nll.values, original.nll.values)
+    laws = json.loads((repo / "metrics" / "laws.json").read_text())
+    matched = laws["comparisons"]["heterogeneous_vs_homogeneous"]["matched"]
+    assert set(matched["by_data"]) == {"own", "mix"}
+    own, mix = (matched["by_data"][label]["by_k"]["2"] for label in ("own", "mix"))
+    assert matched["by_data"]["own"]["replicated_cells"] == ["gpt2 size 0", "gpt_neox size 0", "llama size 0"]
+    assert "ci95_models" in own and "ci95_models" not in mix and own["size_sets"] == mix["size_sets"] == 1
+    for entry in (own, mix):
+        low, high = entry["ci95_documents"]
+        assert low <= entry["heterogeneous_minus_homogeneous_gain_bpb"] <= high
+    assert [r["members"] for r in matched["uncertainty"]["seed_replicates"]] == [
+        ["gpt2-xs", "gpt2-xs-seed1"], ["neox-xs", "neox-xs-seed1"], ["llama-xs", "llama-xs-seed1"]]
+    assert "Heterogeneous minus homogeneous gain at matched k" in (repo / "reports" / "README.md").read_text()

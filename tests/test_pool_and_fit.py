@@ -270,5 +270,7 @@ def test_matched_heterogeneity_gives_the_derived_gains_with_intervals_over_docum
 
 
 def test_matched_heterogeneity_needs_two_families_with_common_sizes():
-    pool = factorial_pool().isel(model=[0, 1])  # family a alone
-    assert "skipped" in matched_heterogeneity(pool, 10, seed=0)
+    pool = factorial_pool()
+    assert "skipped" in matched_heterogeneity(pool.isel(model=[0, 1]), 10, seed=0)  # family a alone
+    # a label with one family has nothing to mix: only the other label is compared
+    assert list(matched_heterogeneity(pool.isel(model=[0, 1, 5, 6, 7, 8]), 10, seed=0)["by_data"]) == ["mix"]
