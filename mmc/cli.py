@@ -89,6 +89,13 @@ def _add_losses(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_losses)
 
 
+EPILOG_COMBINE_SHARDS = """example:
+  mmc losses --model data/zoo/gpt2-m --data data/corpus --out gpt2-m.shard0.zarr --shard 0/2   # one per process
+  mmc losses --model data/zoo/gpt2-m --data data/corpus --out gpt2-m.shard1.zarr --shard 1/2
+  mmc combine-shards --out data/losses/gpt2-m.zarr gpt2-m.shard0.zarr gpt2-m.shard1.zarr
+"""
+
+
 def _run_combine_shards(args: argparse.Namespace) -> None:
     dataset = combine_shards(args.shards, args.out)
     print(f"wrote {args.out}: {len(args.shards)} shards, {dataset.sizes['sample']} samples, "
@@ -100,7 +107,8 @@ def _add_combine_shards(subparsers, common: argparse.ArgumentParser) -> None:
         "combine-shards", parents=[common], help="join the shard stores of `mmc losses --shard I/N` into a loss store",
         description="Join the N shard stores of one scoring run into the loss store a single run writes (identical "
                     "values and attrs). Shards of another model, dataset or options, and missing or repeated shards, "
-                    "are refused.")
+                    "are refused.",
+        epilog=EPILOG_COMBINE_SHARDS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", nargs="+", help="the shard stores, in any order")
     parser.add_argument("--out", required=True, help="the loss store, written atomically")
     parser.set_defaults(run=_run_combine_shards)

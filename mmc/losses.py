@@ -33,7 +33,15 @@ from tqdm.auto import tqdm
 import mmc
 from mmc import MMCError, check_number
 from mmc.corpus import fingerprint, load_samples
-from mmc.store import Partial, check_losses, check_outputs, files_signature, open_store, partial_path, write_store
+from mmc.store import (
+    Partial,
+    check_losses,
+    check_outputs,
+    files_signature,
+    open_store,
+    partial_path,
+    write_store,
+)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HEAD_CHUNK_ELEMENTS = 2**26  # logits per head chunk: 256 MiB in fp32

@@ -14,10 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-
 from conftest import EVAL_TEXTS, ROOT, synthetic_pool
-from mmc import MMCError, losses, oracle
-from mmc.store import check_outputs, dask_scheduler, open_store, partial_path, write_store
+
+from mmc import MMCError, losses, oracle, store
+from mmc.store import (
+    check_outputs,
+    dask_scheduler,
+    open_store,
+    partial_path,
+    write_store,
+)
 
 OPTIONS = ["--device", "cpu", "--dtype", "float32", "--batch-tokens", "64"]
 KILLED_AFTER = 5  # batches a killed run completes
@@ -166,8 +172,9 @@ def test_oracle_and_bootstrap_on_a_local_cluster_equal_one_process(pool_path, tm
     np.testing.assert_array_equal(boot_cluster, boot_alone)
 
 
-def test_unreachable_scheduler_is_one_line(pool_path, tmp_path):
+def test_unreachable_scheduler_is_one_line(pool_path, tmp_path, monkeypatch):
     pytest.importorskip("distributed")
+    monkeypatch.setattr(store, "DASK_CONNECT_SECONDS", 1)
     with pytest.raises(MMCError, match="cannot connect to the dask scheduler at 'tcp://127.0.0.1:9'"):
         oracle.oracle_study(pool_path, tmp_path / "out", max_subsets_per_k=5, seed=0, scheduler="tcp://127.0.0.1:9")
 
