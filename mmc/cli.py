@@ -11,7 +11,7 @@ import transformers
 
 from mmc import __version__, corpus, exit_status, zoo
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
-from mmc.losses import BATCH_TOKENS, write_losses
+from mmc.losses import BATCH_TOKENS, FLUSH_SECONDS, combine_shards, write_losses
 from mmc.merge_law import LOSSES, plan_from_law, plan_text, fit_merge_study
 from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models
 from mmc.oracle import oracle_study
@@ -43,10 +43,18 @@ def _run_losses(args: argparse.Namespace) -> None:
         revision=args.revision,
         max_length=args.max_length, stride=args.stride, batch_tokens=args.batch_tokens, device=args.device,
         dtype=args.dtype, device_map=args.device_map, allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code, limit=args.limit,
+        trust_remote_code=args.trust_remote_code, limit=args.limit, shard=args.shard, flush_every=args.flush_every,
     )
-    print(f"wrote {args.out}: {dataset.sizes['sample']} samples, {int(dataset.n_tokens.sum())} tokens, "
-          f"{float(dataset.nll.sum()):.1f} nats")
+    if args.shard is None:
+        print(f"wrote {args.out}: {dataset.sizes['sample']} samples, {int(dataset.n_tokens.sum())} tokens, "
+              f"{float(dataset.nll.sum()):.1f} nats")
+    else:
+        print(f"wrote {args.out}: shard {args.shard[0]}/{args.shard[1]}, {dataset.sizes['window']} windows")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, count = text.split("/")
+    return int(index), int(count)
 
 
 def _add_losses(subparsers, common: argparse.ArgumentParser) -> None:
@@ -75,7 +83,38 @@ def _add_losses(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle (*.bin) weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     parser.add_argument("--limit", type=_optional_int, default=None, help="score only the first N samples")
+    parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                        help="score only shard I of N (0-based: 0/2 and 1/2) into a shard store; join the N shard "
+                             "stores with `mmc combine-shards`")
+    parser.add_argument("--flush-every", type=float, default=FLUSH_SECONDS, metavar="SECONDS",
+                        help="save progress at most this often; a rerun after a crash resumes from it "
+                             "(default %(default)s)")
     parser.set_defaults(run=_run_losses)
+
+
+EPILOG_COMBINE_SHARDS = """example:
+  mmc losses --model data/zoo/gpt2-m --data data/corpus --out gpt2-m.shard0.zarr --shard 0/2   # one per process
+  mmc losses --model data/zoo/gpt2-m --data data/corpus --out gpt2-m.shard1.zarr --shard 1/2
+  mmc combine-shards --out data/losses/gpt2-m.zarr gpt2-m.shard0.zarr gpt2-m.shard1.zarr
+"""
+
+
+def _run_combine_shards(args: argparse.Namespace) -> None:
+    dataset = combine_shards(args.shards, args.out)
+    print(f"wrote {args.out}: {len(args.shards)} shards, {dataset.sizes['sample']} samples, "
+          f"{float(dataset.nll.sum()):.1f} nats")
+
+
+def _add_combine_shards(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "combine-shards", parents=[common], help="join the shard stores of `mmc losses --shard I/N` into a loss store",
+        description="Join the N shard stores of one scoring run into the loss store a single run writes (identical "
+                    "values and attrs). Shards of another model, dataset or options, and missing or repeated shards, "
+                    "are refused.",
+        epilog=EPILOG_COMBINE_SHARDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shards", nargs="+", help="the shard stores, in any order")
+    parser.add_argument("--out", required=True, help="the loss store, written atomically")
+    parser.set_defaults(run=_run_combine_shards)
 
 
 EPILOG_CORPUS = """examples:
@@ -268,7 +307,7 @@ EPILOG_ORACLE = """example:
 
 def _run_oracle(args: argparse.Namespace) -> None:
     results = oracle_study(args.pool, args.out, max_subsets_per_k=args.max_subsets_per_k, seed=args.seed,
-                           sample_chunk=args.sample_chunk)
+                           sample_chunk=args.sample_chunk, scheduler=args.scheduler)
     table = results["ensembles"]
     print(f"wrote {args.out}: {len(table)} ensembles "
           f"({', '.join(f'{n} {kind}' for kind, n in table.kind.value_counts().items())}), "
@@ -291,6 +330,9 @@ def _add_oracle(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subsets (default 0)")
     parser.add_argument("--sample-chunk", type=int, default=SAMPLE_CHUNK,
                         help="samples per block streamed from the pool; memory grows with it (default %(default)s)")
+    parser.add_argument("--scheduler", type=_optional_str, default=None, metavar="ADDRESS",
+                        help="run the pool's dask computations on this dask.distributed scheduler "
+                             "(e.g. tcp://host:8786; default: in this process)")
     parser.set_defaults(run=_run_oracle)
 
 
@@ -302,7 +344,8 @@ EPILOG_FIT = """example:
 
 def _run_fit(args: argparse.Namespace) -> None:
     metrics = fit_collaboration(args.pool, args.oracle, args.out, args.plots, bootstrap=args.bootstrap, seed=args.seed,
-                                holdout_fraction=args.holdout_fraction, sample_chunk=args.sample_chunk, x=args.x)
+                                holdout_fraction=args.holdout_fraction, sample_chunk=args.sample_chunk, x=args.x,
+                                scheduler=args.scheduler)
     floor = metrics["comparisons"]["floor"]
     fitted = sum("params" in fit for fit in metrics["fits"].values())
     print(f"wrote {args.out} and {args.plots}: {fitted} of {len(metrics['fits'])} laws fitted; floor (bits per "
@@ -332,6 +375,9 @@ def _add_fit(subparsers, common: argparse.ArgumentParser) -> None:
                         help="budget axis: total or non-embedding parameters (the other is reported too; default total)")
     parser.add_argument("--sample-chunk", type=int, default=SAMPLE_CHUNK,
                         help="samples per block streamed from the pool; memory grows with it (default %(default)s)")
+    parser.add_argument("--scheduler", type=_optional_str, default=None, metavar="ADDRESS",
+                        help="run the pool's dask computations on this dask.distributed scheduler "
+                             "(e.g. tcp://host:8786; default: in this process)")
     parser.set_defaults(run=_run_fit)
 
 
@@ -580,7 +626,7 @@ def _add_preset(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_preset)
 
 
-COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
+COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_combine_shards, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
                             _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report, _add_preset]
 
 

@@ -20,7 +20,7 @@ from mmc import MMCError, check_number
 from mmc.laws import EXPONENT_BOUNDS
 from mmc.laws import LAWS, Fit, fit_law, holdout_check, json_ready
 from mmc.oracle import bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles
-from mmc.store import SAMPLE_CHUNK, check_outputs, open_store, write_json, write_tables
+from mmc.store import SAMPLE_CHUNK, check_outputs, dask_scheduler, open_store, write_json, write_tables
 
 COLLABORATION_LAW = "power"
 X_COLUMNS = {"total": "total_params", "nonembedding": "total_params_nonembedding"}
@@ -202,24 +202,25 @@ def _predictions_at_budgets(table: pd.DataFrame, fits: dict) -> dict:
 
 def fit_collaboration(pool_path: str | Path, oracle_dir: str | Path, out: str | Path, plots: str | Path, *,
                       bootstrap: int, seed: int, holdout_fraction: float = HOLDOUT_FRACTION,
-                      sample_chunk: int = SAMPLE_CHUNK, x: str = "total") -> dict:
+                      sample_chunk: int = SAMPLE_CHUNK, x: str = "total", scheduler: str | None = None) -> dict:
     """The fit stage: the laws of `collaboration_laws` on the oracle's table, with `bootstrap` resamples of the
-    pool's samples; writes the metrics JSON to `out` and points.csv and curves.csv into `plots`, atomically.
-    Returns the metrics."""
+    pool's samples (the pool read on the dask `scheduler` when given); writes the metrics JSON to `out` and
+    points.csv and curves.csv into `plots`, atomically. Returns the metrics."""
     check_number("--bootstrap", bootstrap, 0, integer=True)
     check_outputs([(out, "collaboration laws"), (plots, "tables")], [pool_path, oracle_dir])
     if x not in X_COLUMNS:
         raise MMCError(f"fit.x must be one of {', '.join(X_COLUMNS)} (got {x!r})")
     table = read_ensembles(oracle_dir)
-    pool = open_store(pool_path, chunks={})
-    replicates = None
-    if bootstrap:
-        replicates = bootstrap_ensembles(pool, table.members.tolist(), bootstrap, seed, sample_chunk)
-    halves = halves_ensembles(pool, table.members.tolist(), seed, sample_chunk)
+    with dask_scheduler(scheduler):
+        pool = open_store(pool_path, chunks={})
+        replicates = None
+        if bootstrap:
+            replicates = bootstrap_ensembles(pool, table.members.tolist(), bootstrap, seed, sample_chunk)
+        halves = halves_ensembles(pool, table.members.tolist(), seed, sample_chunk)
+        matched = matched_heterogeneity(pool, bootstrap, seed, sample_chunk)
     metrics, points, curves = collaboration_laws(table, replicates, seed=seed, holdout_fraction=holdout_fraction, x=x,
                                                  halves=halves)
-    metrics["comparisons"]["heterogeneous_vs_homogeneous"]["matched"] = json_ready(
-        matched_heterogeneity(pool, bootstrap, seed, sample_chunk))
+    metrics["comparisons"]["heterogeneous_vs_homogeneous"]["matched"] = json_ready(matched)
     write_json(metrics, out, "collaboration laws")
     write_tables({"points": points, "curves": curves}, plots)
     return metrics

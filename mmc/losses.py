@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +33,23 @@ from tqdm.auto import tqdm
 import mmc
 from mmc import MMCError, check_number
 from mmc.corpus import fingerprint, load_samples
-from mmc.store import check_losses, check_outputs, write_store
+from mmc.store import (
+    Partial,
+    check_losses,
+    check_outputs,
+    files_signature,
+    open_store,
+    partial_path,
+    write_store,
+)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HEAD_CHUNK_ELEMENTS = 2**26  # logits per head chunk: 256 MiB in fp32
 CONTEXT_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 DEFAULT_CONTEXT = 2048  # as lm-eval, when neither config nor tokenizer says
 BATCH_TOKENS = 16384  # padded tokens per scoring batch
+FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
+SHARD_ATTR = "shard"  # a shard store's attr: JSON of its index, the shard count and the batch schedule
 
 
 @dataclass
@@ -292,6 +303,44 @@ def window_nll(loaded: LoadedModel, windows: Windows, batch: np.ndarray, split_h
     return per_window.cpu().numpy()
 
 
+def plan_scoring(loaded: LoadedModel, texts: list[str], *, max_length: int | None = None, stride: int | None = None,
+                 batch_tokens: int = BATCH_TOKENS) -> tuple[Windows, list[np.ndarray]]:
+    """The windows of `texts` and their batches: the schedule every run over these texts follows, whole or in
+    shards, so that each window is scored in the same batch (same shapes, same floating-point result)."""
+    limit = context_length(loaded)
+    max_length = limit if max_length is None else max_length
+    if not 1 <= max_length <= limit:
+        raise MMCError(f"max_length must be between 1 and the model's context ({limit}), got {max_length}")
+    token_lists = loaded.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    windows = make_windows(token_lists, prefix_token(loaded.tokenizer), max_length, stride)
+    return windows, batches(windows, batch_tokens)
+
+
+def score_windows(loaded: LoadedModel, windows: Windows, groups: Sequence[np.ndarray], *,
+                  progress: bool | None = None, partial: Partial | None = None) -> np.ndarray:
+    """Summed NLL of every window of the batches `groups` (NaN for windows outside them).
+
+    With `partial`, batches it holds from an earlier run with the same identity are not scored again, and the
+    progress is saved to it as batches complete (at most every `partial.every` seconds).
+    """
+    nll = np.full(windows.doc.size, np.nan)
+    done = np.zeros(len(groups), dtype=bool)
+    saved = partial.load() if partial is not None else None
+    if saved is not None:
+        nll, done = saved["nll"], saved["done"]
+    tokens = np.array([int(windows.n_pred[batch].sum()) for batch in groups], dtype=np.int64)
+    bar = tqdm(total=int(tokens.sum()), initial=int(tokens[done].sum()), unit="tok", desc="scoring",
+               disable=None if progress is None else not progress)
+    for index in np.flatnonzero(~done):
+        nll[groups[index]] = window_nll(loaded, windows, groups[index])
+        done[index] = True
+        if partial is not None:
+            partial.save({"nll": nll, "done": done})
+        bar.update(int(tokens[index]))
+    bar.close()
+    return nll
+
+
 def score_texts(
     loaded: LoadedModel,
     texts: list[str],
@@ -302,22 +351,22 @@ def score_texts(
     progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-text total NLL (nats, float64) and number of scored tokens."""
-    limit = context_length(loaded)
-    max_length = limit if max_length is None else max_length
-    if not 1 <= max_length <= limit:
-        raise MMCError(f"max_length must be between 1 and the model's context ({limit}), got {max_length}")
-    token_lists = loaded.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    windows = make_windows(token_lists, prefix_token(loaded.tokenizer), max_length, stride)
-    nll_per_window = np.zeros(windows.doc.size)
-    groups = batches(windows, batch_tokens)
-    bar = tqdm(total=int(windows.n_pred.sum()), unit="tok", desc="scoring", disable=None if progress is None else not progress)
-    for batch in groups:
-        nll_per_window[batch] = window_nll(loaded, windows, batch)
-        bar.update(int(windows.n_pred[batch].sum()))
-    bar.close()
-    nll = np.bincount(windows.doc, weights=nll_per_window, minlength=len(texts))
-    n_tokens = np.bincount(windows.doc, weights=windows.n_pred, minlength=len(texts)).astype(np.int64)
-    return nll, n_tokens
+    windows, groups = plan_scoring(loaded, texts, max_length=max_length, stride=stride, batch_tokens=batch_tokens)
+    nll = score_windows(loaded, windows, groups, progress=progress)
+    return per_text(windows.doc, nll, len(texts)), per_text(windows.doc, windows.n_pred, len(texts)).astype(np.int64)
+
+
+def per_text(doc: np.ndarray, values: np.ndarray, n_texts: int) -> np.ndarray:
+    """Window values summed per text (in window order: the one summation every run uses)."""
+    return np.bincount(doc, weights=values, minlength=n_texts)
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """A shard I/N: 0 <= I < N (0-based, as torchrun's RANK/WORLD_SIZE)."""
+    index, count = shard
+    check_number("--shard count N", count, 1, integer=True)
+    check_number("--shard index I", index, 0, count - 1, integer=True)
+    return int(index), int(count)
 
 
 def compute_losses(
@@ -337,11 +386,21 @@ def compute_losses(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     limit: int | None = None,
+    shard: tuple[int, int] | None = None,
+    progress_file: str | Path | None = None,
+    flush_every: float = FLUSH_SECONDS,
 ) -> xr.Dataset:
     """Score an evaluation set with one model: the loss store's content (per-sample `nll` and `n_tokens`, attrs
-    that say how it was scored; see README "Outputs")."""
+    that say how it was scored; see README "Outputs").
+
+    With `shard=(I, N)`, only every N-th batch of the schedule from the I-th on is scored, and the result is a
+    shard store (per-window NLLs) that `combine_shards` joins with the others. With `progress_file`, completed
+    batches are saved there every `flush_every` seconds and a rerun with the same inputs resumes from them.
+    """
     if limit is not None:
         check_number("--limit", limit, 1, integer=True)
+    check_number("--flush-every", flush_every, 0)
+    shard = None if shard is None else check_shard(shard)
     resolve_device(device)
     samples = load_samples(data_dir, split)
     if limit is not None:
@@ -350,9 +409,7 @@ def compute_losses(
     loaded = load_model(model, revision=revision, device=device, dtype=dtype, device_map=device_map,
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     window_length = context_length(loaded) if max_length is None else max_length
-    nll, n_tokens = score_texts(loaded, texts, max_length=window_length, stride=stride, batch_tokens=batch_tokens)
-    check_losses(nll, f"model '{model}'")
-    n_bytes = sample_bytes(samples)
+    windows, groups = plan_scoring(loaded, texts, max_length=window_length, stride=stride, batch_tokens=batch_tokens)
     n_params, n_params_nonembedding = count_parameters(loaded.model)
     prefix = prefix_token(loaded.tokenizer)
     coords = {"sample": np.asarray(sample_ids, dtype=object)}
@@ -378,6 +435,34 @@ def compute_losses(
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
+    # what else decides the values: shards and resumed runs must agree on it, beside the attrs
+    schedule = {"batch_tokens": int(batch_tokens), "device": str(loaded.device), "n_windows": int(windows.doc.size),
+                "n_batches": len(groups), "weights": files_signature(model) if Path(model).exists() else
+                getattr(loaded.model.config, "_commit_hash", None)}
+    index, count = shard or (0, 1)
+    if count > len(groups):
+        raise MMCError(f"{count} shards, but scoring these samples takes only {len(groups)} batches: use at most "
+                       f"that many shards (or a smaller --batch-tokens)")
+    selected = groups[index::count]
+    partial = None if progress_file is None else Partial(
+        progress_file, {"attrs": attrs, "schedule": schedule, "shard": [index, count]}, flush_every)
+    nll = score_windows(loaded, windows, selected, partial=partial)
+    mine = np.sort(np.concatenate(selected))
+    check_losses(nll[mine], f"model '{model}'")
+    n_tokens = per_text(windows.doc, windows.n_pred, len(texts)).astype(np.int64)
+    n_bytes = sample_bytes(samples)
+    if shard is None:
+        return loss_dataset(per_text(windows.doc, nll, len(texts)), n_tokens, n_bytes, coords, attrs)
+    return xr.Dataset(
+        {"window_nll": ("window", nll[mine]), "window_doc": ("window", windows.doc[mine]),
+         "n_tokens": ("sample", n_tokens), "n_bytes": ("sample", n_bytes)},
+        coords={"window": mine, **coords},
+        attrs={**attrs, SHARD_ATTR: json.dumps({"index": index, "count": count, **schedule})},
+    )
+
+
+def loss_dataset(nll: np.ndarray, n_tokens: np.ndarray, n_bytes: np.ndarray, coords: dict, attrs: dict) -> xr.Dataset:
+    """A loss store's content, from a whole run or from its shards."""
     return xr.Dataset(
         {
             "nll": ("sample", nll.astype(np.float64), {"units": "nats", "long_name": "total negative log-likelihood"}),
@@ -397,8 +482,56 @@ def sample_bytes(samples) -> np.ndarray:
 
 
 def write_losses(model: str, data_dir: str | Path, out: str | Path, **options) -> xr.Dataset:
-    """The losses stage: `compute_losses(model, data_dir, **options)` written as a loss store at `out`."""
-    check_outputs([(out, "loss store")], [model, data_dir])
-    dataset = compute_losses(model, data_dir, **options)
-    write_store(dataset, out, "loss store")
+    """The losses stage: `compute_losses(model, data_dir, **options)` written as a loss store at `out` (a shard
+    store with `shard=`). Progress is kept in `partial_path(out)` until `out` is written: a rerun after a crash
+    resumes from it."""
+    kind = "loss store" if options.get("shard") is None else "loss shard"
+    check_outputs([(out, kind)], [model, data_dir])
+    progress = partial_path(out)
+    dataset = compute_losses(model, data_dir, progress_file=progress, **options)
+    write_store(dataset, out, kind)
+    progress.unlink(missing_ok=True)
     return dataset
+
+
+def combine_shards(shards: Sequence[str | Path], out: str | Path) -> xr.Dataset:
+    """Join the shard stores of one scoring run (`mmc losses --shard I/N`, all N of them) into the loss store a
+    single run writes, identical to it, at `out`."""
+    check_outputs([(out, "loss store")], list(shards))
+    if not shards:
+        raise MMCError("no shard stores given: give the N stores written by `mmc losses --shard I/N`")
+    opened = [open_store(path) for path in shards]
+    runs = []
+    for path, dataset in zip(shards, opened):
+        if SHARD_ATTR not in dataset.attrs or "window_nll" not in dataset:
+            raise MMCError(f"'{path}' is not a shard store (written by `mmc losses --shard I/N`)")
+        runs.append(json.loads(dataset.attrs[SHARD_ATTR]))
+    attrs = {key: value for key, value in opened[0].attrs.items() if key != SHARD_ATTR}
+    run = {key: value for key, value in runs[0].items() if key != "index"}
+    for path, dataset, shard_run in zip(shards, opened, runs):
+        own = {key: value for key, value in dataset.attrs.items() if key != SHARD_ATTR}
+        differing = sorted(key for key in attrs.keys() | own.keys() if attrs.get(key) != own.get(key))
+        differing += sorted(key for key in run if run[key] != shard_run.get(key))
+        if differing:
+            raise MMCError(f"shard '{path}' does not belong with '{shards[0]}': they differ in "
+                           f"{', '.join(differing)}")
+    indices = sorted(shard_run["index"] for shard_run in runs)
+    if indices != list(range(run["count"])):
+        repeated = sorted({i for i in indices if indices.count(i) > 1})
+        missing = sorted(set(range(run["count"])) - set(indices))
+        raise MMCError(f"shards of {run['count']} do not combine: " + "; ".join(
+            part for part in (f"missing {missing}" if missing else "", f"given twice {repeated}" if repeated else "")
+            if part) + " (shards are 0-based: I/N with 0 <= I < N)")
+    nll = np.full(run["n_windows"], np.nan)
+    doc = np.zeros(run["n_windows"], dtype=np.int64)
+    for dataset in opened:
+        nll[dataset["window"].values] = dataset["window_nll"].values
+        doc[dataset["window"].values] = dataset["window_doc"].values
+    check_losses(nll, f"the shards of '{out}'")
+    first = opened[0]
+    coords = {name: ("sample", first[name].values.astype(object)) for name in first.coords if name not in
+              ("sample", "window")}
+    combined = loss_dataset(per_text(doc, nll, first.sizes["sample"]), first["n_tokens"].values,
+                            first["n_bytes"].values, {"sample": first["sample"].values.astype(object), **coords}, attrs)
+    write_store(combined, out, "loss store")
+    return combined

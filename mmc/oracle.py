@@ -20,7 +20,8 @@ import pandas as pd
 import xarray as xr
 
 from mmc import MMCError
-from mmc.store import SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, one_line, open_store
+from mmc.store import (SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, dask_scheduler, local_path, one_line,
+                       open_store, output_path)
 
 LN2 = math.log(2.0)
 # ensemble minima are taken for this many ensembles × samples at a time: small enough for the CPU caches
@@ -567,7 +568,7 @@ LIST_COLUMNS = ("members", "families")  # lists of names: native lists in parque
 
 def write_oracle_outputs(results: dict[str, pd.DataFrame], out_dir: str | Path) -> Path:
     """Write ensembles.parquet and one tidy CSV per table into `out_dir`, replacing it atomically."""
-    out_dir = Path(out_dir)
+    out_dir = output_path(out_dir)
     with atomic_path(out_dir, "oracle tables") as tmp:
         tmp.mkdir()
         results["ensembles"].to_parquet(tmp / "ensembles.parquet", index=False)
@@ -582,19 +583,23 @@ def write_oracle_outputs(results: dict[str, pd.DataFrame], out_dir: str | Path) 
 
 def read_ensembles(out_dir: str | Path) -> pd.DataFrame:
     """The ensemble table written by `write_oracle_outputs` (members and families as lists of names)."""
-    path = Path(out_dir) / "ensembles.parquet"
-    if not path.is_file():
-        raise MMCError(f"'{path}' does not exist: give the folder written by `mmc oracle`")
-    table = pd.read_parquet(path)
+    local = local_path(out_dir)
+    path = local / "ensembles.parquet" if local is not None else f"{str(out_dir).rstrip('/')}/ensembles.parquet"
+    try:
+        table = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise MMCError(f"'{path}' does not exist: give the folder written by `mmc oracle`") from None
     for column in LIST_COLUMNS:
         table[column] = [list(names) for names in table[column]]
     return table
 
 
 def oracle_study(pool_path: str | Path, out: str | Path, *, max_subsets_per_k: int, seed: int,
-                 sample_chunk: int = SAMPLE_CHUNK) -> dict[str, pd.DataFrame]:
-    """The oracle stage: `run_oracle` on the pool store (streamed in its stored chunks), written into `out`."""
+                 sample_chunk: int = SAMPLE_CHUNK, scheduler: str | None = None) -> dict[str, pd.DataFrame]:
+    """The oracle stage: `run_oracle` on the pool store (streamed in its stored chunks, read on the dask
+    `scheduler` when given), written into `out`."""
     check_outputs([(out, "oracle tables")], [pool_path])
-    results = run_oracle(open_store(pool_path, chunks={}), max_subsets_per_k, seed, sample_chunk=sample_chunk)
+    with dask_scheduler(scheduler):
+        results = run_oracle(open_store(pool_path, chunks={}), max_subsets_per_k, seed, sample_chunk=sample_chunk)
     write_oracle_outputs(results, out)
     return results

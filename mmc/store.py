@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 import warnings
+import zipfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+import fsspec
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -32,7 +38,31 @@ JSON_SIGNATURES = {"collaboration laws": {"law", "fits", "comparisons"}, "mergin
                    "routing metrics": {"at_largest_k", "laws", "split"}}
 TEXT_SIGNATURES = {"training log": b"step,tokens,loss,lr\n", "figure": b"\x89PNG\r\n",
                    "mergekit config": b"# mergekit configuration equivalent to `mmc merge"}
+DASK_CONNECT_SECONDS = 30  # how long `--scheduler ADDRESS` waits for the scheduler to answer
+PARTIAL_SUFFIX = ".partial"  # `.NAME.partial`: the resumable progress of a computation of NAME (not a leftover)
 LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")
+
+
+def local_path(path: str | Path) -> Path | None:
+    """The local path that `path` names (a path, or a file:// URL), or None for another fsspec URL (s3://, gs://).
+
+    `file:/x` counts as a URL too: it is what `Path("file:///x")` makes of one.
+    """
+    text = str(path)
+    if "://" not in text and not text.startswith("file:"):
+        return Path(path)
+    url = urlparse(text)
+    return Path(url2pathname(url.path)) if url.scheme == "file" and url.netloc in ("", "localhost") else None
+
+
+def output_path(path: str | Path) -> Path:
+    """The local path an output is written to: outputs are replaced by a rename, which object stores cannot do
+    atomically, so a remote URL is refused (write locally, then upload: `dvc push`)."""
+    local = local_path(path)
+    if local is None:
+        raise MMCError(f"cannot write '{path}': mmc writes outputs atomically on a local filesystem only (a file:// "
+                       f"URL or a path); write it locally and upload it (e.g. `dvc push`)")
+    return local
 
 
 def output_kind(path: Path) -> str | None:
@@ -77,16 +107,19 @@ def _refuse_replacing(path: Path, kind: str) -> None:
 def check_outputs(outputs: Sequence[tuple[str | Path, str]], inputs: Sequence[str | Path | None] = ()) -> None:
     """Refuse, before any work, output paths ((path, kind) pairs) that would destroy what mmc did not write, that
     are or hold an input, that coincide, or that cannot be written."""
-    resolved = {Path(path).resolve() for path, _ in outputs}
+    resolved = {output_path(path).resolve() for path, _ in outputs}
     if len(resolved) < len(outputs):
         raise MMCError(f"two outputs share one path: {', '.join(str(path) for path, _ in outputs)}")
+    local_inputs = [(given, local_path(given)) for given in inputs if given is not None]
     for path, kind in outputs:
-        path = Path(path)
+        path = output_path(path)
         where = path.resolve()
         if path.name in ("", ".", "..") or where == Path.cwd().resolve() or where == Path(where.anchor):
             raise MMCError(f"output path '{path}' names the current or a parent folder: give a new path")
-        for given in filter(None, inputs):
-            source = Path(given).resolve()
+        for given, source in local_inputs:
+            if source is None:  # a remote input cannot be a local output
+                continue
+            source = source.resolve()
             if source == where or where in source.parents:
                 raise MMCError(f"output '{path}' is {'the input' if source == where else 'a folder holding the input'} "
                                f"'{given}': give another output path")
@@ -140,7 +173,7 @@ def atomic_path(path: str | Path, kind: str | None) -> Iterator[Path]:
     folders get the marker. `kind=None` replaces whatever is there: only for a file the user asked to rewrite.
     Temporaries of writers that died are removed; concurrent writers replace `path` one after another.
     """
-    path = Path(path)
+    path = output_path(path)
     if kind is not None and path.parent.is_dir():
         with _folder_lock(path.parent):  # not mid-way through another writer's two renames
             _refuse_replacing(path, kind)
@@ -168,6 +201,75 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where a resumable computation of the output `path` keeps its progress: a sibling with a fixed name (not a
+    temporary, so no writer removes it) that a rerun after a crash resumes from."""
+    path = output_path(path)
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+
+
+class Partial:
+    """Arrays saved atomically to `path` (a rename: never half-written) with the record of the inputs they belong
+    to (`identity`, any JSON value). `load` returns them only for the same identity; `save` writes at most once
+    every `every` seconds, so that saving stays cheap beside the work it records."""
+
+    def __init__(self, path: str | Path, identity: object, every: float) -> None:
+        self.path, self.every = Path(path), every
+        self.identity = json.dumps(identity, sort_keys=True)
+        self.saved_at = time.monotonic()
+
+    def load(self) -> dict[str, np.ndarray] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as saved:
+                if str(saved["identity"]) == self.identity:
+                    return {name: saved[name] for name in saved.files if name != "identity"}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass
+        warnings.warn(f"'{self.path}' holds the progress of a run with other inputs or options: starting over",
+                      stacklevel=2)
+        return None
+
+    def save(self, arrays: Mapping[str, np.ndarray]) -> None:
+        if time.monotonic() - self.saved_at < self.every:
+            return
+        with atomic_path(self.path, None) as tmp, tmp.open("wb") as file:
+            np.savez(file, identity=np.array(self.identity), **arrays)
+        self.saved_at = time.monotonic()
+
+    def remove(self) -> None:
+        _remove(self.path)
+
+
+def files_signature(path: str | Path) -> str:
+    """A hash of the names, sizes and modification times of a file or of a folder's files: it changes when they
+    are rewritten, without reading their content (model weights can be many GB)."""
+    path = Path(path)
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    entries = [(str(file.relative_to(path)) if path.is_dir() else file.name, file.stat().st_size,
+                file.stat().st_mtime_ns) for file in files if file.is_file()]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def dask_scheduler(address: str | None) -> Iterator[None]:
+    """Run the dask computations of the block on the dask.distributed scheduler at `address` (None: in this
+    process, dask's default). Workers read the stores themselves, so their paths must be reachable there."""
+    if address is None:
+        yield
+        return
+    # imported only when a cluster is asked for: it is slow to import
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=DASK_CONNECT_SECONDS)
+    except (OSError, TimeoutError, ValueError) as error:
+        raise MMCError(f"cannot connect to the dask scheduler at '{address}': {one_line(error)}") from None
+    with client:
+        yield
 
 
 def write_json(value: object, path: str | Path, kind: str) -> None:
@@ -205,17 +307,23 @@ def open_store(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
     """Open a store written by `write_store`: read and verified (chunk checksums; `nll` finite and non-negative),
     or lazily, dask-backed, when `chunks` is given (readers that stream it check each block they read).
 
+    `path` is a local path or any fsspec URL (file://, s3://, ...; remote filesystems need their fsspec package).
     `encoding["source"]` names the store, so that a streaming reader can name it in its errors.
     """
-    path = Path(path)
-    if not path.exists():
+    location = local_path(path) or str(path)
+    try:
+        filesystem, root = fsspec.core.url_to_fs(str(location))
+        found = filesystem.exists(root), filesystem.isfile(f"{root}/zarr.json")
+    except (ImportError, ValueError, OSError) as error:
+        raise MMCError(f"store '{path}' cannot be reached: {one_line(error)}") from None
+    if not found[0]:
         raise MMCError(f"store '{path}' does not exist")
-    if not (path / "zarr.json").is_file():
+    if not found[1]:
         raise MMCError(f"'{path}' is not a Zarr store written by mmc (it has no zarr.json)")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-            dataset = xr.open_zarr(path, consolidated=True, chunks=chunks)
+            dataset = xr.open_zarr(location, consolidated=True, chunks=chunks)
             if chunks is None:
                 dataset = dataset.load()
     except MMCError:
