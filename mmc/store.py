@@ -382,6 +382,9 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
         raise MMCError(f"model names must be non-empty and hold no comma: {', '.join(malformed)}")
     opened = {name: open_store(path) for name, path in zip(names, paths)}  # read once: checksums and losses verified
     for name, path in zip(names, paths):
+        if "window_nll" in opened[name].variables:
+            raise MMCError(f"loss store '{path}' ({name}) is one shard of a scoring run: join the shards first with "
+                           f"`mmc combine-shards OUT SHARD...`")
         missing = [key for key in ("n_params", "n_params_nonembedding") if key not in opened[name].attrs]
         missing += [var for var in ("nll", "n_tokens", "n_bytes") if var not in opened[name].variables]
         if missing:

@@ -18,6 +18,7 @@ from conftest import EVAL_TEXTS, ROOT, synthetic_pool
 
 from mmc import MMCError, losses, oracle, store
 from mmc.store import (
+    assemble_pool,
     check_outputs,
     dask_scheduler,
     open_store,
@@ -132,6 +133,8 @@ def test_shards_combine_into_the_single_run(gpt2_dir, eval_dir, tmp_path, whole_
         losses.combine_shards([shards[0], tmp_path / "other.zarr"], tmp_path / "mixed.zarr")
     with pytest.raises(MMCError, match="is not a shard store"):
         losses.combine_shards([shards[0], tmp_path / "gpt2.zarr"], tmp_path / "mixed.zarr")
+    with pytest.raises(MMCError, match="is one shard of a scoring run: join the shards first"):
+        assemble_pool([shards[0], tmp_path / "gpt2.zarr"])
 
 
 def test_shard_settings_are_checked(gpt2_dir, eval_dir, tmp_path):
