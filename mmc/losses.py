@@ -99,13 +99,13 @@ def is_gguf(model: str | Path) -> bool:
 
 
 def check_gguf(path: Path) -> None:
-    if importlib.util.find_spec("gguf") is None:
-        raise MMCError(f"reading the GGUF file '{path}' needs the gguf package: pip install -e \".[real]\"")
     if not path.is_file():
         raise MMCError(f"GGUF file '{path}' does not exist")
     with path.open("rb") as file:
         if file.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
             raise MMCError(f"'{path}' is not a GGUF file (it does not begin with the GGUF magic bytes)")
+    if importlib.util.find_spec("gguf") is None:
+        raise MMCError(f"reading the GGUF file '{path}' needs the gguf package: pip install -e \".[real]\"")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -183,7 +183,7 @@ def load_model(
     elif path.exists():
         _check_local_weights(path, allow_pickle)
     elif not HUB_ID.match(model) or model.count("/") > 1:
-        raise MMCError(f"model '{model}' is neither a local directory, a GGUF file nor a Hugging Face hub id")
+        raise MMCError(f"model '{model}' is neither a local directory nor a Hugging Face hub id")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     head_torch_dtype = resolve_head_dtype(head_dtype, torch_dtype, torch_device)
