@@ -62,7 +62,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     split_head: bool  # True when backbone + linear head reproduces the model's logits
-    head: torch.nn.Linear | None = None  # the output head that scores in split mode, in the head dtype
+    head_dtype: torch.dtype  # the dtype the head's matmul runs in (the weights' own unless split_head)
     provenance: dict[str, str] = field(default_factory=dict)  # loss store attrs of the weights' source (GGUF)
 
 
@@ -214,11 +214,10 @@ def load_model(
         lm.to(torch_device)
     lm.eval()
     input_device = lm.get_input_embeddings().weight.device
-    loaded = LoadedModel(lm, tokenizer, model, revision or "", torch_dtype, input_device, False)
+    loaded = LoadedModel(lm, tokenizer, model, revision or "", torch_dtype, input_device, False, torch_dtype)
     loaded.split_head = _head_split_matches(loaded)
-    head = lm.get_output_embeddings()
     if loaded.split_head:
-        loaded.head = head if head.weight.dtype == head_torch_dtype else copy.deepcopy(head).to(head_torch_dtype)
+        loaded.head_dtype = head_torch_dtype
     if gguf_model:
         loaded.provenance = {"gguf_sha256": file_sha256(path), "gguf_quantization": gguf_quantization(path),
                              "dequantized": "true"}
@@ -387,11 +386,15 @@ def window_nll(loaded: LoadedModel, windows: Windows, batch: np.ndarray, split_h
 
     use_split = loaded.split_head if split_head is None else split_head
     if use_split:
-        backbone, _ = _backbone_and_head(loaded.model)
-        hidden = backbone(input_ids=inputs, use_cache=False)[0][scored].to(loaded.head.weight.dtype)
-        chunk = max(1, HEAD_CHUNK_ELEMENTS // loaded.head.out_features)
+        backbone, head = _backbone_and_head(loaded.model)
+        # cast per batch, not cached: merge sweeps write new weights into the loaded model between calls
+        weight = head.weight.to(loaded.head_dtype)
+        bias = None if head.bias is None else head.bias.to(loaded.head_dtype)
+        hidden = backbone(input_ids=inputs, use_cache=False)[0][scored].to(loaded.head_dtype)
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // head.out_features)
         token_nll = torch.cat([
-            F.cross_entropy(loaded.head(hidden[i : i + chunk]).float(), targets[i : i + chunk], reduction="none")
+            F.cross_entropy(F.linear(hidden[i : i + chunk], weight, bias).float(), targets[i : i + chunk],
+                            reduction="none")
             for i in range(0, hidden.shape[0], chunk)
         ])
     else:
@@ -481,7 +484,7 @@ def compute_losses(
         "prefix_token": json.dumps({"id": prefix, "token": loaded.tokenizer.convert_ids_to_tokens(prefix)}),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "head": "chunked" if loaded.split_head else "full-logits",
-        "head_dtype": str(loaded.head.weight.dtype if loaded.split_head else loaded.dtype).removeprefix("torch."),
+        "head_dtype": str(loaded.head_dtype).removeprefix("torch."),
         **loaded.provenance,
         "dataset_fingerprint": fingerprint(sample_ids, texts),
         "n_samples": len(sample_ids),

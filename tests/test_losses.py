@@ -131,10 +131,7 @@ def test_fp32_head_on_bf16_weights(gpt2_dir, eval_dir):
     assert store.attrs["dtype"] == "bfloat16" and store.attrs["head_dtype"] == "float32"
     assert store.attrs["head"] == "chunked" and "gguf_sha256" not in store.attrs
     loaded = losses.load_model(str(gpt2_dir), device="cpu", dtype="bfloat16")  # auto on the CPU: a bf16 head
-    head = loaded.model.get_output_embeddings()
-    assert loaded.head is head
-    fp32_head = losses.load_model(str(gpt2_dir), device="cpu", dtype="bfloat16", head_dtype="float32").head
-    torch.testing.assert_close(fp32_head.weight, head.weight.float(), rtol=0, atol=0)
+    assert loaded.head_dtype == torch.bfloat16
     nll, _ = losses.score_texts(loaded, EVAL_TEXTS)
     assert not np.array_equal(nll, store.nll.values)  # the fp32 head is the one that scored
     fp32, _ = losses.score_texts(losses.load_model(str(gpt2_dir), device="cpu", dtype="float32"), EVAL_TEXTS)

@@ -104,7 +104,7 @@ def test_converted_directory_scores_identically(gguf_file, converted, real_eval_
 
 def test_bf16_weights_with_fp32_head_stay_close_to_fp32(converted, store):
     loaded = losses.load_model(str(converted), device="cpu", dtype="bfloat16", head_dtype="float32")
-    assert loaded.split_head and loaded.head.weight.dtype == torch.float32
+    assert loaded.split_head and loaded.head_dtype == torch.float32
     assert loaded.model.get_output_embeddings().weight.dtype == torch.bfloat16
     nll, n_tokens = losses.score_texts(loaded, TEXTS)
     np.testing.assert_array_equal(n_tokens, store.n_tokens.values)
