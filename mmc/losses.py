@@ -157,7 +157,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_head_dtype(head_dtype: str, weights: torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto` is fp32 on a GPU (bf16 logits lose ~1e-2 nats per token), the weights' dtype elsewhere."""
+    """`auto` is fp32 on a GPU, so bf16 weights still give fp32 logits; the weights' dtype elsewhere."""
     if head_dtype == "auto":
         return torch.float32 if device.type == "cuda" else weights
     return resolve_dtype(head_dtype, device)

@@ -90,6 +90,21 @@ def test_store_records_the_gguf_file(gguf_file, store):
     assert store.attrs["n_params"] == 134_515_008  # SmolLM2-135M, tied embeddings counted once
 
 
+def test_quantization_without_file_type_is_the_weights_most_common_type(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "f16.gguf", arch="llama")  # no general.file_type field
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
+        writer.add_tensor(name, np.ones((4, 32), dtype=np.float16))
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        writer.add_tensor(name, np.ones(32, dtype=np.float32))  # more of them, but 1-D tensors do not count
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert losses.gguf_quantization(tmp_path / "f16.gguf") == "F16"
+
+
 def test_converted_directory_scores_identically(gguf_file, converted, real_eval_dir, store):
     assert {"config.json", "model.safetensors", "tokenizer.json", ".mmc-output"} <= {p.name for p in converted.iterdir()}
     config = json.loads((converted / "config.json").read_text())
