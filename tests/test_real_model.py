@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import save_eval_set
+
 from mmc import losses
 from mmc.cli import main
 from mmc.store import open_store
