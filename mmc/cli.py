@@ -11,7 +11,7 @@ import transformers
 
 from mmc import __version__, corpus, exit_status, zoo
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
-from mmc.losses import BATCH_TOKENS, FLUSH_SECONDS, combine_shards, write_losses
+from mmc.losses import BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, combine_shards, convert_gguf, write_losses
 from mmc.merge_law import LOSSES, plan_from_law, plan_text, fit_merge_study
 from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models
 from mmc.oracle import oracle_study
@@ -25,7 +25,8 @@ from mmc.train import train_expert
 EPILOG_LOSSES = """example:
   mmc losses --model data/zoo/gpt2-m --data data/corpus --out data/losses/gpt2-m.zarr
   mmc losses --model EleutherAI/pythia-70m --revision step143000 --data data/corpus \\
-             --out data/losses/pythia-70m.zarr --dtype bfloat16 --batch-tokens 65536
+             --out data/losses/pythia-70m.zarr --dtype bfloat16 --head-dtype float32 --batch-tokens 65536
+  mmc losses --model models/SmolLM2-135M-Instruct.Q4_1.gguf --data data/corpus --out data/losses/smollm2.zarr
 """
 
 
@@ -42,7 +43,7 @@ def _run_losses(args: argparse.Namespace) -> None:
         args.model, args.data, args.out, split=args.split, family=args.family or "", data=args.data_label or "",
         revision=args.revision,
         max_length=args.max_length, stride=args.stride, batch_tokens=args.batch_tokens, device=args.device,
-        dtype=args.dtype, device_map=args.device_map, allow_pickle=args.allow_pickle,
+        dtype=args.dtype, head_dtype=args.head_dtype, device_map=args.device_map, allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code, limit=args.limit, shard=args.shard, flush_every=args.flush_every,
     )
     if args.shard is None:
@@ -62,7 +63,8 @@ def _add_losses(subparsers, common: argparse.ArgumentParser) -> None:
         "losses", parents=[common], help="score an evaluation set with one causal LM into a Zarr loss store",
         description="Per-sample total NLL (nats) of every text, lm-eval rolling windows for long ones.",
         epilog=EPILOG_LOSSES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Hugging Face hub id or local model directory")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face hub id, local model directory or local .gguf file (dequantized)")
     parser.add_argument("--data", required=True, help="dataset saved with save_to_disk (columns sample_id, text)")
     parser.add_argument("--out", required=True, help="output Zarr store, written atomically")
     parser.add_argument("--split", default="eval", help="split to score when DATA is a DatasetDict (default: eval)")
@@ -78,6 +80,9 @@ def _add_losses(subparsers, common: argparse.ArgumentParser) -> None:
                         help=f"padded tokens per batch (default {BATCH_TOKENS})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--head-dtype", default=HEAD_DTYPE,
+                        help="dtype of the output head (vocabulary projection): auto (float32 on GPU, the weights' "
+                             "dtype elsewhere), float32, bfloat16, float16 (default %(default)s)")
     parser.add_argument("--device-map", type=_optional_str, default=None,
                         help="transformers device_map for models too big for one device, e.g. auto")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle (*.bin) weights")
@@ -115,6 +120,29 @@ def _add_combine_shards(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", nargs="+", help="the shard stores, in any order")
     parser.add_argument("--out", required=True, help="the loss store, written atomically")
     parser.set_defaults(run=_run_combine_shards)
+
+
+EPILOG_CONVERT_GGUF = """example:
+  mmc convert-gguf models/SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2-135m
+"""
+
+
+def _run_convert_gguf(args: argparse.Namespace) -> None:
+    summary = convert_gguf(args.gguf, args.out)
+    print(f"wrote {args.out}: {args.gguf} ({summary['gguf_quantization']}, sha256 {summary['gguf_sha256']}) "
+          "dequantized to float32")
+
+
+def _add_convert_gguf(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "convert-gguf", parents=[common], help="turn a GGUF file into a Hugging Face model directory (float32)",
+        description="Load a GGUF file (llama.cpp's format) through transformers, dequantize its weights to float32 "
+                    "and save config.json, safetensors weights, the tokenizer and mmc_gguf.json (the file's sha256 "
+                    "and quantisation) as a directory that merge, expert and losses stages load, atomically.",
+        epilog=EPILOG_CONVERT_GGUF, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gguf", help="the .gguf file")
+    parser.add_argument("--out", required=True, help="output model directory, written atomically")
+    parser.set_defaults(run=_run_convert_gguf)
 
 
 EPILOG_CORPUS = """examples:
@@ -626,7 +654,7 @@ def _add_preset(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_preset)
 
 
-COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_combine_shards, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
+COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_combine_shards, _add_convert_gguf, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
                             _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report, _add_preset]
 
 

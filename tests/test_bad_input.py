@@ -51,6 +51,18 @@ def test_missing_local_path(capsys, eval_dir, tmp_path):
     assert_one_line_error(code, err, "absent", "neither a local directory nor")
 
 
+def test_missing_or_fake_gguf_file(capsys, eval_dir, tmp_path):
+    code, err = run_losses(capsys, tmp_path / "absent.gguf", eval_dir, tmp_path / "o.zarr")
+    assert_one_line_error(code, err, f"GGUF file '{tmp_path / 'absent.gguf'}' does not exist")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 a zip file named .gguf")
+    code, err = run_losses(capsys, fake, eval_dir, tmp_path / "o.zarr")
+    assert_one_line_error(code, err, f"'{fake}' is not a GGUF file")
+    assert main(["convert-gguf", str(fake), "--out", str(tmp_path / "converted")]) == 2
+    assert f"'{fake}' is not a GGUF file" in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "converted").exists()
+
+
 def test_directory_without_weights(capsys, gpt2_dir, eval_dir, tmp_path):
     empty = tmp_path / "noweights"
     empty.mkdir()

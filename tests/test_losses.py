@@ -117,3 +117,22 @@ def test_store_round_trip_and_attrs(gpt2_dir, eval_dir, tmp_path):
         assert key in reopened.attrs
     assert reopened.attrs["n_params"] > reopened.attrs["n_params_nonembedding"] > 0
     assert reopened.attrs["max_length"] == CONTEXT and reopened.attrs["window"] == "rolling"
+
+
+def test_head_dtype_auto_is_fp32_on_gpu_and_the_weights_dtype_elsewhere():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert losses.resolve_head_dtype("auto", torch.bfloat16, cuda) == torch.float32
+    assert losses.resolve_head_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    assert losses.resolve_head_dtype("float32", torch.bfloat16, cpu) == torch.float32
+
+
+def test_fp32_head_on_bf16_weights(gpt2_dir, eval_dir):
+    store = losses.compute_losses(str(gpt2_dir), eval_dir, device="cpu", dtype="bfloat16", head_dtype="float32")
+    assert store.attrs["dtype"] == "bfloat16" and store.attrs["head_dtype"] == "float32"
+    assert store.attrs["head"] == "chunked" and "gguf_sha256" not in store.attrs
+    loaded = losses.load_model(str(gpt2_dir), device="cpu", dtype="bfloat16")  # auto on the CPU: a bf16 head
+    assert loaded.head_dtype == torch.bfloat16
+    nll, _ = losses.score_texts(loaded, EVAL_TEXTS)
+    assert not np.array_equal(nll, store.nll.values)  # the fp32 head is the one that scored
+    fp32, _ = losses.score_texts(losses.load_model(str(gpt2_dir), device="cpu", dtype="float32"), EVAL_TEXTS)
+    np.testing.assert_allclose(store.nll.values, fp32, rtol=1e-4)
