@@ -277,7 +277,7 @@ def _skipped(fit: dict) -> str:
 
 
 def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, plan: dict | None,
-                     routing: dict | None = None) -> str:
+                     routing: dict | None = None, attribution: pd.DataFrame | None = None) -> str:
     """reports/README.md: what was fitted, with the figures and tables of parameters: each with its 95% profile
     interval where the data determine it, "not determined" (and its one-sided bound) where they do not."""
     lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. Intervals: 95% profile intervals "
@@ -332,6 +332,8 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     if "by_data" in kinds.get("matched", {}):
         lines += [matched_markdown(kinds["matched"]), ""]
     lines += [f"![{name}]({name})" for name in ("expected_k.png", "attribution.png") if name in figures]
+    if attribution is not None:
+        lines += ["", attribution_markdown(attribution)]
     if merge_law:
         lines += ["", "## Model merging", "", "![merging](merging.png)", "", "![spread](merging_spread.png)", "",
                   "| method | loss | L* | B | beta | A0 | gamma | b | R² (log) | held-out max rel. error (k ≤ K−2 / k ∈ {1,2,4}) |",
@@ -353,6 +355,21 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     if plan:
         lines += ["", "## Planning", "", plan_markdown(plan)]
     return "\n".join(lines) + "\n"
+
+
+def attribution_markdown(attribution: pd.DataFrame) -> str:
+    """Each member's share of the oracle: win share and Shapley value, largest first, and how many samples the
+    largest member leaves to smaller ones."""
+    table = attribution.sort_values("n_params", ascending=False)
+    largest = table.iloc[0]
+    rows = [f"**Who carries the oracle.** The largest member, {_md(largest.model)} ({largest.n_params:,.0f} parameters), "
+            f"is the best model on {largest.win_share:.1%} of the samples; smaller members win the other "
+            f"{1 - largest.win_share:.1%}.", "",
+            "| member | family | parameters | mean nll (nats per sample) | win share | Shapley value |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {_md(row.model)} | {_md(row.family)} | {row.n_params:,.0f} | {row.mean_nll:.2f} | {row.win_share:.1%} | "
+             f"{row.shapley:.2f} |" for row in table.itertuples()]
+    return "\n".join(rows)
 
 
 def matched_markdown(matched: dict) -> str:
@@ -438,5 +455,7 @@ def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str |
             figure_routing(_read_csv(Path(routing_dir) / "curves.csv"), tmp / "routing.png")
             figure_routing_cost(_read_csv(Path(routing_dir) / "strategies.csv"), tmp / "routing_cost.png")
         figures = sorted(p.name for p in tmp.glob("*.png"))
-        (tmp / "README.md").write_text(summary_markdown(laws, figures, merge_law, plan, routing), encoding="utf-8")
+        attribution = _read_csv(Path(oracle_dir) / "attribution.csv")
+        (tmp / "README.md").write_text(summary_markdown(laws, figures, merge_law, plan, routing, attribution),
+                                       encoding="utf-8")
     return figures

@@ -42,7 +42,8 @@ LN2 = math.log(2.0)
 ROUTERS = ("best_single", "ngram", "small_model")
 STRATEGIES = ("oracle", "mixture_fitted", "mixture_uniform", *(f"router_{name}" for name in ROUTERS))
 ROUTING_LAW = "power"
-EM_ITERATIONS = 300
+EM_ITERATIONS = 300  # at most, per ensemble
+EM_TOLERANCE = 1e-9  # nats per document: an ensemble's EM stops when a step improves its fit by less
 
 
 def split_documents(n_documents: int, test_fraction: float, seed: int) -> np.ndarray:
@@ -80,14 +81,28 @@ def mixture_nll(nll: np.ndarray, member: np.ndarray, log_weights: np.ndarray | N
     return -logsumexp(np.where(member[:, :, None], log_weights[:, :, None] - nll[None], -np.inf), axis=1)
 
 
-def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = EM_ITERATIONS) -> np.ndarray:
-    """(ensembles, models) log weights maximising each ensemble's mixture likelihood of the documents (EM)."""
+def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = EM_ITERATIONS,
+                        tolerance: float = EM_TOLERANCE) -> np.ndarray:
+    """(ensembles, models) log weights maximising each ensemble's mixture likelihood of the documents (EM).
+
+    An ensemble stops iterating once a step lowers its mean mixture NLL by less than `tolerance` nats per
+    document (the usual EM criterion: long documents make responsibilities nearly one-hot, so most ensembles
+    converge in a few steps); the others go on, up to `iterations` steps."""
     log_weights = np.where(member, -np.log(member.sum(axis=1, keepdims=True)), -np.inf)
+    active = np.arange(len(member))
+    previous = np.full(len(member), np.inf)
     for _ in range(iterations):
-        joint = np.where(member[:, :, None], log_weights[:, :, None] - nll[None], -np.inf)
-        responsibility = np.exp(joint - logsumexp(joint, axis=1, keepdims=True))
+        joint = np.where(member[active, :, None], log_weights[active, :, None] - nll[None], -np.inf)
+        log_mixture = logsumexp(joint, axis=1, keepdims=True)
+        responsibility = np.exp(joint - log_mixture)
         with np.errstate(divide="ignore"):
-            log_weights = np.where(member, np.log(responsibility.mean(axis=2)), -np.inf)
+            log_weights[active] = np.where(member[active], np.log(responsibility.mean(axis=2)), -np.inf)
+        mean_nll = -log_mixture[:, 0].mean(axis=1)  # before this step's update
+        improving = previous[active] - mean_nll > tolerance
+        previous[active] = mean_nll
+        active = active[improving]
+        if active.size == 0:
+            break
     return log_weights
 
 

@@ -138,4 +138,9 @@ def test_tiny_factorial_zoo_compares_families_within_each_data_design(tiny_repo)
         assert low <= entry["heterogeneous_minus_homogeneous_gain_bpb"] <= high
     assert [r["members"] for r in matched["uncertainty"]["seed_replicates"]] == [
         ["gpt2-xs", "gpt2-xs-seed1"], ["neox-xs", "neox-xs-seed1"], ["llama-xs", "llama-xs-seed1"]]
-    assert "Heterogeneous minus homogeneous gain at matched k" in (repo / "reports" / "README.md").read_text()
+    report = (repo / "reports" / "README.md").read_text()
+    assert "Heterogeneous minus homogeneous gain at matched k" in report
+    attribution = pd.read_csv(repo / "data" / "oracle" / "attribution.csv").sort_values("n_params")
+    largest = attribution.iloc[-1]
+    assert f"is the best model on {largest.win_share:.1%} of the samples" in report
+    assert f"| {largest.model} | {largest.family} | {largest.n_params:,.0f} |" in report
