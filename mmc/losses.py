@@ -55,7 +55,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HEAD_CHUNK_ELEMENTS = 2**26  # logits per head chunk: 256 MiB in fp32
 CONTEXT_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 DEFAULT_CONTEXT = 2048  # as lm-eval, when neither config nor tokenizer says
-BATCH_TOKENS = 16384  # padded tokens per scoring batch
+BATCH_TOKENS = 16384  # padded tokens per scoring batch on an accelerator
+CPU_BATCH_TOKENS = 512  # padded tokens per scoring batch on a CPU (`batch_budget`)
+MAX_PADDING = 0.1  # share of a batch's positions that may be padding
 FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
 SHARD_ATTR = "shard"  # a shard store's attr: JSON of its index, the shard count and the batch schedule
 HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
@@ -362,15 +364,21 @@ def make_windows(token_lists: list[list[int]], prefix: int, max_length: int, str
 
 
 def batches(windows: Windows, batch_tokens: int) -> list[np.ndarray]:
-    """Window indices grouped into batches, longest first, each at most `batch_tokens` padded tokens.
+    """Window indices grouped into batches, longest first, each at most `batch_tokens` padded tokens and at most
+    `MAX_PADDING` of its positions padding (a batch is padded to its longest window).
 
-    A window longer than the budget gets a batch of its own.
+    A window longer than the budget gets a batch of its own. Windows are taken in length order, so a batch's
+    padding share only grows as it takes more: each batch takes as many as both limits allow.
     """
     order = np.lexsort((np.arange(windows.length.size), -windows.length))
+    lengths = windows.length[order]
     groups, i = [], 0
     while i < order.size:
-        longest = int(windows.length[order[i]])
-        size = max(1, batch_tokens // longest)
+        longest = int(lengths[i])
+        rows = lengths[i : i + max(1, batch_tokens // longest)]
+        # padding of the first k rows, k = 1, 2, ...: k * longest - their summed lengths
+        padding = np.arange(1, rows.size + 1) * longest - np.cumsum(rows)
+        size = int(np.count_nonzero(padding <= MAX_PADDING * np.arange(1, rows.size + 1) * longest))
         groups.append(order[i : i + size])
         i += size
     return groups
@@ -417,17 +425,29 @@ def window_nll(loaded: LoadedModel, windows: Windows, batch: np.ndarray, split_h
     return per_window.cpu().numpy()
 
 
+def batch_budget(loaded: LoadedModel, batch_tokens: int | None = None) -> int:
+    """Padded tokens per batch: `batch_tokens`, by default `CPU_BATCH_TOKENS` on a CPU, else `BATCH_TOKENS`.
+
+    A CPU is busy with a few hundred tokens' matmuls: larger batches gain nothing per token and lose to padding
+    and cache misses (measured from widths 256 to 576: README, the loss engine's speed).
+    """
+    if batch_tokens is not None:
+        return int(check_number("--batch-tokens", batch_tokens, 1, integer=True))
+    return CPU_BATCH_TOKENS if loaded.device.type == "cpu" else BATCH_TOKENS
+
+
 def plan_scoring(loaded: LoadedModel, texts: list[str], *, max_length: int | None = None, stride: int | None = None,
-                 batch_tokens: int = BATCH_TOKENS) -> tuple[Windows, list[np.ndarray]]:
-    """The windows of `texts` and their batches: the schedule every run over these texts follows, whole or in
-    shards, so that each window is scored in the same batch (same shapes, same floating-point result)."""
+                 batch_tokens: int | None = None) -> tuple[Windows, list[np.ndarray]]:
+    """The windows of `texts` and their batches (`batch_budget` padded tokens each): the schedule every run over
+    these texts follows, whole or in shards, so that each window is scored in the same batch (same shapes, same
+    floating-point result)."""
     limit = context_length(loaded)
     max_length = limit if max_length is None else max_length
     if not 1 <= max_length <= limit:
         raise MMCError(f"max_length must be between 1 and the model's context ({limit}), got {max_length}")
     token_lists = loaded.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     windows = make_windows(token_lists, prefix_token(loaded.tokenizer), max_length, stride)
-    return windows, batches(windows, batch_tokens)
+    return windows, batches(windows, batch_budget(loaded, batch_tokens))
 
 
 def score_windows(loaded: LoadedModel, windows: Windows, groups: Sequence[np.ndarray], *,
@@ -461,7 +481,7 @@ def score_texts(
     *,
     max_length: int | None = None,
     stride: int | None = None,
-    batch_tokens: int = BATCH_TOKENS,
+    batch_tokens: int | None = None,
     progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-text total NLL (nats, float64) and number of scored tokens."""
@@ -493,7 +513,7 @@ def compute_losses(
     revision: str | None = None,
     max_length: int | None = None,
     stride: int | None = None,
-    batch_tokens: int = BATCH_TOKENS,
+    batch_tokens: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
     head_dtype: str = HEAD_DTYPE,
@@ -524,6 +544,7 @@ def compute_losses(
     loaded = load_model(model, revision=revision, device=device, dtype=dtype, head_dtype=head_dtype,
                         device_map=device_map, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     window_length = context_length(loaded) if max_length is None else max_length
+    batch_tokens = batch_budget(loaded, batch_tokens)
     windows, groups = plan_scoring(loaded, texts, max_length=window_length, stride=stride, batch_tokens=batch_tokens)
     n_params, n_params_nonembedding = count_parameters(loaded.model)
     prefix = prefix_token(loaded.tokenizer)
