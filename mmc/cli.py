@@ -11,7 +11,8 @@ import transformers
 
 from mmc import __version__, corpus, exit_status, zoo
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
-from mmc.losses import BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, combine_shards, convert_gguf, write_losses
+from mmc.losses import (BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, combine_shards, convert_gguf,
+                        write_losses)
 from mmc.merge_law import LOSSES, plan_from_law, plan_text, fit_merge_study
 from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models
 from mmc.oracle import oracle_study

@@ -376,9 +376,8 @@ def batches(windows: Windows, batch_tokens: int) -> list[np.ndarray]:
     while i < order.size:
         longest = int(lengths[i])
         rows = lengths[i : i + max(1, batch_tokens // longest)]
-        # padding of the first k rows, k = 1, 2, ...: k * longest - their summed lengths
-        padding = np.arange(1, rows.size + 1) * longest - np.cumsum(rows)
-        size = int(np.count_nonzero(padding <= MAX_PADDING * np.arange(1, rows.size + 1) * longest))
+        computed = np.arange(1, rows.size + 1) * longest  # positions of a batch of the first 1, 2, ... rows
+        size = int(np.count_nonzero(computed - np.cumsum(rows) <= MAX_PADDING * computed))
         groups.append(order[i : i + size])
         i += size
     return groups
