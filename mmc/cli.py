@@ -11,7 +11,8 @@ import transformers
 
 from mmc import __version__, corpus, exit_status, zoo
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
-from mmc.losses import BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, combine_shards, convert_gguf, write_losses
+from mmc.losses import (BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, combine_shards, convert_gguf,
+                        write_losses)
 from mmc.merge_law import LOSSES, plan_from_law, plan_text, fit_merge_study
 from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models
 from mmc.oracle import oracle_study
@@ -28,6 +29,9 @@ EPILOG_LOSSES = """example:
              --out data/losses/pythia-70m.zarr --dtype bfloat16 --head-dtype float32 --batch-tokens 65536
   mmc losses --model models/SmolLM2-135M-Instruct.Q4_1.gguf --data data/corpus --out data/losses/smollm2.zarr
 """
+
+
+BATCH_TOKENS_HELP = f"padded tokens per scoring batch (default: {CPU_BATCH_TOKENS} on a CPU, {BATCH_TOKENS} elsewhere)"
 
 
 def _optional_int(text: str) -> int | None:
@@ -76,8 +80,7 @@ def _add_losses(subparsers, common: argparse.ArgumentParser) -> None:
                         help="window length in tokens (default: the model's context)")
     parser.add_argument("--stride", type=_optional_int, default=None,
                         help="tokens predicted per later window; default = max-length (lm-eval rolling)")
-    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
-                        help=f"padded tokens per batch (default {BATCH_TOKENS})")
+    parser.add_argument("--batch-tokens", type=_optional_int, default=None, help=BATCH_TOKENS_HELP)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--head-dtype", default=HEAD_DTYPE,
@@ -555,8 +558,7 @@ def _add_merge_sweep(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--docs-per-domain", type=_optional_int, default=None,
                         help="eval samples per domain (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of subset draws and DARE masks (default 0)")
-    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
-                        help="padded tokens per scoring batch (default %(default)s)")
+    parser.add_argument("--batch-tokens", type=_optional_int, default=None, help=BATCH_TOKENS_HELP)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle (*.bin) weights of base and experts")
     parser.set_defaults(run=_run_merge_sweep)

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
 import xarray as xr
 from tqdm.auto import tqdm
@@ -55,7 +54,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HEAD_CHUNK_ELEMENTS = 2**26  # logits per head chunk: 256 MiB in fp32
 CONTEXT_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 DEFAULT_CONTEXT = 2048  # as lm-eval, when neither config nor tokenizer says
-BATCH_TOKENS = 16384  # padded tokens per scoring batch
+BATCH_TOKENS = 16384  # padded tokens per scoring batch on an accelerator
+CPU_BATCH_TOKENS = 512  # padded tokens per scoring batch on a CPU (`batch_budget`)
+MAX_PADDING = 0.1  # share of a batch's positions that may be padding
 FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
 SHARD_ATTR = "shard"  # a shard store's attr: JSON of its index, the shard count and the batch schedule
 HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
@@ -76,6 +77,7 @@ class LoadedModel:
     split_head: bool  # True when backbone + linear head reproduces the model's logits
     head_dtype: torch.dtype  # the dtype the head's matmul runs in (the weights' own unless split_head)
     provenance: dict[str, str] = field(default_factory=dict)  # loss store attrs of the weights' source (GGUF)
+    logits_buffer: torch.Tensor | None = None  # the head's output, reused by every batch (`head_logits`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,15 +364,20 @@ def make_windows(token_lists: list[list[int]], prefix: int, max_length: int, str
 
 
 def batches(windows: Windows, batch_tokens: int) -> list[np.ndarray]:
-    """Window indices grouped into batches, longest first, each at most `batch_tokens` padded tokens.
+    """Window indices grouped into batches, longest first, each at most `batch_tokens` padded tokens and at most
+    `MAX_PADDING` of its positions padding (a batch is padded to its longest window).
 
-    A window longer than the budget gets a batch of its own.
+    A window longer than the budget gets a batch of its own. Windows are taken in length order, so a batch's
+    padding share only grows as it takes more: each batch takes as many as both limits allow.
     """
     order = np.lexsort((np.arange(windows.length.size), -windows.length))
+    lengths = windows.length[order]
     groups, i = [], 0
     while i < order.size:
-        longest = int(windows.length[order[i]])
-        size = max(1, batch_tokens // longest)
+        longest = int(lengths[i])
+        rows = lengths[i : i + max(1, batch_tokens // longest)]
+        computed = np.arange(1, rows.size + 1) * longest  # positions of a batch of the first 1, 2, ... rows
+        size = int(np.count_nonzero(computed - np.cumsum(rows) <= MAX_PADDING * computed))
         groups.append(order[i : i + size])
         i += size
     return groups
@@ -378,6 +385,28 @@ def batches(windows: Windows, batch_tokens: int) -> list[np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------
 # Scoring
+
+
+def head_logits(loaded: LoadedModel, hidden: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(hidden, weight, bias)` written into `loaded.logits_buffer` (grown as needed): a fresh
+    full-vocabulary tensor per batch costs page faults on a CPU (1% of SmolLM2-135M's scoring time)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    buffer = loaded.logits_buffer
+    if (buffer is None or buffer.shape[0] < rows or buffer.shape[1] != vocab or buffer.dtype != hidden.dtype
+            or buffer.device != hidden.device):
+        buffer = loaded.logits_buffer = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+    out = buffer[:rows]
+    return torch.mm(hidden, weight.t(), out=out) if bias is None else torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row in fp32, -log softmax(logits)[target], computed in place in `logits` (fp32
+    logits are overwritten): unlike `F.cross_entropy`, it allocates no full-vocabulary log-probabilities."""
+    logits = logits.float()
+    target = logits.gather(1, targets[:, None])[:, 0]
+    top = logits.amax(dim=-1, keepdim=True)
+    return logits.sub_(top).exp_().sum(dim=-1).log_().add_(top[:, 0]).sub_(target)
 
 
 @torch.inference_mode()
@@ -404,30 +433,38 @@ def window_nll(loaded: LoadedModel, windows: Windows, batch: np.ndarray, split_h
         bias = None if head.bias is None else head.bias.to(loaded.head_dtype)
         hidden = backbone(input_ids=inputs, use_cache=False)[0][scored].to(loaded.head_dtype)
         chunk = max(1, HEAD_CHUNK_ELEMENTS // head.out_features)
-        token_nll = torch.cat([
-            F.cross_entropy(F.linear(hidden[i : i + chunk], weight, bias).float(), targets[i : i + chunk],
-                            reduction="none")
-            for i in range(0, hidden.shape[0], chunk)
-        ])
+        nll = torch.cat([token_nll(head_logits(loaded, hidden[i : i + chunk], weight, bias), targets[i : i + chunk])
+                         for i in range(0, hidden.shape[0], chunk)])
     else:
-        logits = loaded.model(input_ids=inputs, use_cache=False).logits[scored].float()
-        token_nll = F.cross_entropy(logits, targets, reduction="none")
+        nll = token_nll(loaded.model(input_ids=inputs, use_cache=False).logits[scored], targets)
     per_window = torch.zeros(len(batch), dtype=torch.float64, device=loaded.device)
-    per_window.index_add_(0, row_of_score, token_nll.double())
+    per_window.index_add_(0, row_of_score, nll.double())
     return per_window.cpu().numpy()
 
 
+def batch_budget(loaded: LoadedModel, batch_tokens: int | None = None) -> int:
+    """Padded tokens per batch: `batch_tokens`, by default `CPU_BATCH_TOKENS` on a CPU, else `BATCH_TOKENS`.
+
+    A CPU is busy with a few hundred tokens' matmuls: larger batches gain nothing per token and lose to padding
+    and cache misses (measured from widths 256 to 576: README, the loss engine's speed).
+    """
+    if batch_tokens is not None:
+        return int(check_number("--batch-tokens", batch_tokens, 1, integer=True))
+    return CPU_BATCH_TOKENS if loaded.device.type == "cpu" else BATCH_TOKENS
+
+
 def plan_scoring(loaded: LoadedModel, texts: list[str], *, max_length: int | None = None, stride: int | None = None,
-                 batch_tokens: int = BATCH_TOKENS) -> tuple[Windows, list[np.ndarray]]:
-    """The windows of `texts` and their batches: the schedule every run over these texts follows, whole or in
-    shards, so that each window is scored in the same batch (same shapes, same floating-point result)."""
+                 batch_tokens: int | None = None) -> tuple[Windows, list[np.ndarray]]:
+    """The windows of `texts` and their batches (`batch_budget` padded tokens each): the schedule every run over
+    these texts follows, whole or in shards, so that each window is scored in the same batch (same shapes, same
+    floating-point result)."""
     limit = context_length(loaded)
     max_length = limit if max_length is None else max_length
     if not 1 <= max_length <= limit:
         raise MMCError(f"max_length must be between 1 and the model's context ({limit}), got {max_length}")
     token_lists = loaded.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     windows = make_windows(token_lists, prefix_token(loaded.tokenizer), max_length, stride)
-    return windows, batches(windows, batch_tokens)
+    return windows, batches(windows, batch_budget(loaded, batch_tokens))
 
 
 def score_windows(loaded: LoadedModel, windows: Windows, groups: Sequence[np.ndarray], *,
@@ -461,7 +498,7 @@ def score_texts(
     *,
     max_length: int | None = None,
     stride: int | None = None,
-    batch_tokens: int = BATCH_TOKENS,
+    batch_tokens: int | None = None,
     progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-text total NLL (nats, float64) and number of scored tokens."""
@@ -493,7 +530,7 @@ def compute_losses(
     revision: str | None = None,
     max_length: int | None = None,
     stride: int | None = None,
-    batch_tokens: int = BATCH_TOKENS,
+    batch_tokens: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
     head_dtype: str = HEAD_DTYPE,
@@ -524,6 +561,7 @@ def compute_losses(
     loaded = load_model(model, revision=revision, device=device, dtype=dtype, head_dtype=head_dtype,
                         device_map=device_map, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     window_length = context_length(loaded) if max_length is None else max_length
+    batch_tokens = batch_budget(loaded, batch_tokens)
     windows, groups = plan_scoring(loaded, texts, max_length=window_length, stride=stride, batch_tokens=batch_tokens)
     n_params, n_params_nonembedding = count_parameters(loaded.model)
     prefix = prefix_token(loaded.tokenizer)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 import mmc
 from mmc import MMCError, check_name, check_number
 from mmc.corpus import fingerprint, load_samples
-from mmc.losses import BATCH_TOKENS, count_parameters, load_model, sample_bytes, score_texts
+from mmc.losses import count_parameters, load_model, sample_bytes, score_texts
 from mmc.merging import MergeSpec, check_expert_base, copy_into, merge, stack_experts
 from mmc.store import check_outputs, write_store
 
@@ -52,7 +52,7 @@ def first_per_domain(samples, docs_per_domain: int | None):
 
 
 def merge_sweep(base: str, experts: Mapping[str, str | Path], data_dir: str | Path, specs: Sequence[MergeSpec], *,
-                max_subsets_per_k: int, seed: int, docs_per_domain: int | None = None, batch_tokens: int = BATCH_TOKENS,
+                max_subsets_per_k: int, seed: int, docs_per_domain: int | None = None, batch_tokens: int | None = None,
                 device: str = "auto", allow_pickle: bool = False, progress: bool | None = None) -> xr.Dataset:
     """Merge chosen subsets of a base's `experts` (domain -> model directory) with every spec; score each merge.
 

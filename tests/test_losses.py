@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +104,40 @@ def test_batches_respect_token_budget():
     assert sorted(np.concatenate(groups).tolist()) == list(range(windows.doc.size))
     for group in groups:
         assert len(group) == 1 or len(group) * windows.length[group].max() <= 40
+
+
+def padding_share(windows: losses.Windows, groups: list[np.ndarray]) -> float:
+    computed = sum(len(group) * int(windows.length[group].max()) for group in groups)
+    return 1 - int(windows.length.sum()) / computed
+
+
+def test_skewed_lengths_are_batched_apart():
+    # one document of 1,090 tokens (5 windows of 256 input tokens) and 17 of 45: in one batch, padded to 256,
+    # 3,587 of its 5,632 positions (64%) would be padding
+    windows = losses.make_windows([[1] * 1090] + [[1] * 45] * 17, prefix=0, max_length=256)
+    groups = losses.batches(windows, batch_tokens=16384)
+    assert [group.tolist() for group in groups] == [list(range(5)), list(range(5, 22))]
+    assert padding_share(windows, groups) == 0
+
+
+def test_padding_is_at_most_a_tenth_of_every_batch():
+    rng = np.random.default_rng(0)
+    token_lists = [[1] * n for n in np.concatenate([rng.integers(1, 60, 300), rng.integers(200, 3000, 20)])]
+    windows = losses.make_windows(token_lists, prefix=0, max_length=512)
+    groups = losses.batches(windows, batch_tokens=4096)
+    order = np.concatenate(groups)
+    assert sorted(order.tolist()) == list(range(windows.doc.size))
+    assert (np.diff(windows.length[order]) <= 0).all()
+
+    def within_limits(group: np.ndarray) -> bool:
+        width = int(windows.length[group].max())
+        padding = len(group) * width - int(windows.length[group].sum())
+        return len(group) * width <= 4096 and padding <= losses.MAX_PADDING * len(group) * width
+
+    assert all(within_limits(group) for group in groups)
+    # each batch stops only where taking the next window would break a limit
+    assert not any(within_limits(np.append(group, following[0])) for group, following in pairwise(groups))
+    assert padding_share(windows, groups) <= losses.MAX_PADDING
 
 
 def test_store_round_trip_and_attrs(gpt2_dir, eval_dir, tmp_path):
