@@ -7,6 +7,7 @@ series, and makes the paper's comparisons: multi-model vs single-model floor, he
 
 from __future__ import annotations
 
+import math
 from itertools import combinations, product
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mmc.store import SAMPLE_CHUNK, check_outputs, dask_scheduler, open_store, w
 COLLABORATION_LAW = "power"
 X_COLUMNS = {"total": "total_params", "nonembedding": "total_params_nonembedding"}
 MATCHED_BUDGETS = 5  # budgets, log-spaced over the range both series cover, where their predictions are compared
+MAX_MATCHED_PER_K = 20_000  # matched ensembles per (data label, k) at most: C(sizes, k) · families^k grows fast
 HOLDOUT_FRACTION = 0.2  # default share of the largest budgets (distinct x) predicted by the held-out check
 POINT_COLUMNS = ["series", "total_params", "bpb"]
 CURVE_COLUMNS = ["series", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb"]
@@ -367,7 +369,8 @@ def design_cells(pool: xr.Dataset) -> pd.DataFrame:
 def _matched_ensembles(members: pd.DataFrame) -> tuple[list[tuple], pd.DataFrame]:
     """The cells (data, family, size) and the matched ensembles over them, as rows (data, k, size_set,
     heterogeneous, cells): within one data label, for every set of k ≥ 2 sizes that all its families have, each
-    family's homogeneous ensemble of those sizes and every heterogeneous one (one member per size, ≥ 2 families)."""
+    family's homogeneous ensemble of those sizes and every heterogeneous one (one member per size, ≥ 2 families).
+    A k whose ensembles would number more than MAX_MATCHED_PER_K (many families and sizes) is left out."""
     cells = sorted(members.groupby(["data", "family", "size_rank"]).groups)
     index = {cell: i for i, cell in enumerate(cells)}
     rows = []
@@ -378,6 +381,8 @@ def _matched_ensembles(members: pd.DataFrame) -> tuple[list[tuple], pd.DataFrame
             continue
         sizes = sorted(set.intersection(*(set(here.size_rank[here.family == family]) for family in families)))
         for k in range(2, len(sizes) + 1):
+            if math.comb(len(sizes), k) * len(families) ** k > MAX_MATCHED_PER_K:  # and so for every larger k
+                break
             for size_set in combinations(sizes, k):
                 for assignment in product(families, repeat=k):
                     rows.append((data, k, size_set, len(set(assignment)) > 1,
@@ -397,7 +402,8 @@ def matched_heterogeneity(pool: xr.Dataset, n_bootstrap: int, seed: int, sample_
     members = design_cells(pool)
     cells, ensembles = _matched_ensembles(members)
     if ensembles.empty:
-        return {"skipped": "no data label has 2 families with 2 sizes in common"}
+        return {"skipped": f"no data label has 2 families with 2 sizes in common (and at most {MAX_MATCHED_PER_K} "
+                           f"ensembles at k = 2)"}
     replicates = [members.index[(members.data == d) & (members.family == f) & (members.size_rank == z)].to_numpy()
                   for d, f, z in cells]
     n_replicates = np.array([len(r) for r in replicates])

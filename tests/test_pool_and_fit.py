@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from conftest import loss_store, synthetic_pool
-from mmc import MMCError, store
+from mmc import MMCError, collaboration, store
 from mmc.cli import main
 from mmc.collaboration import design_cells, matched_heterogeneity
 from mmc.store import assemble_pool, open_store, write_store
@@ -274,3 +274,8 @@ def test_matched_heterogeneity_needs_two_families_with_common_sizes():
     assert "skipped" in matched_heterogeneity(pool.isel(model=[0, 1]), 10, seed=0)  # family a alone
     # a label with one family has nothing to mix: only the other label is compared
     assert list(matched_heterogeneity(pool.isel(model=[0, 1, 5, 6, 7, 8]), 10, seed=0)["by_data"]) == ["mix"]
+
+
+def test_matched_heterogeneity_leaves_out_the_k_with_too_many_ensembles(monkeypatch):
+    monkeypatch.setattr(collaboration, "MAX_MATCHED_PER_K", 3)  # k = 2 of 2 families x 2 sizes: 4 ensembles
+    assert "at most 3 ensembles at k = 2" in matched_heterogeneity(factorial_pool(), 10, seed=0)["skipped"]
