@@ -15,7 +15,11 @@ log L_obs), ρ Huber's loss with threshold δ (default: 1.345 × the MAD scale o
    grid, never from the estimate, so a flat direction shows as a wide interval, not a zero-width one.
 
 Internally losses and inputs are centred on their geometric means (well conditioned whatever the units);
-reported parameters are in the caller's units, unrounded. A fit needs at least parameters + 2 points.
+reported parameters are in the caller's units, unrounded. Exactly tied losses are one measurement reported at
+several inputs (an ensemble whose added members win no sample has its best member's loss, bit for bit): a tied
+group counts as one point, in the objective, the noise scale, the profile's degrees of freedom and the point
+bootstrap, so duplicates can neither pull the curve nor shrink its intervals. A fit needs at least parameters
++ 2 distinct losses.
 """
 
 from __future__ import annotations
@@ -131,6 +135,7 @@ class Fit:
     r2_log: float
     rmse_log: float
     n_points: int
+    n_distinct_losses: int  # tied losses count once (see the module docstring)
     huber_delta: float | None  # None: least squares in log space
     n_candidates: int  # grid candidates the scales were solved for
     polished_objectives: np.ndarray = field(repr=False)  # objectives the best candidates were polished to
@@ -170,11 +175,33 @@ class Fit:
             "r2_log": self.r2_log,
             "rmse_log": self.rmse_log,
             "n_points": self.n_points,
+            "n_distinct_losses": self.n_distinct_losses,
             "n_candidates": self.n_candidates,
             "same_optimum": self.same_optimum,
             "n_bootstrap": self.n_bootstrap,
             "n_bootstrap_converged": self.n_bootstrap_converged,
         }
+
+
+@dataclass(frozen=True)
+class _Ties:
+    """Groups of exactly tied losses, numbered in order of first appearance (no ties: group i is point i)."""
+    group: np.ndarray  # (points,) the group of each point
+    size: np.ndarray  # (groups,) points in each group
+
+    @classmethod
+    def of(cls, loss: np.ndarray) -> _Ties:
+        _, first, inverse, counts = np.unique(loss, return_index=True, return_inverse=True, return_counts=True)
+        order = np.argsort(first)
+        rank = np.empty(len(first), dtype=np.intp)
+        rank[order] = np.arange(len(first))
+        return cls(rank[inverse], counts[order])
+
+    def used(self, weights: np.ndarray) -> np.ndarray:
+        """(…, groups): whether any point of each group has positive weight, for weights (…, points)."""
+        order = np.argsort(self.group, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(self.size)[:-1]])
+        return np.maximum.reduceat((weights[..., order] > 0).astype(np.int8), starts, axis=-1) > 0
 
 
 @dataclass(frozen=True)
@@ -428,23 +455,25 @@ def _natural(design: _Design, theta: np.ndarray) -> np.ndarray:
     return natural
 
 
-def _auto_delta(design: _Design, target: np.ndarray, weights: np.ndarray, grid: tuple[np.ndarray, np.ndarray]
-                ) -> float:
+def _auto_delta(design: _Design, target: np.ndarray, weights: np.ndarray, ties: _Ties,
+                grid: tuple[np.ndarray, np.ndarray]) -> float:
     """Huber's δ = 1.345 × a robust scale (MAD) of the log residuals of a least-squares fit: 95% of least
-    squares' efficiency under Gaussian noise, bounded influence of outliers."""
+    squares' efficiency under Gaussian noise, bounded influence of outliers. One residual per tied group (their
+    mean), so a cluster of duplicates, fitted exactly, cannot drive the scale to 0."""
     theta, _ = _fit_batch(design, target[None], weights[None], None, GRID_DENSITY, POLISH_KEEP, grid)
-    residuals = (design.log_predict(theta, jacobian=False)[0] - target)[0][weights > 0]
+    residuals = (design.log_predict(theta, jacobian=False)[0] - target)[0]
+    residuals = (np.bincount(ties.group, residuals) / ties.size)[ties.used(weights)]
     scale = 1.4826 * np.median(np.abs(residuals - np.median(residuals)))
     return float(max(1.345 * scale, 1e-6))  # exact data: residuals ~0, any δ this small is least squares
 
 
 def _profile(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray, delta: float | None,
-             n_values: int = PROFILE_POINTS) -> dict[str, dict]:
+             n_effective: int, n_values: int = PROFILE_POINTS) -> dict[str, dict]:
     """Profile intervals: each parameter held at values across its range while the others are re-optimised.
 
     The threshold is the robust drop-in-dispersion test (Hampel et al. 1986, §7.6; for least squares, the
     classic profile-likelihood interval): a value is inside while 2·Δobjective·mean(ψ′)/s² ≤ F(1, n − p; 0.95),
-    s² = Σ w ψ(r)² / (n − p). An interval that reaches the end of the range on one side is open there: the
+    s² = Σ w ψ(r)² / (n − p), n the distinct measurements (weights are relative precisions, not counts). An interval that reaches the end of the range on one side is open there: the
     parameter is not identified, and only the other side is reported.
     """
     n_params = len(theta)
@@ -452,7 +481,6 @@ def _profile(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np
     residuals = prediction[0] - target
     rho, psi, _ = _rho(residuals, delta)
     best = float((weights * rho).sum())
-    n_effective = float((weights > 0).sum()) if weights.max() <= 1 else float(weights.sum())
     dof = max(n_effective - n_params, 1.0)
     dispersion = float((weights * psi**2).sum()) / dof
     slope = float((weights * (np.abs(residuals) <= delta if delta is not None else 1.0)).sum() / weights.sum())
@@ -515,13 +543,20 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     weights = np.ones(len(loss)) if weights is None else np.asarray(weights, dtype=np.float64)
     if weights.shape != loss.shape or not np.isfinite(weights).all() or (weights < 0).any():
         raise MMCError(f"law {law.name}: weights must be one non-negative finite number per point")
+    ties = _Ties.of(loss)
+    weights = weights / ties.size[ties.group]  # a tied group weighs as one point
+    n_distinct = int(ties.used(weights).sum())
+    if n_distinct < len(law.params) + 2:
+        raise MMCError(f"law {law.name}: {len(loss)} points hold {n_distinct} distinct losses (tied losses are one "
+                       f"measurement), too few for {len(law.params)} parameters (a fit needs at least "
+                       f"{len(law.params) + 2}: parameters + 2)")
     log_loss = np.log(loss)
     power_inputs = {name for term in law.terms for name, _ in term.powers}
     centre = _Centre(float(log_loss.mean()), {name: float(np.log(inputs[name]).mean()) for name in power_inputs})
     design = _Design(law, inputs, centre)
     target = log_loss - centre.log_loss
     grid = design.solve_scales(design.candidates(GRID_DENSITY), target[None], weights[None])
-    delta = _auto_delta(design, target, weights, grid) if huber_delta == "auto" else huber_delta
+    delta = _auto_delta(design, target, weights, ties, grid) if huber_delta == "auto" else huber_delta
     if delta is not None:
         check_number("huber_delta", delta, 0, low_open=True)
     theta, polished = _fit_batch(design, target[None], weights[None], delta, GRID_DENSITY, POLISH_KEEP, grid)
@@ -531,23 +566,27 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     fit = Fit(
         law=law, params=dict(zip(law.params, _natural(design, theta).tolist())), objective=objective,
         r2_log=1.0 - float((residuals**2).sum()) / total_variance if total_variance > 0 else math.nan,
-        rmse_log=float(np.sqrt((residuals**2).mean())), n_points=len(loss), huber_delta=delta,
+        rmse_log=float(np.sqrt((residuals**2).mean())), n_points=len(loss),
+        n_distinct_losses=n_distinct, huber_delta=delta,
         n_candidates=len(design.candidates(GRID_DENSITY)), polished_objectives=np.sort(polished[0])[:3],
     )
     if profile:
-        fit.profile = _profile(design, theta, target, weights, delta)
+        fit.profile = _profile(design, theta, target, weights, delta, n_distinct)
     if bootstrap > 0 or replicates is not None:
-        _bootstrap(fit, design, target, weights, delta, bootstrap, seed, replicates, theta)
+        _bootstrap(fit, design, target, weights, ties, delta, bootstrap, seed, replicates, theta)
     return fit
 
 
-def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | None,
-               n_resamples: int, seed: int, replicates: np.ndarray | None, estimate: np.ndarray) -> None:
+def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarray, ties: _Ties,
+               delta: float | None, n_resamples: int, seed: int, replicates: np.ndarray | None,
+               estimate: np.ndarray) -> None:
     """Percentile intervals from refits of resamples, all at once: each polished by LM from the best candidate
-    of the grid and from the estimate, the better kept (never from the estimate alone: a flat direction shows)."""
+    of the grid and from the estimate, the better kept (never from the estimate alone: a flat direction shows).
+    Point resampling draws distinct measurements (a tied group is drawn whole)."""
     if replicates is None:
         rng = np.random.default_rng(seed)
-        counts = rng.multinomial(len(target), np.full(len(target), 1 / len(target)), size=n_resamples)
+        n_groups = len(ties.size)
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_resamples)[:, ties.group]
         targets, resampled = np.repeat(target[None], n_resamples, axis=0), counts * weights
     else:
         replicates = np.asarray(replicates, dtype=np.float64)
@@ -555,7 +594,7 @@ def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarra
         with np.errstate(divide="ignore", invalid="ignore"):
             targets = np.where(missing, 0.0, np.log(np.where(missing, 1.0, replicates)) - design.centre.log_loss)
         resampled = np.where(missing, 0.0, weights)
-    usable = ((resampled > 0).sum(axis=1) >= len(fit.law.params) + 2)
+    usable = ties.used(resampled).sum(axis=1) >= len(fit.law.params) + 2
     estimates = []
     for rows in np.array_split(np.flatnonzero(usable), max(1, int(np.ceil(usable.sum() / BOOTSTRAP_BLOCK)))):
         if len(rows):

@@ -244,7 +244,7 @@ def routing_markdown(routing: dict) -> str:
     for name, fit in routing["laws"].items():
         label = _md(STRATEGY_STYLE.get(name, (None, name))[1])
         rows.append(f"| {label} | skipped: {_skipped(fit)} | | | |" if "params" not in fit else
-                    f"| {label} | {fit['n_points']} | {_param(fit, 'E')} | {_param(fit, 'A')} | {_param(fit, 'alpha')} |")
+                    f"| {label} | {_points(fit)} | {_param(fit, 'E')} | {_param(fit, 'A')} | {_param(fit, 'alpha')} |")
     return "\n".join(rows)
 
 
@@ -260,6 +260,11 @@ def _fmt(value, ci=None) -> str:
         return "–"
     text = f"{value:.4g}"
     return f"{text} [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else text
+
+
+def _points(fit: dict) -> str:
+    distinct = fit["n_distinct_losses"]
+    return f"{fit['n_points']}" + (f" ({distinct} distinct)" if distinct < fit["n_points"] else "")
 
 
 def _param(fit: dict, name: str) -> str:
@@ -283,7 +288,9 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. Intervals: 95% profile intervals "
              f"(the other parameters re-optimised along each one); bootstrap intervals from "
              f"{laws['bootstrap']['resamples']} resamples of the {laws['bootstrap']['over']} are in metrics/laws.json. "
-             "A parameter whose profile interval reaches a bound or never closes is *not determined* by the data.",
+             "A parameter whose profile interval reaches a bound or never closes is *not determined* by the data. "
+             "Exactly tied losses (an ensemble whose added members win no document has its best member's loss) are one "
+             "measurement and count once; *points* gives the distinct losses in brackets where they are fewer.",
              "", "## Single-model and multi-model scaling", ""]
     lines += [f"![{name}]({name})" for name in ("scaling.png", "kinds.png") if name in figures]
     lines += ["", "| series | points | E (floor) | A | alpha | R² (log) | held-out max rel. error |",
@@ -293,7 +300,7 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
             lines.append(f"| {_md(series)} | – | skipped: {_skipped(fit)} | | | | |")
             continue
         holdout = fit.get("holdout", {})
-        lines.append(f"| {_md(series)} | {fit['n_points']} | {_param(fit, 'E')} | {_param(fit, 'A')} | "
+        lines.append(f"| {_md(series)} | {_points(fit)} | {_param(fit, 'E')} | {_param(fit, 'A')} | "
                      f"{_param(fit, 'alpha')} | {fit['r2_log']:.3f} | "
                      f"{_fmt(holdout.get('max_abs_relative_error')) if 'skipped' not in holdout else 'skipped'} |")
     floor = laws["comparisons"]["floor"]

@@ -156,6 +156,29 @@ def test_point_weights_weigh_points_and_zero_drops_them():
     assert zeroed.params == pytest.approx(dropped.params, rel=1e-5)
 
 
+def test_tied_losses_count_once():
+    """Exactly tied losses are one measurement (an ensemble whose added members win nothing has its best member's
+    loss): 50 copies of a point give exactly the fit of the point once; a tied cluster at jittered inputs cannot
+    shrink the intervals (it did: 167 tied ensembles beside 43 others made an exponent's interval 1e-4 wide)."""
+    inputs, loss = observe("power", 3, 0.02, inputs={"x": np.logspace(4, 7, 10)})
+    once = laws.fit_law("power", inputs, loss, bootstrap=50, seed=1)
+    copies = np.r_[np.arange(10), np.full(50, 9)]
+    repeated = laws.fit_law("power", {"x": inputs["x"][copies]}, loss[copies], bootstrap=50, seed=1)
+    assert (repeated.n_points, repeated.n_distinct_losses, once.n_distinct_losses) == (60, 10, 10)
+    assert repeated.params == pytest.approx(once.params, rel=1e-6)
+    assert repeated.huber_delta == pytest.approx(once.huber_delta, rel=1e-9)
+    for name in once.params:  # the profile and the point bootstrap (a tied group is drawn whole) see one point
+        assert repeated.profile[name]["ci95"] == pytest.approx(once.profile[name]["ci95"], rel=2e-3)
+        assert repeated.ci95[name] == pytest.approx(once.ci95[name], rel=1e-4)
+
+    jittered = laws.fit_law("power", {"x": inputs["x"][copies] * (1 + 1e-4 * np.arange(60) / 60)}, loss[copies])
+    assert jittered.n_distinct_losses == 10
+    width = [np.diff(fit.profile["alpha"]["ci95"])[0] for fit in (jittered, once)]
+    assert 0.8 < width[0] / width[1] < 1.25
+    with pytest.raises(MMCError, match="60 points hold 4 distinct losses"):
+        laws.fit_law("power", {"x": inputs["x"][copies]}, np.r_[loss[:3], np.full(57, loss[3])])
+
+
 def test_too_few_points_and_bad_data_are_refused():
     inputs, loss = observe("power", 0, 0.0)
     with pytest.raises(MMCError, match="unknown law"):
