@@ -79,9 +79,9 @@ def _curve(name: str, fit: Fit, x: np.ndarray, grid_points: int) -> pd.DataFrame
     """The fitted law from the smallest budget to 4x the largest, with its 95% bootstrap band."""
     grid = np.geomspace(x.min(), x.max() * 4, grid_points)
     curve = pd.DataFrame({"series": name, "total_params": grid, "predicted_bpb": fit.predict(x=grid)})
-    if fit.bootstrap_params is not None:
-        draws = np.array([fit.law.predict(dict(zip(fit.law.params, theta)), x=grid) for theta in fit.bootstrap_params])
-        curve["lower_bpb"], curve["upper_bpb"] = np.percentile(draws, [2.5, 97.5], axis=0)
+    band = fit.band(x=grid)
+    if band is not None:
+        curve["lower_bpb"], curve["upper_bpb"] = band
     return curve.reindex(columns=CURVE_COLUMNS)
 
 

@@ -157,6 +157,16 @@ class Fit:
     def predict(self, **inputs: np.ndarray | float) -> np.ndarray:
         return self.law.predict(self.params, **inputs)
 
+    def band(self, **inputs: np.ndarray | float) -> tuple[np.ndarray, np.ndarray] | None:
+        """The 95% percentile band of the bootstrap refits' predictions at `inputs` (None without a bootstrap)."""
+        if self.bootstrap_params is None:
+            return None
+        params = {name: column[:, None] for name, column in zip(self.law.params, self.bootstrap_params.T)}
+        draws = self.law.predict(params, **{name: np.asarray(value, dtype=np.float64)[None]
+                                            for name, value in inputs.items()})
+        low, high = np.percentile(draws, [2.5, 97.5], axis=0)
+        return low, high
+
     def to_dict(self) -> dict:
         """JSON-ready: a parameter whose profile interval is open (reaches a bound or never closes) is marked not
         identified, its interval shows only the side the data determine (the other is None), and its bootstrap

@@ -50,13 +50,13 @@ def _family_colors(families) -> dict[str, str]:
     return {family: palette[i % len(palette)] for i, family in enumerate(sorted(set(families)))}
 
 
-def _band(ax, curves: pd.DataFrame, series: str, color, label: str, style: str = "-") -> None:
-    curve = curves[curves.series == series]
+def _band(ax, curve: pd.DataFrame, color, label: str | None, style: str = "-", alpha: float = 0.15) -> None:
+    """A fitted law's curve with its 95% bootstrap band where it has one."""
     if curve.empty:
         return
     ax.plot(curve.total_params, curve.predicted_bpb, style, color=color, label=label, lw=1.6)
     if "lower_bpb" in curve and curve.lower_bpb.notna().all():
-        ax.fill_between(curve.total_params, curve.lower_bpb, curve.upper_bpb, color=color, alpha=0.15, lw=0)
+        ax.fill_between(curve.total_params, curve.lower_bpb, curve.upper_bpb, color=color, alpha=alpha, lw=0)
 
 
 def _parameter_count(value: float, _position=None) -> str:
@@ -96,8 +96,8 @@ def figure_scaling(points: pd.DataFrame, curves: pd.DataFrame, ensembles: pd.Dat
     frontier = points[points.series == "multi/pareto"]
     ax.scatter(frontier.total_params, frontier.bpb, s=14, marker="s", facecolor="none", edgecolor="black",
                label="multi-model Pareto frontier", zorder=2)
-    _band(ax, curves, "single/pareto", "tab:red", "single-model law", "--")
-    _band(ax, curves, "multi/pareto", "black", "multi-model law")
+    _band(ax, curves[curves.series == "single/pareto"], "tab:red", "single-model law", "--")
+    _band(ax, curves[curves.series == "multi/pareto"], "black", "multi-model law")
     _log_axes(ax, "Single-model vs multi-model (oracle) scaling")
     ax.legend(fontsize=8, loc="lower left")
     _save(fig, path)
@@ -108,14 +108,14 @@ def figure_kinds(points: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None
     fig, ax = plt.subplots(figsize=(7, 4.6))
     hetero = points[points.series == "multi/heterogeneous"]
     ax.scatter(hetero.total_params, hetero.bpb, s=5, color="0.6", alpha=0.6, label="heterogeneous ensembles")
-    _band(ax, curves, "multi/heterogeneous", "black", "heterogeneous law")
+    _band(ax, curves[curves.series == "multi/heterogeneous"], "black", "heterogeneous law")
     homogeneous = sorted(s for s in points.series.unique() if s.startswith("multi/homogeneous/"))
     colors = _family_colors(s.rsplit("/", 1)[1] for s in homogeneous)
     for series in homogeneous:
         family = series.rsplit("/", 1)[1]
         own = points[points.series == series]
         ax.scatter(own.total_params, own.bpb, s=18, color=colors[family], label=f"homogeneous {_plain(family)}")
-        _band(ax, curves, series, colors[family], f"{family} law", "--")
+        _band(ax, curves[curves.series == series], colors[family], f"{family} law", "--")
     _log_axes(ax, "Heterogeneous vs homogeneous ensembles")
     ax.legend(fontsize=8, loc="lower left", ncol=2)
     _save(fig, path)
@@ -196,21 +196,39 @@ def figure_merging_spread(curves: pd.DataFrame, path: Path) -> None:
 STRATEGY_STYLE = {"oracle": ("black", "oracle (bound)"), "mixture_fitted": ("tab:blue", "mixture, fitted weights"),
                   "mixture_uniform": ("tab:cyan", "mixture, uniform"), "router_ngram": ("tab:orange", "router: n-grams"),
                   "router_small_model": ("tab:green", "router: smallest model"),
-                  "router_best_single": ("tab:red", "best single member")}
+                  "router_best_single": ("tab:red", "best single member"), "single": ("tab:red", "single models")}
 
 
-def figure_routing(curves: pd.DataFrame, path: Path) -> None:
-    """Realisable collaboration: each strategy's test loss on its Pareto frontier against total parameters, with
-    its fitted law: how much of the oracle's gain mixtures and routers keep as pools grow."""
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+def figure_routing(curves: pd.DataFrame, shares: dict, path: Path) -> None:
+    """Realisable collaboration. Left: each strategy's test loss on its Pareto frontier (chosen on the training
+    documents) against total parameters, with its fitted law and 95% band, dashed beyond the frontier's largest
+    budget (drawn there only for a law whose parameters are all determined). Right: the share of the oracle's gain each strategy realises at each k."""
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [3, 2]})
     for strategy, own in curves.groupby("strategy", sort=False):
         color, label = STRATEGY_STYLE.get(strategy, ("0.5", _plain(strategy)))
         seen = own.dropna(subset=["observed_bpb"])
-        ax.scatter(seen.total_params, seen.observed_bpb, s=14, color=color, label=label, zorder=3)
+        ax.scatter(seen.total_params, seen.observed_bpb, s=12, color=color, label=label, zorder=3)
         law = own.dropna(subset=["predicted_bpb"])
-        ax.plot(law.total_params, law.predicted_bpb, color=color, lw=1.3)
-    _log_axes(ax, "Oracle, mixtures and routers (frontiers chosen on training documents, scored on test)")
+        extrapolated = law.extrapolated.astype(bool)
+        _band(ax, law[~extrapolated], color, None, alpha=0.08)
+        _band(ax, law[extrapolated | extrapolated.shift(-1, fill_value=False)], color, None, "--", alpha=0.08)
+    _log_axes(ax, "Realisable vs oracle scaling (test documents)")
     ax.legend(fontsize=8)
+    for strategy, share in shares.items():
+        if strategy == "k":
+            continue
+        color, label = STRATEGY_STYLE.get(strategy, ("0.5", _plain(strategy)))
+        values = np.asarray(share["value"], dtype=np.float64)
+        right.plot(shares["k"], values, "o-", ms=3, color=color, label=label)
+        bounds = np.array([ci if ci else (np.nan, np.nan) for ci in share["ci95"]], dtype=np.float64)
+        right.fill_between(shares["k"], bounds[:, 0], bounds[:, 1], color=color, alpha=0.15, lw=0)
+    right.axhline(1.0, color="black", lw=0.8)
+    right.axhline(0.0, color="tab:red", lw=0.8)
+    right.set_xlabel("ensemble size k")
+    right.set_ylabel("share of the oracle's gain realised")
+    right.set_title("Share realised, by k")
+    right.legend(fontsize=8)
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     _save(fig, path)
 
 
@@ -245,6 +263,15 @@ def routing_markdown(routing: dict) -> str:
         label = _md(STRATEGY_STYLE.get(name, (None, name))[1])
         rows.append(f"| {label} | skipped: {_skipped(fit)} | | | |" if "params" not in fit else
                     f"| {label} | {_points(fit)} | {_param(fit, 'E')} | {_param(fit, 'A')} | {_param(fit, 'alpha')} |")
+    shares = routing["share_of_oracle_gain_by_k"]
+    strategies = [name for name in shares if name != "k"]
+    rows += ["", ("Share of the oracle's gain realised over all ensembles of each size k (Σ best member − strategy "
+                  "over Σ best member − oracle; each ensemble's best member chosen on the training documents):"), "",
+             "| k | " + " | ".join(_md(STRATEGY_STYLE.get(name, (None, name))[1]) for name in strategies) + " |",
+             "|---|" + "---|" * len(strategies)]
+    for i, k in enumerate(shares["k"]):
+        rows.append(f"| {k} | " + " | ".join(_fmt(shares[name]["value"][i], shares[name]["ci95"][i])
+                                             for name in strategies) + " |")
     return "\n".join(rows)
 
 
@@ -459,7 +486,8 @@ def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str |
             figure_merging(merge_curves, merge_law["fits"], tmp / "merging.png")
             figure_merging_spread(merge_curves, tmp / "merging_spread.png")
         if routing and routing_dir:
-            figure_routing(_read_csv(Path(routing_dir) / "curves.csv"), tmp / "routing.png")
+            figure_routing(_read_csv(Path(routing_dir) / "curves.csv"), routing["share_of_oracle_gain_by_k"],
+                           tmp / "routing.png")
             figure_routing_cost(_read_csv(Path(routing_dir) / "strategies.csv"), tmp / "routing_cost.png")
         figures = sorted(p.name for p in tmp.glob("*.png"))
         attribution = _read_csv(Path(oracle_dir) / "attribution.csv")

@@ -44,6 +44,8 @@ STRATEGIES = ("oracle", "mixture_fitted", "mixture_uniform", *(f"router_{name}" 
 ROUTING_LAW = "power"
 EM_ITERATIONS = 300  # at most, per ensemble
 EM_TOLERANCE = 1e-9  # nats per document: an ensemble's EM stops when a step improves its fit by less
+CURVE_COLUMNS = ["strategy", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb", "extrapolated",
+                 "observed_bpb"]
 
 
 def split_documents(n_documents: int, test_fraction: float, seed: int) -> np.ndarray:
@@ -221,6 +223,28 @@ def routing_study(pool_path: str | Path, oracle_dir: str | Path, eval_split: str
     return metrics
 
 
+def _shares_by_k(test_bpb: pd.DataFrame, replicates: dict, ensembles: pd.DataFrame) -> dict:
+    """Per k ≥ 2, the share of the oracle's gain each strategy realises over the ensembles of that size: Σ (best
+    member − strategy) / Σ (best member − oracle), the best member of each ensemble chosen on the training
+    documents, with intervals over the test documents' resamples (paired: one set of weights for all strategies)."""
+    test_bpb = test_bpb.loc[ensembles.index]
+    by_k = ensembles.k.to_numpy()
+    sizes = np.unique(by_k[by_k >= 2])
+    total = (by_k[None] == sizes[:, None]).astype(np.float64)  # (k values, ensembles): sums over each size
+    best = "router_best_single"
+    point_gain = total @ (test_bpb[best] - test_bpb["oracle"]).to_numpy()
+    gain = total @ (replicates[best] - replicates["oracle"])
+    shares: dict = {"k": sizes.tolist()}
+    for strategy in STRATEGIES[1:]:
+        if strategy == best:
+            continue
+        with np.errstate(invalid="ignore", divide="ignore"):
+            point = total @ (test_bpb[best] - test_bpb[strategy]).to_numpy() / point_gain
+            resampled = total @ (replicates[best] - replicates[strategy]) / gain
+        shares[strategy] = {"value": point.tolist(), "ci95": [_interval(row) for row in resampled]}
+    return shares
+
+
 def _routing_metrics(table: pd.DataFrame, replicates: dict, ensembles: pd.DataFrame, test: np.ndarray,
                      bootstrap: int) -> dict:
     """Headline figures at the whole pool (largest k), shares of the oracle's gain, and the realisable laws."""
@@ -251,17 +275,26 @@ def _routing_metrics(table: pd.DataFrame, replicates: dict, ensembles: pd.DataFr
     accuracy = table[table.ensemble == whole].set_index("strategy").routing_accuracy.dropna()
     laws, curves = {}, []
     x_all = ensembles.total_params.to_numpy(np.float64)
-    for strategy in [*STRATEGIES[:3], best_router]:
-        rows = pareto_indices(x_all, train_bpb[strategy].to_numpy())  # frontier chosen on the training documents
-        x, y = x_all[rows], test_bpb[strategy].to_numpy()[rows]
+    every = ensembles.index.to_numpy()
+    for name, strategy, rows in [("single", "oracle", singles.to_numpy()),  # the single-model frontier
+                                 *[(strategy, strategy, every) for strategy in [*STRATEGIES[:3], best_router]]]:
+        chosen = rows[pareto_indices(x_all[rows], train_bpb.loc[rows, strategy].to_numpy())]  # on training documents
+        x, y = x_all[chosen], test_bpb.loc[chosen, strategy].to_numpy()
+        curves.append(pd.DataFrame({"strategy": name, "total_params": x, "observed_bpb": y}))
         try:
-            fit = fit_law(ROUTING_LAW, {"x": x}, y, replicates=replicates[strategy][rows].T if bootstrap else None)
-            laws[strategy] = fit.to_dict()
-            grid = np.geomspace(x.min(), x.max(), 40)
-            curves.append(pd.DataFrame({"strategy": strategy, "total_params": grid, "predicted_bpb": fit.predict(x=grid)}))
+            fit = fit_law(ROUTING_LAW, {"x": x}, y, replicates=replicates[strategy][chosen].T if bootstrap else None)
         except MMCError as error:
-            laws[strategy] = {"skipped": str(error)}
-        curves.append(pd.DataFrame({"strategy": strategy, "total_params": x, "observed_bpb": y}))
+            laws[name] = {"skipped": str(error)}
+            continue
+        laws[name] = fit.to_dict()
+        # a law is drawn beyond its frontier, up to the whole pool's size, only where the data determine it
+        grid = np.geomspace(x.min(), x_all.max() if all(fit.identified.values()) else x.max(), 40)
+        curve = pd.DataFrame({"strategy": name, "total_params": grid, "predicted_bpb": fit.predict(x=grid),
+                              "extrapolated": grid > x.max()})
+        band = fit.band(x=grid)
+        if band is not None:
+            curve["lower_bpb"], curve["upper_bpb"] = band
+        curves.append(curve)
     return {
         "loss": "test-document bits per byte; mixtures, routers, the best single member and the frontiers are chosen "
                 "on the training documents (cross-fitting)",
@@ -271,5 +304,6 @@ def _routing_metrics(table: pd.DataFrame, replicates: dict, ensembles: pd.DataFr
         "routing_accuracy_at_largest_k": {name: float(value) for name, value in accuracy.items()},
         "law": f"{ROUTING_LAW}: {LAWS[ROUTING_LAW].formula}, x = total parameters; each strategy's Pareto frontier",
         "laws": laws,
-        "_curves": pd.concat(curves, ignore_index=True).to_dict("list"),
+        "share_of_oracle_gain_by_k": _shares_by_k(test_bpb, replicates, ensembles),
+        "_curves": pd.concat(curves, ignore_index=True).reindex(columns=CURVE_COLUMNS).to_dict("list"),
     }

@@ -14,6 +14,7 @@ import xarray as xr
 from conftest import synthetic_pool
 from mmc import routing
 from mmc.cli import main
+from mmc.report import figure_routing, figure_routing_cost, routing_markdown
 
 LN2 = math.log(2)
 
@@ -105,10 +106,31 @@ def test_the_routing_stage_writes_cross_fitted_strategies_costs_and_laws(routed)
     assert (routed / "routing" / "curves.csv").is_file()
 
 
+def test_shares_by_k_are_the_gain_ratios_of_each_size_and_laws_carry_bands(routed):
+    metrics = json.loads((routed / "routing.json").read_text())
+    table = pd.read_parquet(routed / "routing" / "strategies.parquet")
+    by = table[table.k >= 2].pivot_table(index="k", columns="strategy", values="test_bpb", aggfunc="sum")
+    shares = metrics["share_of_oracle_gain_by_k"]
+    assert shares["k"] == by.index.tolist() and "router_best_single" not in shares
+    for strategy in ("mixture_fitted", "mixture_uniform", "router_ngram", "router_small_model"):
+        expected = (by.router_best_single - by[strategy]) / (by.router_best_single - by.oracle)
+        np.testing.assert_allclose(shares[strategy]["value"], expected.to_numpy(), rtol=1e-9)
+        assert all(low <= value <= high for value, (low, high) in zip(shares[strategy]["value"], shares[strategy]["ci95"]))
+    assert "single" in metrics["laws"]  # the single-model frontier beside the realisable ones
+    curves = pd.read_csv(routed / "routing" / "curves.csv")
+    laws = curves.dropna(subset=["predicted_bpb"])
+    fitted = [name for name, fit in metrics["laws"].items() if "params" in fit]
+    assert set(laws.strategy) == set(fitted) and fitted
+    assert (laws.lower_bpb <= laws.predicted_bpb + 1e-12).all() and (laws.predicted_bpb <= laws.upper_bpb + 1e-12).all()
+    assert (laws.groupby("strategy").total_params.max() == table.total_params.max()).all()  # drawn to the whole pool
+
+
 def test_the_report_draws_the_routing_figures(routed, tmp_path):
-    from mmc.report import figure_routing, figure_routing_cost, routing_markdown
-    figure_routing(pd.read_csv(routed / "routing" / "curves.csv"), tmp_path / "r.png")
+    metrics = json.loads((routed / "routing.json").read_text())
+    figure_routing(pd.read_csv(routed / "routing" / "curves.csv"), metrics["share_of_oracle_gain_by_k"],
+                   tmp_path / "r.png")
     figure_routing_cost(pd.read_csv(routed / "routing" / "strategies.csv"), tmp_path / "c.png")
     assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "c.png").is_file()
-    text = routing_markdown(json.loads((routed / "routing.json").read_text()))
+    text = routing_markdown(metrics)
     assert "| router: n-grams |" in text and "share of the oracle's gain" in text
+    assert "| k | mixture, fitted weights |" in text
