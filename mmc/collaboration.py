@@ -159,8 +159,10 @@ def _comparisons(table: pd.DataFrame, fits: dict) -> dict:
     gains = pd.DataFrame({"kind": table.kind, "k": table.k, "gain_bpb": gain_bpb})
     ensembles = gains[gains.kind != "single"]
     by_k = ensembles.groupby(["k", "kind"]).gain_bpb.mean().unstack("kind")
-    homogeneous_alphas = {series.rsplit("/", 1)[1]: param(series, "alpha") for series in fits
-                          if series.startswith("multi/homogeneous/") and param(series, "alpha") is not None}
+    homogeneous = {series.rsplit("/", 1)[1]: series for series in fits
+                   if series.startswith("multi/homogeneous/") and param(series, "alpha") is not None}
+    homogeneous_alphas = {family: param(series, "alpha") for family, series in homogeneous.items()
+                          if fits[series]["identified"]["alpha"]}
     floor_single, floor_multi = param("single/pareto", "E"), param("multi/pareto", "E")
     determined = {series: fits.get(series, {}).get("identified", {}).get("E", False)
                   for series in ("single/pareto", "multi/pareto")}
@@ -181,7 +183,8 @@ def _comparisons(table: pd.DataFrame, fits: dict) -> dict:
         "heterogeneous_vs_homogeneous": {
             "alpha_heterogeneous": param("multi/heterogeneous", "alpha"),
             "alpha_heterogeneous_ci95": ci("multi/heterogeneous", "alpha"),
-            "alpha_homogeneous": homogeneous_alphas,
+            "alpha_homogeneous": homogeneous_alphas,  # families whose exponent the data determine
+            "alpha_homogeneous_not_determined": sorted(set(homogeneous) - set(homogeneous_alphas)),
             "alpha_homogeneous_mean": float(np.mean(list(homogeneous_alphas.values()))) if homogeneous_alphas else None,
             "mean_gain_bpb": {kind: float(group.gain_bpb.mean()) for kind, group in ensembles.groupby("kind")},
             "mean_gain_bpb_by_k": {int(k): {kind: float(value) for kind, value in row.dropna().items()}

@@ -360,7 +360,9 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     hetero = laws["fits"].get("multi/heterogeneous", {})
     lines += ["", "**Heterogeneous vs homogeneous.** exponent "
               + (_param(hetero, "alpha") if "params" in hetero else "–")
-              + f" vs {_fmt(kinds['alpha_homogeneous_mean'])} (mean over families); mean oracle gain over the best member: "
+              + f" vs {_fmt(kinds['alpha_homogeneous_mean'])} (mean over families"
+              + (f"; not determined for {', '.join(map(_md, kinds['alpha_homogeneous_not_determined']))}"
+                 if kinds["alpha_homogeneous_not_determined"] else "") + "); mean oracle gain over the best member: "
               + ", ".join(f"{kind} {gain:.4f}" for kind, gain in kinds["mean_gain_bpb"].items()) + " bits per byte "
               "(all ensembles, whatever their sizes and data).", ""]
     if "by_data" in kinds.get("matched", {}):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, pool_entry, ran_stages, sh, stage_project
+from conftest import ROOT, build_tiny_model, pool_entry, ran_stages, sh, stage_project
 from mmc.store import open_store
 
 STAGES = ("losses", "assemble", "oracle", "fit")
@@ -19,13 +19,16 @@ def write_params(repo: Path, params: dict) -> None:
 
 
 def laws_project(repo: Path, gpt2_dir: Path, llama_dir: Path) -> dict:
-    """The losses, assemble, oracle and fit stages over two tiny models (see `stage_project`)."""
+    """The losses, assemble, oracle and fit stages over five tiny models (see `stage_project`)."""
     defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = stage_project(repo, gpt2_dir, llama_dir, list(STAGES),
                            {"oracle": defaults["oracle"], "fit": {**defaults["fit"], "bootstrap": 20}})
-    # copies of the two models under other names: four members, so that heterogeneous ensembles give a law
-    # at least the 5 points it needs (a fit of 3 parameters needs parameters + 2)
-    params["pool"].update({"gpt2-copy": {**pool_entry("gpt2", "gpt2")}, "llama-copy": {**pool_entry("llama", "llama")}})
+    # three more models of other seeds: five single models with five distinct losses, the least a law of 3
+    # parameters is fitted on (parameters + 2; copies of a model would be one measurement, counted once)
+    for name, family, tokenizer, seed in [("gpt2-b", "gpt2", "byte_bpe", 3), ("llama-b", "llama", "metaspace_bpe", 4),
+                                          ("gpt2-c", "gpt2", "byte_bpe", 5)]:
+        build_tiny_model(repo / "models" / name, family, tokenizer, seed=seed)
+        params["pool"][name] = pool_entry(name, family)
     write_params(repo, params)
     return params
 
@@ -40,9 +43,9 @@ def test_fit_params_rerun_only_fit_and_the_pool_follows_params(tmp_path, gpt2_di
     # assemble depends on the folder holding the losses@ outputs: DVC runs it after all of them
     output = sh(repo, "dvc", "repro")
     order = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
-    assert sorted(order[:5]) == ["losses@gpt2", "losses@gpt2-copy", "losses@gpt2-wide", "losses@llama",
-                                 "losses@llama-copy"]
-    assert order[5:] == ["assemble", "oracle", "fit"]
+    assert sorted(order[:6]) == ["losses@gpt2", "losses@gpt2-b", "losses@gpt2-c", "losses@gpt2-wide",
+                                 "losses@llama", "losses@llama-b"]
+    assert order[6:] == ["assemble", "oracle", "fit"]
     laws = json.loads((repo / "metrics" / "laws.json").read_text())
     assert laws["bootstrap"]["resamples"] == 20 and "single/pooled" in laws["fits"]
     assert (repo / "plots" / "laws" / "points.csv").is_file() and (repo / "plots" / "laws" / "curves.csv").is_file()
@@ -59,7 +62,7 @@ def test_fit_params_rerun_only_fit_and_the_pool_follows_params(tmp_path, gpt2_di
     write_params(repo, params)
     assert ran_stages(sh(repo, "dvc", "repro")) == ["assemble", "fit", "oracle"]
     assert (repo / "data" / "losses" / "gpt2-wide.zarr").is_dir()
-    assert list(open_store(repo / "data" / "pool.zarr").model.values) == ["gpt2", "gpt2-copy", "llama", "llama-copy"]
+    assert list(open_store(repo / "data" / "pool.zarr").model.values) == ["gpt2", "gpt2-b", "gpt2-c", "llama", "llama-b"]
 
 
 @pytest.mark.slow
@@ -70,7 +73,7 @@ def test_experiment_adds_a_pool_member_and_shows_its_metrics(tmp_path, gpt2_dir,
     laws_project(repo, gpt2_dir, llama_dir)
     sh(repo, "dvc", "repro")
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a pool of four")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a pool of five")
     output = sh(repo, "dvc", "exp", "run", "-n", "wide", "-S",
                 "+pool.gpt2_wide={model: models/gpt2-wide, family: gpt2, revision: null, dep: models/gpt2-wide}")
     assert ran_stages(output) == ["assemble", "fit", "losses@gpt2_wide", "oracle"]
@@ -83,5 +86,5 @@ def test_experiment_adds_a_pool_member_and_shows_its_metrics(tmp_path, gpt2_dir,
     def pooled_fit(data: dict) -> dict:
         return data["metrics"]["metrics/laws.json"]["data"]["fits"]["single/pooled"]
 
-    # four models are too few points for a three-parameter law (it needs 5); the experiment's five are enough
-    assert pooled_fit(revision)["n_points"] == 5 and "skipped" in pooled_fit(baseline["data"])
+    # the experiment's pooled law is fitted on its six models, the baseline's on five
+    assert pooled_fit(revision)["n_points"] == 6 and pooled_fit(baseline["data"])["n_points"] == 5

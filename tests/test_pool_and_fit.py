@@ -112,8 +112,14 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
                                 "with_nonembedding_parameters"}
     assert set(comparisons["floor"]) >= {"single", "single_ci95", "multi", "multi_ci95", "multi_minus_single"}
     assert set(comparisons["heterogeneous_vs_homogeneous"]) >= {
-        "alpha_heterogeneous", "alpha_heterogeneous_ci95", "alpha_homogeneous", "mean_gain_bpb", "mean_gain_bpb_by_k",
-        "matched"}
+        "alpha_heterogeneous", "alpha_heterogeneous_ci95", "alpha_homogeneous", "alpha_homogeneous_not_determined",
+        "mean_gain_bpb", "mean_gain_bpb_by_k", "matched"}
+    kinds = comparisons["heterogeneous_vs_homogeneous"]
+    homogeneous = {name.rsplit("/", 1)[1]: fit for name, fit in laws["fits"].items()
+                   if name.startswith("multi/homogeneous/") and "params" in fit}
+    assert homogeneous  # an exponent is averaged only where the data determine it
+    assert set(kinds["alpha_homogeneous"]) == {family for family, fit in homogeneous.items() if fit["identified"]["alpha"]}
+    assert set(kinds["alpha_homogeneous_not_determined"]) == set(homogeneous) - set(kinds["alpha_homogeneous"])
     matched = comparisons["heterogeneous_vs_homogeneous"]["matched"]["by_data"]["unlabelled"]
     assert sorted(matched["by_k"]) == ["2", "3", "4", "5"] and matched["replicated_cells"] == []
     for entry in matched["by_k"].values():  # each family best on its own third: mixing families gains
