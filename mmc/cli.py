@@ -13,11 +13,11 @@ from mmc import __version__, corpus, exit_status, zoo
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
 from mmc.losses import (BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, combine_shards, convert_gguf,
                         write_losses)
-from mmc.merge_law import LOSSES, plan_from_law, plan_text, fit_merge_study
+from mmc.merge_law import LOSSES, interval_text, plan_from_law, plan_text, fit_merge_study
 from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models
 from mmc.oracle import oracle_study
 from mmc.presets import apply_preset
-from mmc.report import write_report
+from mmc.report import parameter_text, write_report
 from mmc.routing import routing_study
 from mmc.store import SAMPLE_CHUNK, write_pool
 from mmc.sweep import DEFAULT_SWEEP, write_sweep
@@ -377,10 +377,11 @@ def _run_fit(args: argparse.Namespace) -> None:
     metrics = fit_collaboration(args.pool, args.oracle, args.out, args.plots, bootstrap=args.bootstrap, seed=args.seed,
                                 holdout_fraction=args.holdout_fraction, sample_chunk=args.sample_chunk, x=args.x,
                                 scheduler=args.scheduler)
-    floor = metrics["comparisons"]["floor"]
-    fitted = sum("params" in fit for fit in metrics["fits"].values())
-    print(f"wrote {args.out} and {args.plots}: {fitted} of {len(metrics['fits'])} laws fitted; floor (bits per "
-          f"byte) single {floor['single']} vs multi {floor['multi']}")
+    fits = metrics["fits"]
+    floors = [f"{name} " + (parameter_text(fits[series], "E") if "params" in fits[series] else "skipped")
+              for name, series in (("single", "single/pareto"), ("multi", "multi/pareto"))]
+    print(f"wrote {args.out} and {args.plots}: {sum('params' in fit for fit in fits.values())} of {len(fits)} laws "
+          f"fitted; floor (bits per byte) {' vs '.join(floors)}")
 
 
 def _add_fit(subparsers, common: argparse.ArgumentParser) -> None:
@@ -423,7 +424,8 @@ def _run_route(args: argparse.Namespace) -> None:
                             seed=args.seed, bootstrap=args.bootstrap, ngram_features=args.ngram_features,
                             ridge_alpha=args.ridge_alpha)
     largest = metrics["at_largest_k"]
-    shares = ", ".join(f"{name} {value['value']:.2f}" for name, value in largest["share_of_oracle_gain"].items())
+    shares = ", ".join(f"{name} {value['value']:.2f}" + interval_text(value["ci95"])
+                       for name, value in largest["share_of_oracle_gain"].items())
     print(f"wrote {args.out} and {args.metrics}: at k = {largest['k']}, share of the oracle's gain realised: {shares}")
 
 

@@ -317,8 +317,8 @@ def _fit_joint(points: dict, shape: str, starts: list[np.ndarray]) -> tuple[np.n
 
 def _joint_fit(points: dict, replicates: dict | None) -> dict:
     """Nested least-squares fits in log space: separate laws (6 parameters), a shared floor (5), a shared floor
-    and exponent (4); F tests of each restriction, and the exponent difference under the shared floor with its
-    bootstrap interval (the same resamples refitted)."""
+    and exponent (4); F tests of each restriction, and the shared-floor fit's E, exponents and exponent difference
+    with bootstrap intervals (the same resamples refitted, from the estimate and from the starts it was found from)."""
     separate = {kind: fit_law(COLLABORATION_LAW, {"x": x}, y, huber_delta=None, profile=False)
                 for kind, (x, y) in points.items()}
     rss_separate = sum(2 * fit.objective for fit in separate.values())
@@ -344,15 +344,18 @@ def _joint_fit(points: dict, replicates: dict | None) -> dict:
         "separate_exponents_supported": test(rss_exponent, rss_floor, n - 5),
     }
     if replicates is not None:
-        differences = []
+        refits = []
         for column in range(replicates["single"].shape[1]):
             again = {kind: (points[kind][0], replicates[kind][:, column]) for kind in points}
             if all(np.isfinite(y).all() and (y > 0).all() for _, y in again.values()):
-                refit, _ = _fit_joint(again, "shared_floor", [theta])
-                differences.append(refit[4] - refit[2])
-        if differences:
-            result["shared_floor"]["alpha_multi_minus_single_ci95"] = np.percentile(differences, [2.5, 97.5]).tolist()
-            result["shared_floor"]["n_bootstrap"] = len(differences)
+                refits.append(_fit_joint(again, "shared_floor", [theta, *starts])[0])
+        if refits:
+            refits = np.array(refits)
+            draws = {"E": np.exp(refits[:, 0]), "alpha_single": refits[:, 2], "alpha_multi": refits[:, 4],
+                     "alpha_multi_minus_single": refits[:, 4] - refits[:, 2]}
+            for name, values in draws.items():
+                result["shared_floor"][f"{name}_ci95"] = np.percentile(values, [2.5, 97.5]).tolist()
+            result["shared_floor"]["n_bootstrap"] = len(refits)
     return result
 
 

@@ -304,7 +304,8 @@ def plan_from_law(law_path: str | Path, *, method: str = "joint", loss: str = "i
 
 def _mark_extrapolation(plan: dict, draws: list[dict], *, max_k: int | None, max_n: float) -> None:
     """Mark every answer beyond the observed range (k above the experts merged, N above the largest base) as
-    extrapolation, and give each k its 95% interval over the bootstrap resamples' laws (None: unreachable)."""
+    extrapolation, and give each answer (each k, the floor, A(N), the loss of one expert) its 95% interval over
+    the bootstrap resamples' laws (None: unreachable)."""
     def interval(pick) -> list | None:
         values = np.array([np.inf if pick(draw) is None else pick(draw) for draw in draws], dtype=float)
         if not len(values):
@@ -318,6 +319,9 @@ def _mark_extrapolation(plan: dict, draws: list[dict], *, max_k: int | None, max
         answer["ci95"] = interval(pick)
 
     plan["observed"] = {"max_k": max_k, "max_n_params": max_n, "n_params_extrapolated": bool(plan["n_params"] > max_n)}
+    for key in ("floor", "amplitude", "predicted_at_k1"):
+        plan[f"{key}_ci95"] = interval(lambda draw, key=key: draw[key])
+    plan["stop"]["k_within_epsilon_of_floor_ci95"] = interval(lambda draw: draw["stop"]["k_within_epsilon_of_floor"])
     if "target" in plan:
         mark(plan["target"], "k", lambda draw: draw["target"]["k"])
     mark(plan["stop"], "k", lambda draw: draw["stop"]["k"])
@@ -331,7 +335,8 @@ def _mark_extrapolation(plan: dict, draws: list[dict], *, max_k: int | None, max
 def plan_text(plan: dict) -> str:
     """The planning answers as lines for a terminal."""
     lines = [f"plan for {plan['method']} ({plan['loss']} loss, bits per byte) at N = {plan['n_params']:,.0f}: "
-             f"floor {plan['floor']:.4f}, A(N) {plan['amplitude']:.4f}, one expert {plan['predicted_at_k1']:.4f}"]
+             + ", ".join(f"{label} {plan[key]:.4f}{interval_text(plan.get(f'{key}_ci95'))}" for label, key in
+                         (("floor", "floor"), ("A(N)", "amplitude"), ("one expert", "predicted_at_k1")))]
     if "target" in plan:
         answer = plan["target"]
         lines.append(f"  (a) target {answer['target']}: " + (f"k = {answer['k']} (predicted {answer['predicted']:.4f})"
@@ -339,7 +344,8 @@ def plan_text(plan: dict) -> str:
                      + beyond_text(answer))
     stop = plan["stop"]
     lines.append(f"  (b) stop at k = {stop['k']}{beyond_text(stop)}: the next expert gains {stop['marginal_gain_at_k']:.5f} < "
-                 f"{stop['epsilon']}; within epsilon of the floor from k = {stop['k_within_epsilon_of_floor']:.1f}")
+                 f"{stop['epsilon']}; within epsilon of the floor from k = {stop['k_within_epsilon_of_floor']:.1f}"
+                 + interval_text(stop.get("k_within_epsilon_of_floor_ci95")))
     lines.append("      " + ", ".join(f"{row['fraction']:.0%} of the gain beyond one expert at k = {row['k']}{beyond_text(row)}"
                                       for row in plan["gain_fractions"]))
     if "budget" in plan:
@@ -347,13 +353,19 @@ def plan_text(plan: dict) -> str:
         for option in plan["budget"]["options"]:
             best = " <- best" if option == plan["budget"]["best"] else ""
             lines.append(f"      N = {option['n_params']:>12,.0f}  k = {option['k']:>3}  "
-                         f"predicted {option['predicted']:.4f}{best}")
+                         f"predicted {option['predicted']:.4f}{beyond_text(option)}{best}")
     return "\n".join(lines)
+
+
+def interval_text(interval: list | None) -> str:
+    """' [a, b]' for a 95% interval (b None: unreachable), '' without one."""
+    if not interval:
+        return ""
+    return f" [{interval[0]:.4g}, " + ("unreachable" if interval[1] is None else f"{interval[1]:.4g}") + "]"
 
 
 def beyond_text(answer: dict) -> str:
     """' (extrapolated; 95% interval [a, b])' for an answer beyond the observed range."""
-    interval = answer.get("ci95")
-    span = "" if not interval else f"; 95% interval [{interval[0]:.3g}, " + \
-        ("unreachable" if interval[1] is None else f"{interval[1]:.3g}") + "]"
-    return f" (extrapolated{span})" if answer.get("extrapolation") else (f" ({span[2:]})" if span else "")
+    interval = interval_text(answer.get("ci95"))
+    parts = (["extrapolated"] if answer.get("extrapolation") else []) + ([f"95% interval{interval}"] if interval else [])
+    return f" ({'; '.join(parts)})" if parts else ""

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 
 from mmc import MMCError  # noqa: E402
 from mmc.laws import LAWS  # noqa: E402
-from mmc.merge_law import MERGING_LAW, beyond_text  # noqa: E402
+from mmc.merge_law import MERGING_LAW, beyond_text, interval_text  # noqa: E402
 from mmc.oracle import pareto_indices, read_ensembles  # noqa: E402
 from mmc.store import atomic_path, check_outputs  # noqa: E402
 
@@ -262,7 +262,8 @@ def routing_markdown(routing: dict) -> str:
     for name, fit in routing["laws"].items():
         label = _md(STRATEGY_STYLE.get(name, (None, name))[1])
         rows.append(f"| {label} | skipped: {_skipped(fit)} | | | |" if "params" not in fit else
-                    f"| {label} | {_points(fit)} | {_param(fit, 'E')} | {_param(fit, 'A')} | {_param(fit, 'alpha')} |")
+                    f"| {label} | {_points(fit)} | "
+                    + " | ".join(parameter_text(fit, name) for name in ("E", "A", "alpha")) + " |")
     shares = routing["share_of_oracle_gain_by_k"]
     strategies = [name for name in shares if name != "k"]
     rows += ["", ("Share of the oracle's gain realised over all ensembles of each size k (Σ best member − strategy "
@@ -294,7 +295,7 @@ def _points(fit: dict) -> str:
     return f"{fit['n_points']}" + (f" ({distinct} distinct)" if distinct < fit["n_points"] else "")
 
 
-def _param(fit: dict, name: str) -> str:
+def parameter_text(fit: dict, name: str) -> str:
     """A fitted parameter as the data determine it: the value with its 95% profile interval, or "not determined"
     with the one-sided bound the profile gives (never a number with a zero-width interval)."""
     low, high = (fit.get("profile_ci95") or {}).get(name, (None, None))
@@ -327,14 +328,14 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
             lines.append(f"| {_md(series)} | – | skipped: {_skipped(fit)} | | | | |")
             continue
         holdout = fit.get("holdout", {})
-        lines.append(f"| {_md(series)} | {_points(fit)} | {_param(fit, 'E')} | {_param(fit, 'A')} | "
-                     f"{_param(fit, 'alpha')} | {fit['r2_log']:.3f} | "
+        lines.append(f"| {_md(series)} | {_points(fit)} | {parameter_text(fit, 'E')} | {parameter_text(fit, 'A')} | "
+                     f"{parameter_text(fit, 'alpha')} | {fit['r2_log']:.3f} | "
                      f"{_fmt(holdout.get('max_abs_relative_error')) if 'skipped' not in holdout else 'skipped'} |")
     floor = laws["comparisons"]["floor"]
     kinds = laws["comparisons"]["heterogeneous_vs_homogeneous"]
     single, multi = laws["fits"].get("single/pareto", {}), laws["fits"].get("multi/pareto", {})
-    lines += ["", "**Floors.** single-model " + (_param(single, "E") if "params" in single else "–") + ", multi-model "
-              + (_param(multi, "E") if "params" in multi else "–") + f". {floor.get('note', '').capitalize()}. "
+    lines += ["", "**Floors.** single-model " + (parameter_text(single, "E") if "params" in single else "–") + ", multi-model "
+              + (parameter_text(multi, "E") if "params" in multi else "–") + f". {floor.get('note', '').capitalize()}. "
               "Predicted at common budgets:", ""]
     for name, row in floor["predicted_bpb_at"].items():
         lines.append(f"- {name.replace('_', ' ')} ({row['total_params']:.3g} parameters): single "
@@ -351,15 +352,17 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     joint = laws["comparisons"].get("joint_fit", {})
     if "shared_floor" in joint:
         shared = joint["shared_floor"]
-        lines += ["", f"**Joint fit, one floor for both** (least squares on log loss): E = {shared['E']:.4g}, exponent "
-                  f"multi − single {_fmt(shared['alpha_multi_minus_single'], shared.get('alpha_multi_minus_single_ci95'))}; "
+        lines += ["", f"**Joint fit, one floor for both** (least squares on log loss): E = "
+                  f"{_fmt(shared['E'], shared.get('E_ci95'))}, exponents single "
+                  f"{_fmt(shared['alpha_single'], shared.get('alpha_single_ci95'))} and multi "
+                  f"{_fmt(shared['alpha_multi'], shared.get('alpha_multi_ci95'))}, multi − single {_fmt(shared['alpha_multi_minus_single'], shared.get('alpha_multi_minus_single_ci95'))}; "
                   f"separate floors: F = {joint['separate_floors_supported']['f_statistic']:.3g}, "
                   f"p = {joint['separate_floors_supported']['p_value']:.3g}; separate exponents: "
                   f"F = {joint['separate_exponents_supported']['f_statistic']:.3g}, "
                   f"p = {joint['separate_exponents_supported']['p_value']:.3g}."]
     hetero = laws["fits"].get("multi/heterogeneous", {})
     lines += ["", "**Heterogeneous vs homogeneous.** exponent "
-              + (_param(hetero, "alpha") if "params" in hetero else "–")
+              + (parameter_text(hetero, "alpha") if "params" in hetero else "–")
               + f" vs {_fmt(kinds['alpha_homogeneous_mean'])} (mean over families"
               + (f"; not determined for {', '.join(map(_md, kinds['alpha_homogeneous_not_determined']))}"
                  if kinds["alpha_homogeneous_not_determined"] else "") + "); mean oracle gain over the best member: "
@@ -380,7 +383,7 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
                     lines.append(f"| {_md(method)} | {target} | skipped: {_skipped(fit)} | | | | | | | |")
                     continue
                 checks = [fit.get(check, {}) for check in ("holdout", "forecast")]
-                lines.append(f"| {_md(method)} | {target} | " + " | ".join(_param(fit, n) for n in
+                lines.append(f"| {_md(method)} | {target} | " + " | ".join(parameter_text(fit, n) for n in
                                                                       ("L_star", "B", "beta", "A0", "gamma", "b"))
                              + f" | {fit['r2_log']:.3f} | " + " / ".join(
                                  "skipped" if "skipped" in check else _fmt(check.get("max_abs_relative_error"))
@@ -438,8 +441,9 @@ def _interval(interval: list | None) -> str:
 def plan_markdown(plan: dict) -> str:
     """The answers of `mmc plan` as a table."""
     rows = [f"Law: {plan.get('method', '')} fit of the {plan.get('loss', '').replace('_', '-')} loss, at base size "
-            f"N = {plan['n_params']:,.0f}: floor {plan['floor']:.4f}, one expert {plan['predicted_at_k1']:.4f} "
-            "bits per byte.", "", "| question | answer |", "|---|---|"]
+            f"N = {plan['n_params']:,.0f}: floor {plan['floor']:.4f}{interval_text(plan.get('floor_ci95'))}, one expert "
+            f"{plan['predicted_at_k1']:.4f}{interval_text(plan.get('predicted_at_k1_ci95'))} bits per byte (95% "
+            "intervals over the bootstrap resamples' laws).", "", "| question | answer |", "|---|---|"]
     if "target" in plan:
         target = plan["target"]
         answer = (f"k = {target['k']} (predicted {target['predicted']:.4f})" if target["k"]
@@ -454,8 +458,7 @@ def plan_markdown(plan: dict) -> str:
         for option in plan["budget"]["options"]:
             best = " **(best)**" if option == plan["budget"]["best"] else ""
             rows.append(f"| (c) budget {plan['budget']['budget']:,.0f}: base N = {option['n_params']:,.0f} | "
-                        f"k = {option['k']}, predicted {option['predicted']:.4f}{best}"
-                        f"{' (extrapolated)' if option.get('extrapolation') else ''} |")
+                        f"k = {option['k']}, predicted {option['predicted']:.4f}{beyond_text(option)}{best} |")
     observed = plan.get("observed")
     if observed:
         rows += ["", f"Observed range: k ≤ {observed['max_k']}, N ≤ {observed['max_n_params']:,.0f}; answers "

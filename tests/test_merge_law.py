@@ -14,7 +14,7 @@ from mmc import MMCError
 from mmc.cli import main
 from mmc.laws import get_law
 from mmc.losses import compute_losses
-from mmc.merge_law import fit_merge_laws, fit_merging_law, merge_points, plan_from_law, plan_merging
+from mmc.merge_law import fit_merge_laws, fit_merging_law, merge_points, plan_from_law, plan_merging, plan_text
 from mmc.merging import MergeSpec
 from mmc.sweep import expert_subsets, merge_sweep
 from mmc.store import write_store
@@ -253,5 +253,15 @@ def test_the_plan_marks_extrapolation_with_intervals(tmp_path):
         low, high = row["ci95"]
         assert low <= row["k"] and (high is None or row["k"] <= high + 1)
     assert plan["stop"]["extrapolation"] is True  # a gain of 1e-4 per expert comes far beyond six experts
+    # the floor, A(N) and the loss of one expert carry intervals: percentiles of each resample's law at N
+    draws = np.array(fit["bootstrap_params"])  # L_star, B, beta, A0, gamma, b
+    n = 6.4e5
+    floor = draws[:, 0] + draws[:, 1] * n ** -draws[:, 2]
+    amplitude = draws[:, 3] * n ** -draws[:, 4]
+    one_expert = floor + amplitude / (1 + draws[:, 5])
+    for key, values in [("floor", floor), ("amplitude", amplitude), ("predicted_at_k1", one_expert)]:
+        assert plan[f"{key}_ci95"] == pytest.approx(np.percentile(values, [2.5, 97.5]).tolist(), rel=1e-12)
+        assert plan[f"{key}_ci95"][0] <= plan[key] <= plan[f"{key}_ci95"][1]
+    assert "floor " in plan_text(plan) and f"[{plan['floor_ci95'][0]:.4g}, " in plan_text(plan)
     larger = plan_from_law(tmp_path / "law.json", n_params=1e7)
     assert larger["observed"]["n_params_extrapolated"] and larger["stop"]["extrapolation"]

@@ -11,7 +11,7 @@ import xarray as xr
 from conftest import loss_store, synthetic_pool
 from mmc import MMCError, collaboration, store
 from mmc.cli import main
-from mmc.collaboration import design_cells, matched_heterogeneity
+from mmc.collaboration import _joint_fit, design_cells, matched_heterogeneity
 from mmc.store import assemble_pool, open_store, write_store
 
 FAMILIES = ("alpha", "beta", "gamma")
@@ -179,7 +179,6 @@ def test_fit_skips_the_series_with_too_few_points(tmp_path):
 def test_the_joint_fit_tells_a_shared_floor_from_separate_exponents():
     """Frontiers with one floor and different exponents: separate floors are not supported, separate exponents
     are; with different floors, the shared-floor fit is rejected."""
-    from mmc.collaboration import _joint_fit
     rng = np.random.default_rng(0)
     x = np.geomspace(1e4, 1e7, 8)
 
@@ -208,8 +207,9 @@ def test_fit_reports_matched_budgets_the_joint_test_and_cross_fitted_frontiers(t
         assert low <= high
     joint = laws["comparisons"]["joint_fit"]
     assert 0 <= joint["separate_floors_supported"]["p_value"] <= 1 and joint["shared_floor"]["n_bootstrap"] == 30
-    low, high = joint["shared_floor"]["alpha_multi_minus_single_ci95"]
-    assert low <= high
+    for name in ("E", "alpha_single", "alpha_multi", "alpha_multi_minus_single"):  # every shared-floor figure
+        low, high = joint["shared_floor"][f"{name}_ci95"]
+        assert low <= high, name
     assert {"single/pareto/cross_fitted", "multi/pareto/cross_fitted"} <= set(laws["fits"])
     assert "matched_budgets" in laws["comparisons"]["with_total_parameters"]
 

@@ -115,7 +115,8 @@ def test_shares_by_k_are_the_gain_ratios_of_each_size_and_laws_carry_bands(route
     for strategy in ("mixture_fitted", "mixture_uniform", "router_ngram", "router_small_model"):
         expected = (by.router_best_single - by[strategy]) / (by.router_best_single - by.oracle)
         np.testing.assert_allclose(shares[strategy]["value"], expected.to_numpy(), rtol=1e-9)
-        assert all(low <= value <= high for value, (low, high) in zip(shares[strategy]["value"], shares[strategy]["ci95"]))
+        intervals = shares[strategy]["ci95"]
+        assert all(low <= value <= high for value, (low, high) in zip(shares[strategy]["value"], intervals))
     assert "single" in metrics["laws"]  # the single-model frontier beside the realisable ones
     curves = pd.read_csv(routed / "routing" / "curves.csv")
     laws = curves.dropna(subset=["predicted_bpb"])
