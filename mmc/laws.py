@@ -483,8 +483,9 @@ def _profile(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np
 
     The threshold is the robust drop-in-dispersion test (Hampel et al. 1986, §7.6; for least squares, the
     classic profile-likelihood interval): a value is inside while 2·Δobjective·mean(ψ′)/s² ≤ F(1, n − p; 0.95),
-    s² = Σ w ψ(r)² / (n − p), n the distinct measurements (weights are relative precisions, not counts). An interval that reaches the end of the range on one side is open there: the
-    parameter is not identified, and only the other side is reported.
+    s² = Σ w ψ(r)² / (n − p), n the distinct measurements (weights are relative precisions, not counts). An
+    interval that reaches the end of the range on one side is open there: the parameter is not identified, and
+    only the other side is reported.
     """
     n_params = len(theta)
     prediction, _ = design.log_predict(theta[None], jacobian=False)
