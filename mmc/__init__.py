@@ -1,5 +1,6 @@
 """mmc: scaling laws of multi-model collaboration and model merging, measured end to end."""
 
+import difflib
 import math
 import re
 import sys
@@ -23,6 +24,24 @@ def exit_status(where: str, call: Callable[[], object], *, debug: bool = False) 
         if debug:
             raise
         print(f"mmc {where}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # disk full, a file-size limit, a lost connection: the system's reason, in one line
+        if debug:
+            raise
+        import errno
+        import os
+        import traceback
+
+        package = os.path.dirname(os.path.abspath(__file__))
+        ours = [frame for frame in traceback.extract_tb(error.__traceback__)[1:]  # not this function's own frame
+                if frame.filename.startswith(package + os.sep)]
+        step = f" in {ours[-1].name} ({os.path.relpath(ours[-1].filename, os.path.dirname(package))})" if ours else ""
+        names = " -> ".join(f"'{name}'" for name in (error.filename, error.filename2) if name is not None)
+        lines = str(error).strip().splitlines()
+        reason = error.strerror or (lines[0] if lines else "no reason given")
+        code = f" [{errno.errorcode.get(error.errno, error.errno)}]" if isinstance(error.errno, int) else ""
+        print(f"mmc {where}: error: {type(error).__name__}{step}{' on ' + names if names else ''}: {reason}{code}",
+              file=sys.stderr)
         return 2
     return 0
 
@@ -53,3 +72,9 @@ def check_name(kind: str, name: object) -> str:
         raise MMCError(f"{kind} {name!r} is not a safe name: use letters, digits and _ . + - (starting with a letter "
                        f"or digit, no '..'), as it becomes part of paths and stage names")
     return name
+
+
+def did_you_mean(given: str, valid) -> str:
+    """` (did you mean 'X'?)` with the valid name closest to `given`, or "" when none is close."""
+    close = difflib.get_close_matches(str(given), [str(name) for name in valid], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -9,16 +9,17 @@ from collections.abc import Callable
 import datasets
 import transformers
 
-from mmc import __version__, corpus, exit_status, zoo
+from mmc import __version__, check_number, corpus, exit_status, zoo
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
 from mmc.losses import (BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, combine_shards, convert_gguf,
                         write_losses)
 from mmc.merge_law import LOSSES, interval_text, plan_from_law, plan_text, fit_merge_study
-from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models
+from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models, merge_specs
 from mmc.oracle import oracle_study
+from mmc.params import FAMILIES, TOKENIZER_KINDS, params_reference, read_params
 from mmc.presets import apply_preset
 from mmc.report import parameter_text, write_report
-from mmc.routing import routing_study
+from mmc.routing import NGRAM_FEATURES_MAX, routing_study
 from mmc.store import SAMPLE_CHUNK, write_pool
 from mmc.sweep import DEFAULT_SWEEP, write_sweep
 from mmc.train import train_expert
@@ -241,8 +242,8 @@ def _add_zoo(subparsers, common: argparse.ArgumentParser) -> None:
     train.add_argument("--corpus", required=True, help="train split saved with save_to_disk (e.g. data/corpus/train)")
     train.add_argument("--out", required=True, help="output model directory, written atomically")
     train.add_argument("--log", type=_optional_str, default=None, help="CSV of the training curve (for dvc plots)")
-    train.add_argument("--family", required=True, choices=zoo.FAMILIES, help="architecture family")
-    train.add_argument("--tokenizer", required=True, choices=zoo.TOKENIZER_KINDS,
+    train.add_argument("--family", required=True, choices=FAMILIES, help="architecture family")
+    train.add_argument("--tokenizer", required=True, choices=TOKENIZER_KINDS,
                        help="tokenizer kind (all lossless): byte_bpe (GPT-2, EOS only), byte_bpe_bos "
                             "(Pythia-style BOS=EOS), metaspace_bpe (Llama-style, byte fallback, BOS <s>)")
     train.add_argument("--domains", type=_comma_list, default=None,
@@ -420,6 +421,11 @@ EPILOG_ROUTE = """example:
 
 
 def _run_route(args: argparse.Namespace) -> None:
+    check_number("--test-fraction", args.test_fraction, 0, 1, low_open=True, high_open=True)
+    check_number("--bootstrap", args.bootstrap, 0, integer=True)
+    check_number("--seed", args.seed, 0, integer=True)
+    check_number("--ngram-features", args.ngram_features, 1, NGRAM_FEATURES_MAX, integer=True)
+    check_number("--ridge-alpha", args.ridge_alpha, 0)
     metrics = routing_study(args.pool, args.oracle, args.data, args.out, args.metrics, test_fraction=args.test_fraction,
                             seed=args.seed, bootstrap=args.bootstrap, ngram_features=args.ngram_features,
                             ridge_alpha=args.ridge_alpha)
@@ -658,8 +664,27 @@ def _add_preset(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_preset)
 
 
+def _run_params(args: argparse.Namespace) -> None:
+    if args.reference:
+        print(params_reference(), end="")
+        return
+    merge_specs(read_params(args.params)["merging"]["methods"])
+    print(f"{args.params} matches mmc's schema")
+
+
+def _add_params(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "params", parents=[common], help="check a params file against mmc's schema, or print the schema",
+        description="Check every key of a params file (types, ranges, safe names, merge methods), as the pipeline's "
+                    "check_params stage does before any other stage runs; or print the schema as Markdown.")
+    parser.add_argument("--params", default="params.yaml", help="params file to check (default params.yaml)")
+    parser.add_argument("--reference", action="store_true", help="print the params reference (Markdown)")
+    parser.set_defaults(run=_run_params)
+
+
 COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_combine_shards, _add_convert_gguf, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
-                            _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report, _add_preset]
+                            _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report, _add_preset,
+                            _add_params]
 
 
 def build_parser() -> argparse.ArgumentParser:

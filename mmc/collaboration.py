@@ -21,7 +21,8 @@ from mmc import MMCError, check_number
 from mmc.laws import EXPONENT_BOUNDS
 from mmc.laws import LAWS, Fit, fit_law, holdout_check, json_ready
 from mmc.oracle import bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles
-from mmc.store import SAMPLE_CHUNK, check_outputs, dask_scheduler, open_store, write_json, write_tables
+from mmc.store import (SAMPLE_CHUNK, check_outputs, check_pool, dask_scheduler, open_store, write_json,
+                       write_tables)
 
 COLLABORATION_LAW = "power"
 X_COLUMNS = {"total": "total_params", "nonembedding": "total_params_nonembedding"}
@@ -217,7 +218,7 @@ def fit_collaboration(pool_path: str | Path, oracle_dir: str | Path, out: str | 
         raise MMCError(f"fit.x must be one of {', '.join(X_COLUMNS)} (got {x!r})")
     table = read_ensembles(oracle_dir)
     with dask_scheduler(scheduler):
-        pool = open_store(pool_path, chunks={})
+        pool = check_pool(open_store(pool_path, chunks={}), pool_path)
         replicates = None
         if bootstrap:
             replicates = bootstrap_ensembles(pool, table.members.tolist(), bootstrap, seed, sample_chunk)

@@ -282,6 +282,9 @@ def _parse_json(text: str, where: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise MMCError(f"{where} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+    except RecursionError:
+        raise MMCError(f"{where} is JSON nested too deeply to read (over about {sys.getrecursionlimit()} levels of "
+                       f"arrays or objects)") from None
 
 
 def _one_line(error: Exception) -> str:
@@ -371,16 +374,17 @@ def split_text(text: str, max_chars: int) -> list[str]:
     current: list[str] = []
     size = 0
     for line in text.splitlines(keepends=True):
-        while size + len(line) > max_chars:
+        start = 0  # where the rest of the line begins: index arithmetic, so a long line is not copied at every cut
+        while size + len(line) - start > max_chars:
             if current:
                 chunks.append("".join(current))
                 current, size = [], 0
             else:
-                chunks.append(line[:max_chars])
-                line = line[max_chars:]
-        if line:
-            current.append(line)
-            size += len(line)
+                chunks.append(line[start:start + max_chars])
+                start += max_chars
+        if start < len(line):
+            current.append(line[start:] if start else line)
+            size += len(line) - start
     if current:
         chunks.append("".join(current))
     return chunks

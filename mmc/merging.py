@@ -41,7 +41,7 @@ import torch
 import yaml
 
 import mmc
-from mmc import MMCError, check_number
+from mmc import MMCError, check_number, did_you_mean
 from mmc.losses import load_model, resolve_dtype, save_model
 from mmc.store import atomic_path, check_outputs
 
@@ -116,12 +116,14 @@ class MergeSpec:
 
     def __init__(self, method: str, **settings: float | None) -> None:
         if method not in METHODS:
-            raise MMCError(f"unknown merge method '{method}'; choose one of {', '.join(METHODS)}")
+            raise MMCError(f"unknown merge method '{method}'{did_you_mean(method, METHODS)}; choose one of "
+                           f"{', '.join(METHODS)}")
         reads = METHODS[method].settings
         given = {name.rstrip("_"): value for name, value in settings.items() if value is not None}
         for name in given:
             if name not in reads:
-                raise MMCError(f"--{name} does not apply to method '{method}' (it reads: {', '.join(reads) or 'nothing'})")
+                raise MMCError(f"--{name} does not apply to method '{method}'{did_you_mean(name, reads)} (it reads: "
+                               f"{', '.join(reads) or 'nothing'})")
         values = tuple((name, SETTINGS[name].check(given.get(name, SETTINGS[name].default))) for name in reads)
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "values", values)
@@ -231,6 +233,18 @@ def mask_seed(seed: int, expert: str, tensor: str) -> int:
     """The generator seed of DARE's mask for one expert and tensor: independent of subset and order."""
     digest = hashlib.sha256(f"{seed}/{expert}/{tensor}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def merge_specs(methods: Mapping[str, Mapping[str, float] | None]) -> list[MergeSpec]:
+    """The specs of params `merging.methods` (method -> its settings, null for the defaults), each checked: an
+    unknown method or setting, or a value out of range, is an MMCError naming its key."""
+    specs = []
+    for name, settings in methods.items():
+        try:
+            specs.append(MergeSpec(name, **(settings or {})))
+        except (MMCError, TypeError) as error:
+            raise MMCError(f"merging.methods.{name}: {error}") from None
+    return specs
 
 
 def _random_drop(tau: torch.Tensor, spec: MergeSpec, experts: Sequence[str], tensor: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ import xarray as xr
 
 from mmc import MMCError
 from mmc.store import (SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, dask_scheduler, local_path, one_line,
-                       open_store, output_path)
+                       check_pool, open_store, output_path, remote_filesystem)
 
 LN2 = math.log(2.0)
 # ensemble minima are taken for this many ensembles × samples at a time: small enough for the CPU caches
@@ -256,6 +256,9 @@ class _Totals:
 def _stream(pool: xr.Dataset, accumulators: Sequence[_Accumulator], sample_chunk: int) -> _Totals:
     """Feed the pool to every accumulator one block of samples at a time; one read of the data in all."""
     totals = _Totals()
+    # one chunking along `sample` for nll and the sample coords: pools assembled before the coords were chunked
+    # like nll hold them in one chunk, which xarray refuses as inconsistent chunks once nll has several
+    pool = pool.unify_chunks()
     nll = pool["nll"].transpose("model", "sample")
     n_bytes = pool["n_bytes"]
     where = pool.encoding.get("source", "the pool")
@@ -276,10 +279,11 @@ def _stream(pool: xr.Dataset, accumulators: Sequence[_Accumulator], sample_chunk
 
 
 def _sample_blocks(nll: xr.DataArray, sample_chunk: int) -> Iterator[tuple[int, int]]:
-    """[start, stop) ranges along `sample`: the dask chunks (split to at most `sample_chunk`), else even blocks."""
+    """[start, stop) ranges along `sample`: the dask chunks of nll itself (split to at most `sample_chunk`; its
+    coords' chunks do not matter), else even blocks."""
     if sample_chunk < 1:
         raise MMCError(f"sample_chunk must be at least 1, got {sample_chunk}")
-    sizes = nll.chunksizes.get("sample") or (nll.sizes["sample"],)
+    sizes = nll.variable.chunksizes.get("sample") or (nll.sizes["sample"],)
     edges = np.cumsum((0, *sizes))
     for chunk_start, chunk_stop in zip(edges[:-1], edges[1:]):
         for start in range(int(chunk_start), int(chunk_stop), sample_chunk):
@@ -586,9 +590,16 @@ def read_ensembles(out_dir: str | Path) -> pd.DataFrame:
     local = local_path(out_dir)
     path = local / "ensembles.parquet" if local is not None else f"{str(out_dir).rstrip('/')}/ensembles.parquet"
     try:
-        table = pd.read_parquet(path)
+        if local is not None:
+            table = pd.read_parquet(path)
+        else:  # through fsspec, as stores are read: refused before any network access where it cannot work
+            filesystem, root, _ = remote_filesystem(str(path), f"oracle folder '{out_dir}'")
+            with filesystem.open(root, "rb") as file:
+                table = pd.read_parquet(file)
     except FileNotFoundError:
         raise MMCError(f"'{path}' does not exist: give the folder written by `mmc oracle`") from None
+    except OSError as error:  # a connection refused, reset or timed out
+        raise MMCError(f"oracle folder '{out_dir}' cannot be reached: {one_line(error)}") from None
     for column in LIST_COLUMNS:
         table[column] = [list(names) for names in table[column]]
     return table
@@ -600,6 +611,7 @@ def oracle_study(pool_path: str | Path, out: str | Path, *, max_subsets_per_k: i
     `scheduler` when given), written into `out`."""
     check_outputs([(out, "oracle tables")], [pool_path])
     with dask_scheduler(scheduler):
-        results = run_oracle(open_store(pool_path, chunks={}), max_subsets_per_k, seed, sample_chunk=sample_chunk)
+        pool = check_pool(open_store(pool_path, chunks={}), pool_path)
+        results = run_oracle(pool, max_subsets_per_k, seed, sample_chunk=sample_chunk)
     write_oracle_outputs(results, out)
     return results

@@ -15,6 +15,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from mmc import MMCError
+from mmc.params import check_params, load_yaml
 from mmc.store import atomic_path
 
 
@@ -35,6 +36,8 @@ def read_preset(path: str | Path) -> dict:
         raise MMCError(f"preset '{path}' does not exist")
     try:
         preset = yaml.load(path.read_text(encoding="utf-8"), Loader=_PresetLoader)
+    except UnicodeDecodeError as error:
+        raise MMCError(f"preset '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except yaml.YAMLError as error:
         raise MMCError(f"preset '{path}' is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(preset, dict):
@@ -67,10 +70,14 @@ def apply_preset(preset_path: str | Path, params_path: str | Path = "params.yaml
     round_trip.width = 4096  # keep long flow mappings (zoo members) on one line
     round_trip.representer.add_representer(
         type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    load_yaml(params_path)  # one-line errors for a file that is not UTF-8 or not YAML
     params = round_trip.load(params_path.read_text(encoding="utf-8"))
+    if not isinstance(params, dict):
+        raise MMCError(f"params file '{params_path}' must be a mapping of sections (corpus, zoo, losses, ...)")
     changed = overlay(params, read_preset(preset_path))
     text = io.StringIO()
     round_trip.dump(params, text)
+    check_params(yaml.safe_load(text.getvalue()), f"{params_path} with preset '{preset_path}'")  # before writing
     with atomic_path(params_path, None) as tmp:  # the user's own file, rewritten as asked
         tmp.write_text(text.getvalue(), encoding="utf-8")
     return changed

@@ -36,12 +36,13 @@ from mmc import MMCError, check_number
 from mmc.corpus import load_samples
 from mmc.laws import LAWS, fit_law, json_ready
 from mmc.oracle import pareto_indices, read_ensembles
-from mmc.store import atomic_path, check_outputs, open_store, write_json
+from mmc.store import atomic_path, check_outputs, check_pool, open_store, write_json
 
 LN2 = math.log(2.0)
 ROUTERS = ("best_single", "ngram", "small_model")
 STRATEGIES = ("oracle", "mixture_fitted", "mixture_uniform", *(f"router_{name}" for name in ROUTERS))
 ROUTING_LAW = "power"
+NGRAM_FEATURES_MAX = 2**31 - 1  # scikit-learn's hashing vectorizer holds feature indices in int32
 EM_ITERATIONS = 300  # at most, per ensemble
 EM_TOLERANCE = 1e-9  # nats per document: an ensemble's EM stops when a step improves its fit by less
 CURVE_COLUMNS = ["strategy", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb", "extrapolated",
@@ -200,8 +201,14 @@ def routing_study(pool_path: str | Path, oracle_dir: str | Path, eval_split: str
                   ngram_features: int = 4096, ridge_alpha: float = 1.0) -> dict:
     """The routing stage: strategies × ensembles (tables in `out`), headline figures and the realisable laws
     (`metrics_path`). Returns the metrics."""
+    # by range, before any work: a zero feature count divides by zero inside the hashing (SIGFPE, no message)
+    check_number("routing.test_fraction", test_fraction, 0, 1, low_open=True, high_open=True)
+    check_number("routing.bootstrap", bootstrap, 0, integer=True)
+    check_number("routing.seed", seed, 0, integer=True)
+    check_number("routing.ngram_features", ngram_features, 1, NGRAM_FEATURES_MAX, integer=True)
+    check_number("routing.ridge_alpha", ridge_alpha, 0)
     check_outputs([(out, "routing tables"), (metrics_path, "routing metrics")], [pool_path, oracle_dir, eval_split])
-    pool = open_store(pool_path)
+    pool = check_pool(open_store(pool_path), pool_path)
     ensembles = read_ensembles(oracle_dir)
     samples = load_samples(eval_split)
     texts = pd.Series(samples["text"], index=samples["sample_id"]).reindex(pool.indexes["sample"].astype(str))

@@ -6,16 +6,18 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import uuid
 import warnings
-import zipfile
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,13 +34,25 @@ from mmc import MMCError
 
 CHECKSUMMED = (ZstdCodec(), Crc32cCodec())  # every chunk compressed, then checksummed: a flipped bit is an error
 MARKER = ".mmc-output"  # in every folder mmc writes: the kind of output it is
+PROGRESS_SIGNATURE = b"# mmc progress file v1\n"  # how a progress file (`Partial`) begins
 # file outputs are recognised by their content: a JSON object's keys, or how a text file begins
 JSON_SIGNATURES = {"collaboration laws": {"law", "fits", "comparisons"}, "merging law": {"law", "fits", "bases"},
                    "merge plan": {"floor", "stop", "gain_fractions"},
                    "routing metrics": {"at_largest_k", "laws", "split"}}
 TEXT_SIGNATURES = {"training log": b"step,tokens,loss,lr\n", "figure": b"\x89PNG\r\n",
-                   "mergekit config": b"# mergekit configuration equivalent to `mmc merge"}
+                   "mergekit config": b"# mergekit configuration equivalent to `mmc merge",
+                   "params check": b"params.yaml matches mmc's schema\n",
+                   "progress file": PROGRESS_SIGNATURE}
 DASK_CONNECT_SECONDS = 30  # how long `--scheduler ADDRESS` waits for the scheduler to answer
+REMOTE_CONNECT_SECONDS = 10  # how long an http(s) server or object store may take to accept a connection
+REMOTE_READ_SECONDS = 120  # how long a read from a remote store may stall
+CLOUD_SCHEMES = {"s3": "aws", "s3a": "aws", "gs": "gcp", "gcs": "gcp"}  # URL schemes that need cloud credentials
+CLOUD_HINTS = {
+    "aws": "AWS credentials are configured: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, write "
+           "~/.aws/credentials (`aws configure`), or set FSSPEC_S3_ANON=true for a public bucket",
+    "gcp": "Google Cloud credentials are configured: set GOOGLE_APPLICATION_CREDENTIALS, run `gcloud auth "
+           "application-default login`, or set FSSPEC_GS_TOKEN=anon for a public bucket",
+}
 PARTIAL_SUFFIX = ".partial"  # `.NAME.partial`: the resumable progress of a computation of NAME (not a leftover)
 LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")
 
@@ -53,6 +67,80 @@ def local_path(path: str | Path) -> Path | None:
         return Path(path)
     url = urlparse(text)
     return Path(url2pathname(url.path)) if url.scheme == "file" and url.netloc in ("", "localhost") else None
+
+
+def remote_filesystem(url: str, what: str) -> tuple[fsspec.AbstractFileSystem, str, dict]:
+    """The fsspec filesystem, path and storage options to read the remote `url` (s3://, gs://, http://) with;
+    `what` names it in errors ("store 'URL'"). Refused in one line before any network access: a scheme fsspec
+    does not know or whose package is not installed, s3/gs with no credentials configured. An http(s) server
+    must accept a connection within REMOTE_CONNECT_SECONDS; reads stall for at most REMOTE_READ_SECONDS."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else urlparse(url).scheme.lower()
+    try:
+        fsspec.get_filesystem_class(scheme)  # imports the scheme's package: no network
+    except (ImportError, ValueError) as error:
+        from fsspec.registry import known_implementations  # (`fsspec.registry` is the registry, not the module)
+
+        package = known_implementations.get(scheme, {}).get("class", "").split(".")[0]
+        hint = f" (pip install {package})" if package and package != "fsspec" else ""
+        raise MMCError(f"{what} cannot be read: {one_line(error)}{hint}") from None
+    cloud = CLOUD_SCHEMES.get(scheme)
+    if cloud is not None and not _cloud_credentials(cloud, scheme):
+        raise MMCError(f"{what} cannot be read: no {CLOUD_HINTS[cloud]}")
+    options: dict = {}
+    if scheme in ("http", "https"):
+        import aiohttp  # fsspec's http filesystem is built on it: importable once get_filesystem_class worked
+
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(sock_connect=REMOTE_CONNECT_SECONDS,
+                                                                     sock_read=REMOTE_READ_SECONDS)}
+        parsed = urlparse(url)
+        try:  # fsspec reports a refused connection as a missing file: ask the server first, briefly
+            port = parsed.port or (443 if scheme == "https" else 80)
+            socket.create_connection((parsed.hostname or "", port), timeout=REMOTE_CONNECT_SECONDS).close()
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or one_line(error)
+            raise MMCError(f"{what} cannot be reached: no connection to {parsed.netloc} ({reason})") from None
+    elif scheme in ("s3", "s3a"):
+        options["config_kwargs"] = {"connect_timeout": REMOTE_CONNECT_SECONDS, "read_timeout": REMOTE_READ_SECONDS,
+                                    "retries": {"max_attempts": 2}}
+    try:
+        filesystem, root = fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError, OSError) as error:
+        raise MMCError(f"{what} cannot be reached: {one_line(error)}") from None
+    return filesystem, root, options
+
+
+def _cloud_credentials(cloud: str, scheme: str) -> bool:
+    """Whether credentials for `cloud` ("aws", "gcp") are configured where its SDK looks, read locally (environment,
+    config files, whether this machine is a cloud VM with an instance identity), or fsspec is told to read anonymously
+    (FSSPEC_S3_ANON=true, FSSPEC_GS_TOKEN=anon)."""
+    home = Path.home()
+    configured = fsspec.config.conf.get(scheme, {})
+    if cloud == "aws":
+        if configured.get("anon") in (True, "true", "True", "1") or configured.get("key") or configured.get("profile"):
+            return True
+        variables = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", home / ".aws" / "credentials"),
+                 os.environ.get("AWS_CONFIG_FILE", home / ".aws" / "config"), "/etc/boto.cfg", home / ".boto")
+        metadata_disabled = os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true"
+        vm = not metadata_disabled and any(_read_text(f"/sys/devices/virtual/dmi/id/{name}").startswith("Amazon EC2")
+                                           for name in ("sys_vendor", "board_vendor"))
+        vm = vm or (not metadata_disabled and _read_text("/sys/hypervisor/uuid").lower().startswith("ec2"))
+    else:
+        if configured.get("token") or fsspec.config.conf.get("gcs", {}).get("token"):
+            return True
+        variables = ("GOOGLE_APPLICATION_CREDENTIALS",)
+        gcloud = Path(os.environ.get("CLOUDSDK_CONFIG", home / ".config" / "gcloud"))
+        files = (gcloud / "application_default_credentials.json", home / ".gcs_tokens")
+        vm = "Google" in _read_text("/sys/class/dmi/id/product_name")
+    return vm or any(os.environ.get(name) for name in variables) or any(Path(file).is_file() for file in files)
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def output_path(path: str | Path) -> Path:
@@ -119,7 +207,11 @@ def check_outputs(outputs: Sequence[tuple[str | Path, str]], inputs: Sequence[st
         for given, source in local_inputs:
             if source is None:  # a remote input cannot be a local output
                 continue
-            source = source.resolve()
+            try:
+                source = source.resolve()
+            except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a symlink loop, 3.13 OSError
+                raise MMCError(f"input '{given}' is a symbolic link that leads back to itself (a symlink loop): "
+                               f"point it at a file or folder") from None
             if source == where or where in source.parents:
                 raise MMCError(f"output '{path}' is {'the input' if source == where else 'a folder holding the input'} "
                                f"'{given}': give another output path")
@@ -191,6 +283,10 @@ def atomic_path(path: str | Path, kind: str | None) -> Iterator[Path]:
             if path.exists() or path.is_symlink():
                 os.replace(path, old)
             os.replace(tmp, path)
+    except OSError as error:  # a full disk or a file-size limit: write() names no file, so name the output
+        if error.filename is None:
+            error.filename = str(path)
+        raise
     finally:
         _remove(tmp)
         _remove(old)
@@ -211,33 +307,73 @@ def partial_path(path: str | Path) -> Path:
 
 
 class Partial:
-    """Arrays saved atomically to `path` (a rename: never half-written) with the record of the inputs they belong
-    to (`identity`, any JSON value). `load` returns them only for the same identity; `save` writes at most once
-    every `every` seconds, so that saving stays cheap beside the work it records."""
+    """Arrays saved atomically to `path` (a rename: never half-written), in a file that verifies itself.
 
-    def __init__(self, path: str | Path, identity: object, every: float) -> None:
+    The file is a signature line, one JSON header line (the `identity` of the inputs the arrays belong to, any JSON
+    value; each array's dtype and shape; a SHA-256 of the header and the arrays) and the arrays' bytes. `load`
+    returns the arrays only for the same identity, with the `expected` dtypes and shapes, an intact checksum and
+    values that `valid` accepts; anything else (another run's progress, a truncated or edited file) is discarded
+    with a warning, and the work starts over. `save` writes at most once every `every` seconds, so that saving
+    stays cheap beside the work it records, and never over a file that is not an mmc progress file.
+    """
+
+    def __init__(self, path: str | Path, identity: object, every: float,
+                 expected: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
         self.path, self.every = Path(path), every
-        self.identity = json.dumps(identity, sort_keys=True)
+        self.identity = json.loads(json.dumps(identity, sort_keys=True))
+        self.expected = {name: (np.dtype(dtype), tuple(shape)) for name, (dtype, shape) in expected.items()}
         self.saved_at = time.monotonic()
 
-    def load(self) -> dict[str, np.ndarray] | None:
+    def load(self, valid: Callable[[dict[str, np.ndarray]], bool] = lambda arrays: True
+             ) -> dict[str, np.ndarray] | None:
         if not self.path.is_file():
             return None
+        arrays, reason = self._read()
+        if arrays is not None and not valid(arrays):
+            arrays, reason = None, "it holds values no run writes (NaN or negative losses)"
+        if arrays is None:
+            warnings.warn(f"progress file '{self.path}' is discarded, {reason}: starting over", stacklevel=2)
+        return arrays
+
+    def _read(self) -> tuple[dict[str, np.ndarray] | None, str]:
+        with self.path.open("rb") as file:
+            data = file.read()
+        signature, _, rest = data.partition(b"\n")
+        header_line, _, payload = rest.partition(b"\n")
+        if signature + b"\n" != PROGRESS_SIGNATURE:
+            return None, "it is not an mmc progress file"
         try:
-            with np.load(self.path, allow_pickle=False) as saved:
-                if str(saved["identity"]) == self.identity:
-                    return {name: saved[name] for name in saved.files if name != "identity"}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass
-        warnings.warn(f"'{self.path}' holds the progress of a run with other inputs or options: starting over",
-                      stacklevel=2)
-        return None
+            header = json.loads(header_line)
+            checksum, layout = header.pop("sha256"), header["arrays"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None, "its header is damaged"
+        if hashlib.sha256(json.dumps(header, sort_keys=True).encode() + payload).hexdigest() != checksum:
+            return None, "its checksum does not match its content (truncated or edited)"
+        if header.get("identity") != self.identity:
+            return None, "it holds the progress of a run with other inputs or options"
+        expected = {name: [dtype.str, list(shape)] for name, (dtype, shape) in self.expected.items()}
+        if {name: [entry["dtype"], entry["shape"]] for name, entry in layout.items()} != expected:
+            return None, "its arrays have other dtypes or lengths than this run's"
+        arrays, offset = {}, 0
+        for name, (dtype, shape) in self.expected.items():
+            size = dtype.itemsize * math.prod(shape)
+            arrays[name] = np.frombuffer(payload, dtype, math.prod(shape), offset).reshape(shape).copy()
+            offset += size
+        return arrays, ""
 
     def save(self, arrays: Mapping[str, np.ndarray]) -> None:
         if time.monotonic() - self.saved_at < self.every:
             return
-        with atomic_path(self.path, None) as tmp, tmp.open("wb") as file:
-            np.savez(file, identity=np.array(self.identity), **arrays)
+        arrays = {name: np.ascontiguousarray(arrays[name], dtype) for name, (dtype, _) in self.expected.items()}
+        header = {"identity": self.identity,
+                  "arrays": {name: {"dtype": array.dtype.str, "shape": list(array.shape)}
+                             for name, array in arrays.items()}}
+        payload = b"".join(array.tobytes() for array in arrays.values())
+        checksum = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + payload).hexdigest()
+        with atomic_path(self.path, "progress file") as tmp, tmp.open("wb") as file:
+            file.write(PROGRESS_SIGNATURE)
+            file.write(json.dumps({**header, "sha256": checksum}, sort_keys=True).encode() + b"\n")
+            file.write(payload)
         self.saved_at = time.monotonic()
 
     def remove(self) -> None:
@@ -264,11 +400,40 @@ def dask_scheduler(address: str | None) -> Iterator[None]:
     # imported only when a cluster is asked for: it is slow to import
     from distributed import Client
 
-    try:
-        client = Client(address, timeout=DASK_CONNECT_SECONDS)
-    except (OSError, TimeoutError, ValueError) as error:
+    # Client's own timeout covers the TCP connection, not the handshake that follows: a server that accepts and
+    # says nothing would hold it forever. So the whole connection runs in a thread, waited for DASK_CONNECT_SECONDS;
+    # a client that connects after that is closed by its thread.
+    seconds = DASK_CONNECT_SECONDS
+    outcome: dict = {}
+    lock = threading.Lock()
+
+    def connect() -> None:
+        try:
+            client = Client(address, timeout=seconds)
+        except BaseException as error:  # handed to the waiting thread
+            with lock:
+                outcome["error"] = error
+            return
+        with lock:
+            late = outcome.setdefault("client", client) is not client
+        if late:
+            client.close()
+
+    thread = threading.Thread(target=connect, name="mmc-dask-connect", daemon=True)
+    thread.start()
+    thread.join(seconds + 1)  # Client's own timeout, where it applies, ends first and says more
+    with lock:
+        if not outcome:
+            outcome["client"] = None  # abandoned: a late client is closed by its thread
+    error = outcome.get("error")
+    if outcome.get("client") is None and error is None:
+        raise MMCError(f"cannot connect to the dask scheduler at '{address}': no dask handshake within {seconds:g} s "
+                       f"(is a dask scheduler listening there?)")
+    if isinstance(error, (OSError, TimeoutError, ValueError)):
         raise MMCError(f"cannot connect to the dask scheduler at '{address}': {one_line(error)}") from None
-    with client:
+    if error is not None:
+        raise error
+    with outcome["client"]:
         yield
 
 
@@ -311,8 +476,12 @@ def open_store(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
     `encoding["source"]` names the store, so that a streaming reader can name it in its errors.
     """
     location = local_path(path) or str(path)
+    options: dict = {}
+    if not isinstance(location, Path):  # refused before any network access where it cannot work
+        filesystem, root, options = remote_filesystem(location, f"store '{path}'")
     try:
-        filesystem, root = fsspec.core.url_to_fs(str(location))
+        if isinstance(location, Path):
+            filesystem, root = fsspec.core.url_to_fs(str(location))
         found = filesystem.exists(root), filesystem.isfile(f"{root}/zarr.json")
     except (ImportError, ValueError, OSError) as error:
         raise MMCError(f"store '{path}' cannot be reached: {one_line(error)}") from None
@@ -323,7 +492,7 @@ def open_store(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-            dataset = xr.open_zarr(location, consolidated=True, chunks=chunks)
+            dataset = xr.open_zarr(location, consolidated=True, chunks=chunks, storage_options=options or None)
             if chunks is None:
                 dataset = dataset.load()
     except MMCError:
@@ -337,6 +506,24 @@ def open_store(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
         check_losses(dataset["nll"].values, f"store '{path}'")
     dataset.encoding["source"] = str(path)
     return dataset
+
+
+def check_pool(dataset: xr.Dataset, path: str | Path) -> xr.Dataset:
+    """`dataset` (opened from `path`) if it is a pool over (model, sample), else an MMCError saying what kind of
+    store it is (a loss store, one shard of a scoring run, a merge sweep) and what was expected."""
+    nll = dataset.variables.get("nll")
+    if nll is not None and set(nll.dims) == {"model", "sample"}:
+        return dataset
+    if "window_nll" in dataset.variables or "shard" in dataset.attrs:
+        kind = "one shard of a scoring run (`mmc losses --shard`; join the shards with `mmc combine-shards`)"
+    elif "merge" in dataset.dims:
+        kind = "a merge sweep store (`mmc merge-sweep`, read by `mmc fit-merge`)"
+    elif nll is not None and tuple(nll.dims) == ("sample",):
+        kind = "the loss store of one model (`mmc losses`; combine loss stores with `mmc assemble`)"
+    else:
+        kind = f"a store over {', '.join(map(str, dataset.dims)) or 'no dimension'} without nll over (model, sample)"
+    raise MMCError(f"'{path}' is {kind}, not a pool: give the pool store over (model, sample) written by "
+                   f"`mmc assemble`")
 
 
 def check_losses(nll: np.ndarray, where: str) -> None:
@@ -364,7 +551,8 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
     have scored the same eval set: the same dataset fingerprint, the same sample ids in the same order. Model
     coords `family`, `data` (the training-data label), `n_params`, `n_params_nonembedding` and `source` (the model
     scored) come from each store's attrs; sample coords `domain` and `n_bytes` from the first store. `nll` and `n_tokens` are
-    dask-backed, in chunks of SAMPLE_CHUNK samples, so `write_store` streams the pool to disk.
+    dask-backed, in chunks of SAMPLE_CHUNK samples, so `write_store` streams the pool to disk; the sample coords are
+    chunked alike, so every variable along `sample` is stored (and read back) in the same chunks.
     """
     if isinstance(stores, Mapping):
         names, paths = [str(name) for name in stores], list(stores.values())
@@ -409,7 +597,14 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
                            f"({reason})")
     datasets = list(opened.values())
     chunks = {"model": -1, "sample": SAMPLE_CHUNK}
-    sample_coords = {name: first[name].variable.compute() for name in ("domain", "n_bytes") if name in first.variables}
+    # the sample coords in the chunks of nll: a coord in one chunk beside nll in several makes the pool's chunks
+    # along `sample` inconsistent, which xarray refuses (DataArray.chunksizes) once the pool has over SAMPLE_CHUNK
+    # samples. Strings as variable-length strings (numpy's object dtype tagged str, as xarray reads them), which
+    # Zarr writes chunk by chunk, without loading the whole coord to infer a dtype.
+    vlen_str = np.dtype(object, metadata={"element_type": str})
+    sample_coords = {name: (first[name].variable.astype(vlen_str) if first[name].dtype.kind in "OUT"
+                            else first[name].variable).chunk({"sample": SAMPLE_CHUNK})
+                     for name in ("domain", "n_bytes") if name in first.variables}
     return xr.Dataset(
         {var: xr.concat([dataset[var].reset_coords(drop=True) for dataset in datasets], dim="model").chunk(chunks)
          for var in ("nll", "n_tokens")},

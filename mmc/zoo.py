@@ -18,12 +18,11 @@ import mmc
 from mmc import MMCError
 from mmc.corpus import load_samples
 from mmc.losses import count_parameters, save_model
+from mmc.params import FAMILIES, TOKENIZER_KINDS
 from mmc.store import atomic_path, check_outputs
 from mmc.train import domain_texts, fit_model, token_stream, write_log
 
-# Tokenizer kinds: how text becomes tokens, and which special tokens frame it.
-TOKENIZER_KINDS = ("byte_bpe", "byte_bpe_bos", "metaspace_bpe")
-FAMILIES = ("gpt2", "llama", "gpt_neox")
+# Tokenizer kinds (TOKENIZER_KINDS): how text becomes tokens, and which special tokens frame it.
 
 
 def train_tokenizer(kind: str, texts, vocab_size: int) -> transformers.PreTrainedTokenizerFast:

@@ -15,21 +15,21 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from mmc import check_name, exit_status
+from mmc.params import read_params
 
 PARAMS_FILE = Path("params.yaml")
 
 
 def params(*keys: str) -> dict:
-    """The values of dotted params keys (`zoo.seed`, `pool.gpt2-s`), by key, read from params.yaml."""
-    if not PARAMS_FILE.is_file():
-        raise SystemExit(f"mmc: error: {PARAMS_FILE} not found: run stages from the project's root (dvc repro)")
-    tree = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8")) or {}
+    """The values of dotted params keys (`zoo.seed`, `pool.gpt2-s`), by key, from params.yaml checked whole against
+    mmc's schema (mmc/params.py): a bad or unknown key ends the stage in one line before any work."""
+    found: dict = {}
+    _exit_on_error(os.environ.get("DVC_STAGE", "params").rsplit(":", 1)[-1],
+                   lambda: found.update(tree=read_params(PARAMS_FILE)))
     values = {}
     for key in keys:
-        node = tree
+        node = found["tree"]
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 raise SystemExit(f"mmc: error: {PARAMS_FILE} has no '{key}'")

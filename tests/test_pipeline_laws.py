@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, build_tiny_model, pool_entry, ran_stages, sh, stage_project
+from conftest import ROOT, build_tiny_model, pool_entry, ran_stages, sh, stage_order, stage_project
 from mmc.store import open_store
 
 STAGES = ("losses", "assemble", "oracle", "fit")
@@ -42,7 +46,8 @@ def test_fit_params_rerun_only_fit_and_the_pool_follows_params(tmp_path, gpt2_di
 
     # assemble depends on the folder holding the losses@ outputs: DVC runs it after all of them
     output = sh(repo, "dvc", "repro")
-    order = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+    check, *order = stage_order(output)
+    assert check == "check_params"
     assert sorted(order[:6]) == ["losses@gpt2", "losses@gpt2-b", "losses@gpt2-c", "losses@gpt2-wide",
                                  "losses@llama", "losses@llama-b"]
     assert order[6:] == ["assemble", "oracle", "fit"]
@@ -63,6 +68,21 @@ def test_fit_params_rerun_only_fit_and_the_pool_follows_params(tmp_path, gpt2_di
     assert ran_stages(sh(repo, "dvc", "repro")) == ["assemble", "fit", "oracle"]
     assert (repo / "data" / "losses" / "gpt2-wide.zarr").is_dir()
     assert list(open_store(repo / "data" / "pool.zarr").model.values) == ["gpt2", "gpt2-b", "gpt2-c", "llama", "llama-b"]
+
+    # killed mid-fit: the metrics and plots (kept in git, not in DVC's cache) stay as the last run left them
+    kept = {path: path.read_bytes() for path in [repo / "metrics" / "laws.json", *(repo / "plots" / "laws").iterdir()]}
+    params["fit"]["bootstrap"] = 15
+    write_params(repo, params)
+    repro = subprocess.Popen(["dvc", "repro"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    for line in repro.stdout:
+        if line.startswith("Running stage 'fit'"):
+            time.sleep(1.0)  # the stage's command has started: DVC would have removed its outputs by now
+            os.killpg(repro.pid, signal.SIGKILL)
+            break
+    assert repro.wait() == -signal.SIGKILL
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert sorted((repo / "plots" / "laws").iterdir()) == sorted(path for path in kept if path.parent.name == "laws")
 
 
 @pytest.mark.slow

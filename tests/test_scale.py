@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
+import datasets
 import fsspec
 import numpy as np
 import pandas as pd
@@ -17,6 +19,7 @@ import xarray as xr
 from conftest import EVAL_TEXTS, ROOT, synthetic_pool
 
 from mmc import MMCError, losses, oracle, store
+from mmc.cli import main
 from mmc.store import (
     assemble_pool,
     check_outputs,
@@ -145,6 +148,92 @@ def test_shard_settings_are_checked(gpt2_dir, eval_dir, tmp_path):
             losses.compute_losses(str(gpt2_dir), eval_dir, device="cpu", dtype="float32", shard=shard)
 
 
+@pytest.fixture(scope="module")
+def shard_stores(gpt2_dir, eval_dir, tmp_path_factory):
+    """The two shard stores of one run (`--shard 0/2`, `--shard 1/2`), scored in this process."""
+    root = tmp_path_factory.mktemp("shards")
+    paths = [root / f"gpt2.shard{i}.zarr" for i in range(2)]
+    for i, path in enumerate(paths):
+        losses.write_losses(str(gpt2_dir), eval_dir, path, device="cpu", dtype="float32", batch_tokens=64,
+                            shard=(i, 2))
+    return paths
+
+
+def rewritten_shard(path, out, change=None, **schedule):
+    """The shard store at `path` written to `out`, its schedule (the shard attr) updated with `schedule` and its
+    dataset passed through `change`."""
+    dataset = open_store(path)
+    dataset.attrs[losses.SHARD_ATTR] = json.dumps({**json.loads(dataset.attrs[losses.SHARD_ATTR]), **schedule})
+    write_store(change(dataset) if change else dataset, out, "loss shard")
+    return out
+
+
+def test_shards_scored_on_several_gpus_combine_into_the_single_run(shard_stores, tmp_path, whole_run):
+    first, second = shard_stores
+    assert json.loads(open_store(first).attrs[losses.SHARD_ATTR])["device"] == "cpu"  # the device type, no index
+    # `mmc losses --device cuda:$LOCAL_RANK --shard I/N`: each rank records its own device (shards written before
+    # devices were recorded by type hold the index); only the type decides
+    for devices in (("cuda:0", "cuda:1"), ("cuda:0", "cuda"), ("cuda", "cuda:3")):
+        shards = [rewritten_shard(path, tmp_path / f"{device}.{i}.zarr", device=device)
+                  for i, (path, device) in enumerate(zip(shard_stores, devices))]
+        out = tmp_path / f"{'-'.join(devices)}.zarr"
+        losses.combine_shards(shards, out)
+        xr.testing.assert_identical(open_store(out), whole_run)
+    # another device type computes other numbers: refused
+    on_gpu = rewritten_shard(second, tmp_path / "gpu.zarr", device="cuda:1")
+    with pytest.raises(MMCError, match=f"shard '{on_gpu}' does not belong with '{first}': they differ in device$"):
+        losses.combine_shards([first, on_gpu], tmp_path / "mixed.zarr")
+    assert not (tmp_path / "mixed.zarr").exists()
+
+
+def shift_window(dataset, to):
+    windows = dataset["window"].values.copy()
+    windows[-1] = to(windows)
+    return dataset.assign_coords(window=windows)
+
+
+MALFORMED_SHARDS = {
+    "a window index beyond the schedule": (
+        lambda d, n: shift_window(d, lambda w: n + 5), r"its window indices run from \d+ to {n5}, outside the {n} "
+                                                       r"windows of its schedule"),
+    "a negative window index": (lambda d, n: shift_window(d, lambda w: -1), "its window indices run from -1 to"),
+    "a window of the other shard": (
+        lambda d, n: shift_window(d, lambda w: min(set(range(n)) - set(w.tolist()))),
+        r"it repeats 1 windows of '{first}' \(first window \d+\): the shards of one run hold disjoint windows"),
+    "per-window losses of another length": (
+        lambda d, n: d.assign(window_nll=("other", d.window_nll.values[:-1])),
+        r"its window_nll is float64 over \('other',\), not float over \('window',\)"),
+    "window documents as floats": (lambda d, n: d.assign(window_doc=d.window_doc.astype(float)),
+                                   r"its window_doc is float64 over \('window',\), not integer over \('window',\)"),
+    "window documents beyond the samples": (lambda d, n: d.assign(window_doc=d.window_doc + 100),
+                                            r"its windows belong to samples \d+ to \d+, outside the 6 samples"),
+}
+
+
+@pytest.mark.parametrize("craft", MALFORMED_SHARDS)
+def test_a_malformed_shard_is_refused_in_one_line_naming_it(craft, shard_stores, tmp_path, capsys):
+    first, second = shard_stores
+    n_windows = json.loads(open_store(first).attrs[losses.SHARD_ATTR])["n_windows"]
+    change, needle = MALFORMED_SHARDS[craft]
+    crafted = rewritten_shard(second, tmp_path / "crafted.zarr", lambda dataset: change(dataset, n_windows))
+    out = tmp_path / "gpt2.zarr"
+    assert main(["combine-shards", "--out", str(out), str(first), str(crafted)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"mmc combine-shards: error: shard '{crafted}' cannot be combined: "), err
+    assert re.search(needle.format(n=n_windows, n5=n_windows + 5, first=re.escape(str(first))), err), err
+    assert not out.exists()
+
+
+def test_shards_that_leave_a_window_unscored_are_refused(shard_stores, tmp_path, capsys):
+    first, second = shard_stores
+    truncated = rewritten_shard(second, tmp_path / "truncated.zarr", lambda dataset: dataset.isel(window=slice(1, None)))
+    assert main(["combine-shards", "--out", str(tmp_path / "gpt2.zarr"), str(first), str(truncated)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "the shards leave 1 of the" in err and "windows of their schedule unscored" \
+        in err, err
+
+
 # ---- the oracle on a cluster and on URLs
 
 
@@ -206,3 +295,88 @@ def test_stores_are_read_from_urls_and_written_to_file_urls(pool_path, tmp_path)
         memory.rm("/scale-test", recursive=True)
     with pytest.raises(MMCError, match="cannot write 's3://bucket/pool.zarr'"):
         check_outputs([("s3://bucket/pool.zarr", "pool")])
+
+
+# ---- a pool of more than one chunk of samples, through every stage
+
+
+def big_loss_stores(root, n_samples: int) -> tuple[list, np.ndarray]:
+    """Loss stores of 6 models (3 families x 2 sizes) over `n_samples` samples, written as `mmc losses` writes them
+    (`loss_dataset`, `write_store`), and their (models, samples) nll. As `synthetic_pool`: each family is best on
+    its own third of the samples."""
+    rng = np.random.default_rng(3)
+    n_bytes = rng.integers(20, 400, n_samples)
+    home = np.arange(n_samples) % 3
+    coords = {"sample": np.array([f"s{i}" for i in range(n_samples)], dtype=object),
+              "domain": ("sample", np.array(["code", "prose"], dtype=object)[np.arange(n_samples) % 2])}
+    paths, rows = [], []
+    for f, family in enumerate(("alpha", "beta", "gamma")):
+        for size in (10_000, 160_000):
+            bits = (1.2 + 0.4 * f / 3 + 30.0 * size ** -0.3) * np.where(home == f, 0.8, 1.1)
+            rows.append(bits * rng.lognormal(0, 0.02, n_samples) * n_bytes * np.log(2))
+            attrs = {"model": f"{family}-{size}", "family": family, "n_params": size,
+                     "n_params_nonembedding": size // 2, "dataset_fingerprint": "fp-big"}
+            paths.append(root / f"{family}-{size}.zarr")
+            write_store(losses.loss_dataset(rows[-1], n_bytes // 3 + 1, n_bytes, coords, attrs), paths[-1], "loss store")
+    return paths, np.array(rows)
+
+
+def test_a_pool_of_more_than_one_chunk_of_samples_runs_through_every_stage(tmp_path):
+    n_samples = store.SAMPLE_CHUNK + 1
+    paths, nll = big_loss_stores(tmp_path, n_samples)
+    pool = tmp_path / "pool.zarr"
+    assert main(["assemble", "--out", str(pool), *map(str, paths)]) == 0
+    # every variable along `sample` in the chunks of nll: xarray's chunksizes refuses inconsistent ones
+    lazy = xr.open_zarr(pool)
+    assert lazy.chunksizes["sample"] == lazy.nll.chunksizes["sample"] == (store.SAMPLE_CHUNK, 1)
+    for name in ("nll", "n_tokens", "n_bytes", "domain"):
+        assert lazy[name].variable.chunksizes["sample"] == (store.SAMPLE_CHUNK, 1), name
+    loaded = open_store(pool)
+    np.testing.assert_array_equal(loaded.nll.values, nll)
+    assert loaded.domain.values[-1] == "code" and loaded.n_bytes.dtype.kind == "i"
+
+    assert main(["oracle", "--pool", str(pool), "--out", str(tmp_path / "oracle"), "--max-subsets-per-k", "20"]) == 0
+    ensembles = oracle.read_ensembles(tmp_path / "oracle")
+    everyone = ensembles[ensembles.k == len(paths)].iloc[0]
+    np.testing.assert_allclose(everyone.oracle_nll, nll.min(axis=0).mean(), rtol=1e-12)  # the last sample counts
+    attribution = pd.read_csv(tmp_path / "oracle" / "attribution.csv", float_precision="round_trip")
+    np.testing.assert_array_equal(attribution.win_share, np.bincount(nll.argmin(axis=0), minlength=6) / n_samples)
+    np.testing.assert_allclose(attribution.mean_nll, nll.mean(axis=1), rtol=1e-12)
+
+    # a pool written before the sample coords were chunked like nll (one chunk each): read in consistent chunks
+    legacy = assemble_pool(paths)
+    legacy = legacy.assign_coords(n_bytes=legacy.n_bytes.compute(), domain=legacy.domain.compute())
+    write_store(legacy, tmp_path / "legacy.zarr", "pool")
+    assert xr.open_zarr(tmp_path / "legacy.zarr").n_bytes.variable.chunksizes["sample"] == (n_samples,)
+    assert main(["oracle", "--pool", str(tmp_path / "legacy.zarr"), "--out", str(tmp_path / "legacy_oracle"),
+                 "--max-subsets-per-k", "20"]) == 0
+    for name, table in read_tables(tmp_path / "legacy_oracle").items():
+        pd.testing.assert_frame_equal(table, read_tables(tmp_path / "oracle")[name], check_exact=True)
+
+    laws = {}
+    for name in ("pool", "legacy"):
+        assert main(["fit", "--pool", str(tmp_path / f"{name}.zarr"), "--oracle", str(tmp_path / "oracle"),
+                     "--out", str(tmp_path / f"{name}_laws.json"), "--plots", str(tmp_path / f"{name}_plots"),
+                     "--bootstrap", "8"]) == 0
+        laws[name] = json.loads((tmp_path / f"{name}_laws.json").read_text())
+    assert laws["legacy"] == laws["pool"]
+    assert laws["pool"]["bootstrap"]["resamples"] == 8 and "params" in laws["pool"]["fits"]["single/pooled"]
+
+    texts = [f"{['alpha', 'beta', 'gamma'][i % 3]} document {i}" for i in range(n_samples)]
+    datasets.Dataset.from_dict({"sample_id": [f"s{i}" for i in range(n_samples)], "text": texts}).save_to_disk(
+        str(tmp_path / "eval"))
+    assert main(["route", "--pool", str(pool), "--oracle", str(tmp_path / "oracle"), "--data", str(tmp_path / "eval"),
+                 "--out", str(tmp_path / "routing"), "--metrics", str(tmp_path / "routing.json"), "--bootstrap", "8",
+                 "--ngram-features", "64"]) == 0
+    routed = json.loads((tmp_path / "routing.json").read_text())
+    assert sum(routed["split"].values()) == n_samples
+    strategies = pd.read_parquet(tmp_path / "routing" / "strategies.parquet")
+    oracle_bpb = strategies[(strategies.strategy == "oracle") & (strategies.k == len(paths))]
+    assert len(oracle_bpb) == 1 and oracle_bpb.test_bpb.iloc[0] > 0
+
+    assert main(["report", "--laws", str(tmp_path / "pool_laws.json"), "--law-plots", str(tmp_path / "pool_plots"),
+                 "--oracle", str(tmp_path / "oracle"), "--routing", str(tmp_path / "routing"),
+                 "--routing-metrics", str(tmp_path / "routing.json"), "--out", str(tmp_path / "reports")]) == 0
+    figures = {path.name for path in (tmp_path / "reports").glob("*.png")}
+    assert {"scaling.png", "kinds.png", "expected_k.png", "attribution.png", "routing.png"} <= figures
+    assert "(scaling.png)" in (tmp_path / "reports" / "README.md").read_text()
