@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 import datasets
@@ -15,9 +17,10 @@ from mmc.losses import (BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYP
                         write_losses)
 from mmc.merge_law import LOSSES, interval_text, plan_from_law, plan_text, fit_merge_study
 from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models, merge_specs
+from mmc.interchange import export_losses, import_losses
 from mmc.oracle import oracle_study
 from mmc.params import FAMILIES, TOKENIZER_KINDS, params_reference, read_params
-from mmc.presets import apply_preset
+from mmc.presets import add_pool_entry, apply_preset, pool_entry_for, remove_pool_entry
 from mmc.report import parameter_text, write_report
 from mmc.routing import NGRAM_FEATURES_MAX, routing_study
 from mmc.store import SAMPLE_CHUNK, write_pool
@@ -124,6 +127,74 @@ def _add_combine_shards(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", nargs="+", help="the shard stores, in any order")
     parser.add_argument("--out", required=True, help="the loss store, written atomically")
     parser.set_defaults(run=_run_combine_shards)
+
+
+EPILOG_IMPORT = """examples:
+  mmc import results/model/samples_mytask_2026-01-01T00-00-00.000000.jsonl --data data/corpus \\
+             --n-params 134515008 --n-params-nonembedding 106203456 --family smollm2 --out data/losses/smollm2.zarr
+  mmc import losses.parquet --data data/corpus --model org/model --n-params 7e9 --n-params-nonembedding 6.5e9 \\
+             --out data/losses/model.zarr
+"""
+
+
+def _run_import(args: argparse.Namespace) -> None:
+
+    dataset = import_losses(args.source, args.data, args.out, format=args.format, split=args.split, model=args.model,
+                            family=args.family, data=args.data_label, n_params=args.n_params,
+                            n_params_nonembedding=args.n_params_nonembedding)
+    print(f"wrote {args.out}: {dataset.sizes['sample']} samples from {dataset.attrs['source']} "
+          f"({dataset.attrs['model']}), {float(dataset.nll.sum()):.1f} nats")
+
+
+def _add_import(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "import", parents=[common], help="turn losses computed elsewhere (lm-eval --log_samples, a table) into a loss store",
+        description="Read per-document losses of an eval set computed elsewhere: lm-evaluation-harness --log_samples "
+                    "output of a loglikelihood_rolling task (nll = -loglikelihood; the task must score the text "
+                    "unchanged, doc_to_target: text) or a table (.parquet, .csv, .jsonl: nll in nats, sample_id or "
+                    "text, optional n_tokens, n_bytes, domain). Documents are matched to the eval set by sample_id, "
+                    "else by text; the store holds them in the eval set's order, with its fingerprint, so `mmc "
+                    "assemble` takes it beside `mmc losses` stores. A file that misses, adds or repeats documents, "
+                    "holds NaN or negative losses, or is of another task is refused. Written atomically.",
+        epilog=EPILOG_IMPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="lm-eval samples_<task>_<date>.jsonl, or a .parquet/.csv/.jsonl table")
+    parser.add_argument("--data", required=True, help="the eval set the losses belong to (saved with save_to_disk)")
+    parser.add_argument("--out", required=True, help="output Zarr loss store, written atomically")
+    parser.add_argument("--format", default="auto", choices=("auto", "lm-eval", "table"),
+                        help="the source's format (default auto: lm-eval samples are recognised by their fields)")
+    parser.add_argument("--split", default="eval", help="split of DATA when it is a DatasetDict (default: eval)")
+    parser.add_argument("--model", type=_optional_str, default=None,
+                        help="the model that computed the losses (default: lm-eval's model_args, a table's model "
+                             "column); chooses one model of a table holding several")
+    parser.add_argument("--family", default="", help="model family label recorded in the store")
+    parser.add_argument("--data-label", default="", help="label of the model's training data recorded in the store")
+    parser.add_argument("--n-params", type=float, default=None, help="the model's parameter count (needed)")
+    parser.add_argument("--n-params-nonembedding", type=float, default=None,
+                        help="the model's parameter count without embeddings (needed)")
+    parser.set_defaults(run=_run_import)
+
+
+EPILOG_EXPORT = """examples:
+  mmc export data/pool.zarr --out pool.parquet
+  mmc export data/losses/gpt2-s.zarr --out gpt2-s.csv
+"""
+
+
+def _run_export(args: argparse.Namespace) -> None:
+
+    table = export_losses(args.store, args.out)
+    print(f"wrote {args.out}: {len(table)} rows ({table['model'].nunique()} models)")
+
+
+def _add_export(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "export", parents=[common], help="write a loss store or the pool as a tidy table (parquet or CSV)",
+        description="One row per model and sample: model, sample_id, domain, nll (nats), n_tokens (0: unknown), "
+                    "n_bytes; parquet or CSV by the suffix of OUT, written atomically; readable by pandas, polars, R.",
+        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("store", help="a loss store (`mmc losses`, `mmc import`) or a pool (`mmc assemble`)")
+    parser.add_argument("--out", required=True, help="the table: .parquet or .csv")
+    parser.set_defaults(run=_run_export)
 
 
 EPILOG_CONVERT_GGUF = """example:
@@ -672,19 +743,101 @@ def _run_params(args: argparse.Namespace) -> None:
     print(f"{args.params} matches mmc's schema")
 
 
+EPILOG_PARAMS = """example:
+  mmc params                                   # check params.yaml
+  mmc params --params other.yaml
+  mmc params --reference > docs/reference/params.md
+"""
+
+
 def _add_params(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "params", parents=[common], help="check a params file against mmc's schema, or print the schema",
         description="Check every key of a params file (types, ranges, safe names, merge methods), as the pipeline's "
-                    "check_params stage does before any other stage runs; or print the schema as Markdown.")
+                    "check_params stage does before any other stage runs; or print the schema as Markdown.",
+        epilog=EPILOG_PARAMS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file to check (default params.yaml)")
     parser.add_argument("--reference", action="store_true", help="print the params reference (Markdown)")
     parser.set_defaults(run=_run_params)
 
 
-COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_combine_shards, _add_convert_gguf, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
+EPILOG_POOL_ADD = """examples:
+  mmc pool add EleutherAI/pythia-160m --family pythia --revision step143000 --dtype bfloat16
+  mmc pool add models/SmolLM2-135M-Instruct.Q4_1.gguf --family smollm2 --name smollm2-q4
+  mmc pool add data/zoo/gpt2-l --name gpt2-l-64 --family gpt2 --data own --max-length 64 --params other.yaml
+"""
+
+EPILOG_POOL_REMOVE = """example:
+  mmc pool remove pythia-160m
+"""
+
+POOL_SETTINGS = {  # per-model engine settings: only those given are written; the schema judges their values
+    "--max-length": dict(type=int, help="window length in tokens (overrides losses.max_length)"),
+    "--stride": dict(type=int, help="tokens predicted per later window (overrides losses.stride)"),
+    "--batch-tokens": dict(type=int, help="padded tokens per scoring batch (overrides losses.batch_tokens)"),
+    "--device": dict(help="auto, cpu, cuda, cuda:N or mps (overrides losses.device)"),
+    "--dtype": dict(help="weights' dtype: auto, float32, bfloat16, float16 (overrides losses.dtype)"),
+    "--head-dtype": dict(help="output head's dtype (overrides losses.head_dtype)"),
+    "--device-map": dict(help="transformers device_map for a model too big for one device, e.g. auto"),
+    "--trust-remote-code": dict(action="store_true", default=None, help="run the model repository's own code"),
+    "--allow-pickle": dict(action="store_true", default=None, help="accept pickle (*.bin) weights"),
+    "--shards": dict(type=int, help="scoring processes for this model, a shard of the batches each"),
+}
+
+
+def _run_pool_add(args: argparse.Namespace) -> None:
+
+
+    settings = {name: getattr(args, name) for name in (flag[2:].replace("-", "_") for flag in POOL_SETTINGS)}
+    slug, entry = pool_entry_for(args.model, args.family, args.data, args.revision, root=Path(args.params).parent,
+                                 **settings)
+    name = slug if args.name is None else args.name
+    add_pool_entry(args.params, name, entry)
+    print(f"added {name} to the pool of {args.params}: `dvc repro` runs its stage losses@{name}")
+
+
+def _run_pool_remove(args: argparse.Namespace) -> None:
+
+    remove_pool_entry(args.params, args.name)
+    print(f"removed {args.name} from the pool of {args.params}")
+
+
+def _add_pool(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser("pool", help="add a model to the pool in params.yaml, or remove one",
+                                   description="Edit the pool of params.yaml: one losses@<slug> stage per entry "
+                                               "(see `mmc pool add --help`).")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser(
+        "add", parents=[common], help="add a model (hub id, local folder or .gguf file) to the pool",
+        description="Write a pool entry for MODEL into the params file: slug (default: the model's name, lowercased, "
+                    "unsafe characters turned into '-'), family, data label, revision and the given engine "
+                    "settings; dep is the path itself for a local model, stages/losses.py for a hub id (the "
+                    "revision pins it). The whole file is checked against the schema first; comments and order are "
+                    "kept; written atomically. To try a model without editing the file: dvc exp run -S.",
+        epilog=EPILOG_POOL_ADD, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add.add_argument("model", help="hub id (org/name), local model folder or .gguf file, relative to the project")
+    add.add_argument("--name", default=None, help="the entry's slug (default: derived from MODEL)")
+    add.add_argument("--family", required=True,
+                     help="family label (required: ensembles mixing families count as heterogeneous)")
+    add.add_argument("--data", default=None, help="label of the model's training data (e.g. own or mix)")
+    add.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) pinning a hub model")
+    for flag, options in POOL_SETTINGS.items():
+        add.add_argument(flag, **options)
+    add.add_argument("--params", default="params.yaml", help="params file to update (default params.yaml)")
+    add.set_defaults(run=_run_pool_add)
+    remove = actions.add_parser(
+        "remove", parents=[common], help="remove an entry from the pool",
+        description="Remove the pool entry NAME from the params file (the rest checked against the schema first; "
+                    "comments and order kept; written atomically).",
+        epilog=EPILOG_POOL_REMOVE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    remove.add_argument("name", help="the entry's slug")
+    remove.add_argument("--params", default="params.yaml", help="params file to update (default params.yaml)")
+    remove.set_defaults(run=_run_pool_remove)
+
+
+COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_combine_shards, _add_convert_gguf, _add_import, _add_export, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
                             _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report, _add_preset,
-                            _add_params]
+                            _add_pool, _add_params]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -698,6 +851,37 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS:
         add(subparsers, common)
     return parser
+
+
+def leaf_parsers(parser: argparse.ArgumentParser, prefix: str = "mmc") -> dict[str, argparse.ArgumentParser]:
+    """Every leaf command (`mmc zoo train`, `mmc losses`, ...) with its parser, in the order `mmc --help` lists them."""
+    (actions,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    leaves = {}
+    for name, child in actions.choices.items():
+        nested = [action for action in child._actions if isinstance(action, argparse._SubParsersAction)]
+        leaves.update(leaf_parsers(child, f"{prefix} {name}") if nested else {f"{prefix} {name}": child})
+    return leaves
+
+
+REFERENCE_COLUMNS = "100"  # help text is wrapped at the terminal's width: the reference fixes one
+
+
+def cli_reference() -> str:
+    """docs/reference/cli.md: `mmc --help` and every leaf command's help, generated from the parsers."""
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = REFERENCE_COLUMNS
+    try:
+        parser = build_parser()
+        pages = [("mmc", parser), *leaf_parsers(parser).items()]
+        return ("# Command-line reference\n\nGenerated from mmc's argparse parsers (`python -c \"from mmc.cli import "
+                "cli_reference; print(cli_reference(), end='')\" > docs/reference/cli.md`); a test fails when this page "
+                "and the parsers differ.\n\n" + "".join(f"- [`{name}`](#{name.replace(' ', '-')})\n" for name, _ in pages)
+                + "".join(f"\n## {name}\n\n```text\n{child.format_help().rstrip()}\n```\n" for name, child in pages))
+    finally:
+        if columns is None:
+            os.environ.pop("COLUMNS")
+        else:
+            os.environ["COLUMNS"] = columns
 
 
 def _quiet_libraries_off_terminal() -> None:

@@ -27,6 +27,8 @@ import hashlib
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from tqdm.auto import tqdm
 import mmc
 from mmc import MMCError, check_number
 from mmc.corpus import fingerprint, load_samples
+from mmc.params import HUB_ID, is_gguf
 from mmc.store import (
     Partial,
     atomic_path,
@@ -48,12 +51,11 @@ from mmc.store import (
     check_outputs,
     files_signature,
     open_store,
-    output_kind,
     partial_path,
+    remove_output,
     write_store,
 )
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HEAD_CHUNK_ELEMENTS = 2**26  # logits per head chunk: 256 MiB in fp32
 CONTEXT_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 DEFAULT_CONTEXT = 2048  # as lm-eval, when neither config nor tokenizer says
@@ -110,10 +112,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MMCError(f"device '{device}' was asked for but CUDA is not available; use --device cpu")
     return torch.device(device)
-
-
-def is_gguf(model: str | Path) -> bool:
-    return str(model).lower().endswith(".gguf")
 
 
 def check_gguf(path: Path) -> None:
@@ -485,7 +483,7 @@ def batch_budget(loaded: LoadedModel, batch_tokens: int | None = None) -> int:
     """Padded tokens per batch: `batch_tokens`, by default `CPU_BATCH_TOKENS` on a CPU, else `BATCH_TOKENS`.
 
     A CPU is busy with a few hundred tokens' matmuls: larger batches gain nothing per token and lose to padding
-    and cache misses (measured from widths 256 to 576: README, the loss engine's speed).
+    and cache misses (measured from widths 256 to 576: docs/results/benchmarks.md).
     """
     if batch_tokens is not None:
         return int(check_number("--batch-tokens", batch_tokens, 1, integer=True))
@@ -588,7 +586,7 @@ def compute_losses(
     flush_every: float = FLUSH_SECONDS,
 ) -> xr.Dataset:
     """Score an evaluation set with one model: the loss store's content (per-sample `nll` and `n_tokens`, attrs
-    that say how it was scored; see README "Outputs").
+    that say how it was scored; see docs/reference/outputs.md).
 
     With `shard=(I, N)`, only every N-th batch of the schedule from the I-th on is scored, and the result is a
     shard store (per-window NLLs) that `combine_shards` joins with the others. With `progress_file`, completed
@@ -683,19 +681,59 @@ def sample_bytes(samples) -> np.ndarray:
     return np.fromiter((len(t.encode("utf-8")) for t in samples["text"]), dtype=np.int64, count=len(samples))
 
 
-def write_losses(model: str, data_dir: str | Path, out: str | Path, **options) -> xr.Dataset:
+def write_losses(model: str, data_dir: str | Path, out: str | Path, *, shards: int = 1, **options) -> xr.Dataset:
     """The losses stage: `compute_losses(model, data_dir, **options)` written as a loss store at `out` (a shard
-    store with `shard=`). Progress is kept in `partial_path(out)` until `out` is written: a rerun after a crash
-    resumes from it."""
+    store with `shard=`; with `shards` > 1, scored by that many processes, see `score_in_shards`). Progress is
+    kept in `partial_path(out)` until `out` is written: a rerun after a crash resumes from it."""
+    check_number("shards", shards, 1, integer=True)
+    if shards > 1:
+        return score_in_shards(model, data_dir, out, shards, **options)
     kind = "loss store" if options.get("shard") is None else "loss shard"
     check_outputs([(out, kind)], [model, data_dir])
     progress = partial_path(out)
     check_outputs([(progress, "progress file")])
     dataset = compute_losses(model, data_dir, progress_file=progress, **options)
     write_store(dataset, out, kind)
-    if output_kind(progress) == "progress file":  # only mmc's own: never what someone put there meanwhile
-        progress.unlink()
+    remove_output(progress, "progress file")
     return dataset
+
+
+# one shard of `score_in_shards`, in a process of its own: write_losses(**ARGUMENTS), ending as the CLI does
+SHARD_RUNNER = ("import json, sys; from mmc import exit_status; from mmc.losses import write_losses; "
+                "arguments = json.loads(sys.argv[2]); sys.exit(exit_status(sys.argv[1], lambda: write_losses(**arguments)))")
+
+
+def shard_devices(device: str, shards: int) -> list[str]:
+    """The device of each shard: one GPU each in turn (cuda:0, cuda:1, ...) where `device` is CUDA without an
+    index, else `device` itself for all (the CPU, or one chosen GPU)."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return [f"cuda:{index % torch.cuda.device_count()}" for index in range(shards)]
+    return [str(resolved)] * shards
+
+
+def score_in_shards(model: str, data_dir: str | Path, out: str | Path, shards: int, **options) -> xr.Dataset:
+    """Score with `shards` processes at once, each a shard of the batches (`--shard I/N`) on its own device
+    (`shard_devices`), then join them into `out` (`combine_shards`): the store a single run writes, identical to it.
+
+    The shard stores are hidden siblings of `out` (`.NAME.shard-I-of-N`), each resumable after a crash from its
+    own progress file, and removed once `out` is written. Each shard is a Python process of its own that loads the
+    model itself (so CUDA works in it, and no caller needs a `__main__` guard); its one-line error is raised here."""
+    check_outputs([(out, "loss store")], [model, data_dir])
+    out = Path(out)
+    paths = [out.with_name(f".{out.name}.shard-{index}-of-{shards}") for index in range(shards)]
+    devices = shard_devices(options.pop("device", "auto"), shards)
+    runs = [subprocess.Popen([sys.executable, "-c", SHARD_RUNNER, f"losses shard {index}/{shards}", json.dumps(
+        {"model": model, "data_dir": str(data_dir), "out": str(path), "shard": [index, shards], "device": device,
+         **options})], stderr=subprocess.PIPE, text=True) for index, (path, device) in enumerate(zip(paths, devices))]
+    failures = [run.communicate()[1].strip().splitlines() for run in runs]
+    for run, lines in zip(runs, failures):
+        if run.returncode:
+            raise MMCError(lines[-1].removeprefix("mmc ") if lines else f"a shard process ended with {run.returncode}")
+    combined = combine_shards(paths, out)
+    for path in paths:
+        remove_output(path, "loss shard")
+    return combined
 
 
 def combine_shards(shards: Sequence[str | Path], out: str | Path) -> xr.Dataset:

@@ -277,7 +277,8 @@ def plan_from_law(law_path: str | Path, *, method: str = "joint", loss: str = "i
     the largest base size. Writes the answers as JSON to `out` when given. Returns them."""
     path = Path(law_path)
     if not path.is_file():
-        raise MMCError(f"'{path}' does not exist: fit the merging law first (`mmc fit-merge`, or dvc repro fit_merge)")
+        raise MMCError(f"'{path}' does not exist: fit the merging law first (`mmc fit-merge`, or "
+                       f"dvc repro fit_merge@law)")
     law = json.loads(path.read_text(encoding="utf-8"))
     fit = law["fits"].get(method, {}).get(loss, {})
     if "params" not in fit:

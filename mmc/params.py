@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import difflib
 import io
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from mmc import MMCError, check_name
 from mmc.store import atomic_path
 
 FAMILIES = ("gpt2", "llama", "gpt_neox")  # the embedded zoo's architecture families
 TOKENIZER_KINDS = ("byte_bpe", "byte_bpe_bos", "metaspace_bpe")  # the zoo's tokenizer kinds
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # a Hugging Face hub model id (owner/name or name)
+ZOO_DIR = "data/zoo"  # where dvc.yaml's zoo stages write their members
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
@@ -31,6 +34,11 @@ Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="auto, cpu, cu
 Dtype = Literal[DTYPES]
 Count = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0)]
+
+
+def is_gguf(model: str | Path) -> bool:
+    """Whether a model path names a GGUF file (scored dequantized)."""
+    return str(model).lower().endswith(".gguf")
 
 
 def _name_check(kind: str, dash: bool = True):
@@ -108,22 +116,64 @@ class Zoo(ZooShared):
 
 
 class Losses(Section):
-    """Engine settings shared by every losses@<slug> stage (`mmc losses --help`)."""
+    """Engine settings shared by every losses@<slug> stage (`mmc losses --help`); a pool entry may set any of
+    them for itself."""
     max_length: Count | None = Field(description="window length in tokens; null = the model's context")
     stride: Count | None = Field(description="null = lm-eval rolling windows; smaller = overlapping windows")
     batch_tokens: Count | None = Field(description="padded tokens per batch; null = 512 on a CPU, 16384 on a GPU")
     device: Device
     dtype: Dtype = Field(description="auto = bf16 on GPU, fp32 on CPU")
     head_dtype: Dtype = Field(description="the output head's dtype; auto = fp32 on GPU, the weights' elsewhere")
+    device_map: str | None = Field(None, description="accelerate's device map (e.g. auto: a model over several GPUs)")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code (off by default)")
+    allow_pickle: bool = Field(False, description="accept pickled weights (pytorch_model.bin): runs their code")
+    shards: Count = Field(1, description="scoring processes per model, each a shard of the batches (one per GPU: "
+                                         "cuda:0, cuda:1, ...), combined into the single run's store")
 
 
-class PoolEntry(Section):
-    """One pool member: the model scored by its losses@<slug> stage."""
-    model: Annotated[str, Field(min_length=1, description="hub id, local model folder or .gguf file")]
+ENGINE_SETTINGS = tuple(Losses.model_fields)  # what a pool entry may set for itself
+
+
+def _optional(field: Any) -> Any:
+    """A field's type, with its bounds and patterns (which pydantic keeps apart, in `metadata`), or null."""
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return kind | None
+
+
+class PoolEntryBase(Section):
+    model: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="hub id, local model folder or .gguf file (or `import`)")
+    import_: Annotated[str, Field(min_length=1)] | None = Field(
+        None, alias="import", description="per-document losses computed elsewhere (`mmc import --help`): lm-eval "
+                                          "--log_samples output or a table; instead of `model`")
+    format: Literal["auto", "lm-eval", "table"] | None = Field(None, description="import: the file's format")
+    n_params: Count | None = Field(None, description="import: the model's parameters")
+    n_params_nonembedding: Count | None = Field(None, description="import: its non-embedding parameters")
     family: str = Field(description="family label (ensembles mixing families are heterogeneous)")
     data: str | None = Field(None, description="label of the member's training data")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
-    dep: Annotated[str, Field(min_length=1, description="the path the stage depends on (model folder or file)")]
+    dep: Annotated[str, Field(min_length=1)] = Field(
+        description="the path the stage depends on (model folder or file, the imported file)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PoolEntryBase:
+        if (self.model is None) == (self.import_ is None):
+            raise ValueError("give either model (a model to score) or import (losses computed elsewhere)")
+        source = "import" if self.model is None else "model"
+        wrong = sorted(name for name in self.model_fields_set if name in (
+            ENGINE_SETTINGS + ("revision",) if source == "import" else ("format", "n_params", "n_params_nonembedding")))
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} do not apply to an entry with {source}")
+        if source == "import" and (self.n_params is None or self.n_params_nonembedding is None):
+            raise ValueError("an imported entry needs n_params and n_params_nonembedding (the laws' budget axis)")
+        return self
+
+
+PoolEntry = create_model(
+    "PoolEntry", __base__=PoolEntryBase, __doc__="One pool member: the model scored (or the losses imported) by its "
+    "losses@<slug> stage; any `losses` setting set here overrides the shared one for this model only.",
+    **{name: (_optional(field), Field(None, description=f"overrides losses.{name}"))
+       for name, field in Losses.model_fields.items()})
 
 
 class Oracle(Section):
@@ -178,8 +228,17 @@ class Plan(Section):
     budget_multiple: float = Field(gt=0, description="expert-parameter budget as a multiple of the largest base")
 
 
+class Studies(Section):
+    """The parts that run beside the collaboration study (corpus, losses, pool, oracle, fit, routing, report).
+    DVC has no conditional stages: the merging law's stages are a foreach over `merging` here (fit_merge@law,
+    plan@law), so [] switches the merging study off."""
+    merging: list[Literal["law"]] = Field(max_length=1, description="[law]: the merging study runs (experts, merges, "
+                                                                    "its law and plan); []: it does not")
+
+
 class Params(Section):
     """params.yaml: one section per part of the pipeline."""
+    studies: Studies
     corpus: Corpus
     zoo: Zoo
     losses: Losses
@@ -189,6 +248,20 @@ class Params(Section):
     routing: Routing
     merging: Merging
     plan: Plan
+
+    @model_validator(mode="after")
+    def _parts_agree(self) -> Params:
+        if bool(self.studies.merging) != bool(self.merging.bases):
+            raise ValueError("studies.merging and merging.bases disagree: the merging study runs with bases "
+                             "(studies.merging: [law]) or without both (studies.merging: [], merging.bases: [])")
+        used = {Path(entry.model).as_posix() for entry in self.pool.values() if entry.model is not None}
+        bases = set(self.merging.bases) if Path(self.merging.base_dir) == Path(ZOO_DIR) else set()
+        unused = [name for name in self.zoo.members if (Path(ZOO_DIR) / name).as_posix() not in used
+                  and name not in bases]
+        if unused:
+            raise ValueError(f"zoo member(s) {', '.join(unused)} used by neither the pool nor the merging study: "
+                             f"remove them from zoo.members (the zoo trains only what a study uses)")
+        return self
 
 
 def _is_model(annotation: Any) -> bool:
@@ -222,9 +295,9 @@ def _message(error: dict) -> str:
         return f"unknown key '{key}'" + (f" (did you mean '{suggestion}'?)" if close else "")
     if error["type"] == "missing":
         return f"'{key}' is missing"
-    if error["type"] == "value_error":  # a name check: its own message names the name
+    if error["type"] == "value_error":  # a name or consistency check: its own message says what is wrong
         key = ".".join(str(part) for part in location if part != "[key]")
-        return f"'{key}': {error['ctx']['error']}"
+        return f"'{key}': {error['ctx']['error']}" if key else str(error["ctx"]["error"])
     return f"'{key}': {error['msg']}, got {error['input']!r}"
 
 
@@ -291,7 +364,7 @@ def _limits(annotation: Any, metadata: list) -> list[str]:
              if getattr(item, kind, None) is not None]
     if get_origin(annotation) is Annotated:
         items = get_args(annotation)[1:]
-        found += _limits(get_args(annotation)[0], [meta for item in items for meta in getattr(item, "metadata", [])])
+        found += _limits(get_args(annotation)[0], [meta for item in items for meta in [item, *getattr(item, "metadata", [])]])
     return found + [limit for arg in get_args(annotation) if get_origin(annotation) in (Union, UnionType)
                     for limit in _limits(arg, [])]
 
@@ -306,7 +379,7 @@ def _table(title: str, model: type[BaseModel]) -> str:
     for name, field in model.model_fields.items():
         limits = _limits(field.annotation, field.metadata)
         kind = _type_text(field.annotation) + (f" ({', '.join(limits)})" if limits else "")
-        rows.append(f"| `{name}` | {_cell(kind)} | {_cell(field.description or '')} |\n")
+        rows.append(f"| `{field.alias or name}` | {_cell(kind)} | {_cell(field.description or '')} |\n")
         if get_origin(field.annotation) is dict and _is_model(get_args(field.annotation)[1]):
             nested.append(_table(f"{title}.{name}.<name>" if title else f"{name}.<name>",
                                  get_args(field.annotation)[1]))

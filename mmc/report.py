@@ -310,9 +310,11 @@ def _skipped(fit: dict) -> str:
 
 
 def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, plan: dict | None,
-                     routing: dict | None = None, attribution: pd.DataFrame | None = None) -> str:
+                     routing: dict | None = None, attribution: pd.DataFrame | None = None,
+                     not_run_merging: bool = False) -> str:
     """reports/README.md: what was fitted, with the figures and tables of parameters: each with its 95% profile
-    interval where the data determine it, "not determined" (and its one-sided bound) where they do not."""
+    interval where the data determine it, "not determined" (and its one-sided bound) where they do not; with
+    `not_run_merging`, a line that says the merging study did not run."""
     lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. Intervals: 95% profile intervals "
              f"(the other parameters re-optimised along each one); bootstrap intervals from "
              f"{laws['bootstrap']['resamples']} resamples of the {laws['bootstrap']['over']} are in metrics/laws.json. "
@@ -331,6 +333,10 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
         lines.append(f"| {_md(series)} | {_points(fit)} | {parameter_text(fit, 'E')} | {parameter_text(fit, 'A')} | "
                      f"{parameter_text(fit, 'alpha')} | {fit['r2_log']:.3f} | "
                      f"{_fmt(holdout.get('max_abs_relative_error')) if 'skipped' not in holdout else 'skipped'} |")
+    if not any("params" in fit for series, fit in laws["fits"].items() if not series.endswith("/cross_fitted")):
+        lines += ["", "**No law is determined by these data.** Every series has fewer distinct points than a fit "
+                  "needs (parameters + 2), as in a pool of a few models: the figures and tables show the measured "
+                  "losses of the models and their ensembles, without a fitted curve."]
     floor = laws["comparisons"]["floor"]
     kinds = laws["comparisons"]["heterogeneous_vs_homogeneous"]
     single, multi = laws["fits"].get("single/pareto", {}), laws["fits"].get("multi/pareto", {})
@@ -388,6 +394,9 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
                              + f" | {fit['r2_log']:.3f} | " + " / ".join(
                                  "skipped" if "skipped" in check else _fmt(check.get("max_abs_relative_error"))
                                  for check in checks) + " |")
+    elif not_run_merging:
+        lines += ["", "## Model merging", "", "The merging study did not run in this project (params "
+                  "`studies.merging: []`, `merging.bases: []`): no experts, merges or merging law."]
     if routing:
         lines += ["", "## Realisable collaboration: mixtures and routers", "", "![routing](routing.png)", "",
                   "![routing cost](routing_cost.png)", "", routing_markdown(routing)]
@@ -469,8 +478,12 @@ def plan_markdown(plan: dict) -> str:
 def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str | Path, out: str | Path, *,
                  merge_law_path: str | Path | None = None, merge_plots: str | Path | None = None,
                  plan_path: str | Path | None = None, routing_dir: str | Path | None = None,
-                 routing_path: str | Path | None = None) -> list[str]:
-    """Draw every figure the inputs allow and write the summary into `out`, replaced atomically."""
+                 routing_path: str | Path | None = None, merging_ran: bool = True) -> list[str]:
+    """Draw every figure the inputs allow and write the summary into `out`, replaced atomically. Without
+    `merging_ran`, the merging inputs are not read (stale files of an earlier run may be there) and the summary
+    says the merging study did not run."""
+    if not merging_ran:
+        merge_law_path = merge_plots = plan_path = None
     plt.rcParams.update(STYLE)
     inputs = [laws_path, law_plots, oracle_dir, merge_law_path, merge_plots, plan_path, routing_dir, routing_path]
     check_outputs([(out, "report")], inputs)
@@ -483,7 +496,8 @@ def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str |
     with atomic_path(out, "report") as tmp:
         tmp.mkdir()
         figure_scaling(points, curves, ensembles, tmp / "scaling.png")
-        figure_kinds(points, curves, tmp / "kinds.png")
+        if points.series.str.startswith("multi/").any():  # a small pool fits no law of ensembles: nothing to draw
+            figure_kinds(points, curves, tmp / "kinds.png")
         figure_expected(_read_csv(Path(oracle_dir) / "expected_curves.csv"), tmp / "expected_k.png")
         figure_attribution(_read_csv(Path(oracle_dir) / "attribution.csv"), tmp / "attribution.png")
         if merge_law and merge_plots:
@@ -496,6 +510,7 @@ def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str |
             figure_routing_cost(_read_csv(Path(routing_dir) / "strategies.csv"), tmp / "routing_cost.png")
         figures = sorted(p.name for p in tmp.glob("*.png"))
         attribution = _read_csv(Path(oracle_dir) / "attribution.csv")
-        (tmp / "README.md").write_text(summary_markdown(laws, figures, merge_law, plan, routing, attribution),
+        (tmp / "README.md").write_text(summary_markdown(laws, figures, merge_law, plan, routing, attribution,
+                                                        not_run_merging=not merging_ran),
                                        encoding="utf-8")
     return figures

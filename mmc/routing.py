@@ -152,6 +152,9 @@ def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence
     nll = np.asarray(pool["nll"].transpose("model", "sample").values, dtype=np.float64)
     tokens = np.asarray(pool["n_tokens"].transpose("model", "sample").values, dtype=np.float64)
     n_bytes = np.asarray(pool["n_bytes"].values, dtype=np.float64)
+    unknown = ~tokens.any(axis=1)  # imported losses that came without token counts (lm-eval gives none)
+    if unknown.any():  # their cost: the other members' mean tokens per document, else 4 bytes per token
+        tokens[unknown] = tokens[~unknown].mean(axis=0) if (~unknown).any() else n_bytes / 4.0
     n_params = np.asarray(pool["n_params"].values, dtype=np.float64)
     if len(texts) != nll.shape[1]:
         raise MMCError(f"{len(texts)} texts for {nll.shape[1]} pool samples: route on the pool's eval split")

@@ -42,7 +42,10 @@ JSON_SIGNATURES = {"collaboration laws": {"law", "fits", "comparisons"}, "mergin
 TEXT_SIGNATURES = {"training log": b"step,tokens,loss,lr\n", "figure": b"\x89PNG\r\n",
                    "mergekit config": b"# mergekit configuration equivalent to `mmc merge",
                    "params check": b"params.yaml matches mmc's schema\n",
-                   "progress file": PROGRESS_SIGNATURE}
+                   "progress file": PROGRESS_SIGNATURE,
+                   "losses table": b"model,sample_id,domain,nll,n_tokens,n_bytes\n"}  # `mmc export` as CSV
+PARQUET_MAGIC = b"PAR1"
+PARQUET_KIND_KEY = b"mmc_output"  # a parquet file mmc writes names its kind in its schema metadata (`mmc export`)
 DASK_CONNECT_SECONDS = 30  # how long `--scheduler ADDRESS` waits for the scheduler to answer
 REMOTE_CONNECT_SECONDS = 10  # how long an http(s) server or object store may take to accept a connection
 REMOTE_READ_SECONDS = 120  # how long a read from a remote store may stall
@@ -172,6 +175,8 @@ def output_kind(path: Path) -> str | None:
     for kind, signature in TEXT_SIGNATURES.items():
         if head.startswith(signature):
             return kind
+    if head.startswith(PARQUET_MAGIC):
+        return _parquet_kind(path)
     if path.suffix == ".json":
         try:
             content = json.loads(path.read_text(encoding="utf-8"))
@@ -181,6 +186,17 @@ def output_kind(path: Path) -> str | None:
             if isinstance(content, dict) and keys <= content.keys():
                 return kind
     return None
+
+
+def _parquet_kind(path: Path) -> str | None:
+    """The kind a parquet file that mmc wrote records in its schema metadata; None for any other parquet file."""
+    import pyarrow.parquet as pq
+
+    try:
+        kind = (pq.read_schema(path).metadata or {}).get(PARQUET_KIND_KEY)
+    except (OSError, ValueError):  # not readable as parquet (pyarrow's errors derive from these)
+        return None
+    return kind.decode("utf-8", "replace") if kind else None
 
 
 def _refuse_replacing(path: Path, kind: str) -> None:
@@ -290,6 +306,14 @@ def atomic_path(path: str | Path, kind: str | None) -> Iterator[Path]:
     finally:
         _remove(tmp)
         _remove(old)
+
+
+def remove_output(path: str | Path, kind: str) -> None:
+    """Remove `path` if it holds an mmc output of this `kind` (a progress file, a shard store once joined); never
+    what someone else put there meanwhile."""
+    path = Path(path)
+    if output_kind(path) == kind:
+        _remove(path)
 
 
 def _remove(path: Path) -> None:

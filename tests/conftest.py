@@ -19,7 +19,7 @@ import transformers  # noqa: E402
 import xarray as xr  # noqa: E402
 import yaml  # noqa: E402
 
-from mmc import zoo  # noqa: E402
+from mmc import losses, zoo  # noqa: E402
 from mmc.losses import save_model  # noqa: E402
 from mmc.presets import apply_preset  # noqa: E402
 from mmc.store import write_store  # noqa: E402
@@ -188,9 +188,12 @@ def stage_project(repo: Path, gpt2_dir: Path, llama_dir: Path, stage_names: list
     defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = {"losses": {**defaults["losses"], "device": "cpu", "dtype": "float32"},
               "pool": {"gpt2": pool_entry("gpt2", "gpt2"), "llama": pool_entry("llama", "llama")}, **params}
-    # the defaults fill what the test leaves out: every stage checks the whole file against the schema
+    # the defaults fill what the test leaves out (every stage checks the whole file against the schema), but for
+    # the embedded study's parts: no zoo member and no merging study unless the test gives them
+    defaults["zoo"]["members"], defaults["merging"]["bases"] = {}, []
     params = defaults | {section: value if section == "pool" or not isinstance(value, dict)
                          else defaults[section] | value for section, value in params.items()}
+    params["studies"] = {"merging": ["law"] if params["merging"]["bases"] else []}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     sh(repo, "git", "init", "-q")
     sh(repo, "dvc", "init", "-q")
@@ -217,3 +220,17 @@ def make_project(repo: Path, preset: Path | None = None) -> Path:
     sh(repo, "dvc", "init", "-q")
     sh(repo, "dvc", "config", "core.analytics", "false")
     return repo
+
+
+@pytest.fixture
+def count_batches(monkeypatch) -> list[int]:
+    """Counts the batches the loss engine scores in this process."""
+    calls: list[int] = []
+    score = losses.window_nll
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "window_nll", counting)
+    return calls

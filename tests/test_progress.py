@@ -25,19 +25,6 @@ def uninterrupted(gpt2_dir, eval_dir, tmp_path_factory) -> xr.Dataset:
     return open_store(out)
 
 
-@pytest.fixture
-def scored_batches(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    score = losses.window_nll
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return score(*args, **kwargs)
-
-    monkeypatch.setattr(losses, "window_nll", counting)
-    return calls
-
-
 def finished_progress(gpt2_dir, eval_dir, out: Path) -> Path:
     """The progress file of a run that scored every batch but did not write its store (as if killed then)."""
     progress = partial_path(out)
@@ -64,12 +51,12 @@ def rewrite(progress: Path, change) -> None:
                          + b"\n" + payload)
 
 
-def test_an_intact_progress_file_is_resumed_from(gpt2_dir, eval_dir, tmp_path, uninterrupted, scored_batches):
+def test_an_intact_progress_file_is_resumed_from(gpt2_dir, eval_dir, tmp_path, uninterrupted, count_batches):
     out = tmp_path / "gpt2.zarr"
     progress = finished_progress(gpt2_dir, eval_dir, out)
-    scored_batches.clear()
+    count_batches.clear()
     resumed = losses.write_losses(str(gpt2_dir), eval_dir, out, **SETTINGS)
-    assert scored_batches == []  # every batch came from the progress file
+    assert count_batches == []  # every batch came from the progress file
     xr.testing.assert_identical(open_store(out), uninterrupted)
     assert resumed.attrs == uninterrupted.attrs and not progress.exists()
 
@@ -108,15 +95,15 @@ def float32_losses(arrays):
     (lambda progress: rewrite(progress, float32_losses), "other dtypes or lengths"),
 ], ids=["edited", "truncated", "cut-in-header", "nan", "negative", "wrong-length", "wrong-dtype"])
 def test_a_damaged_progress_file_is_discarded_and_the_result_is_the_uninterrupted_run(
-        gpt2_dir, eval_dir, tmp_path, uninterrupted, scored_batches, damage, reason):
+        gpt2_dir, eval_dir, tmp_path, uninterrupted, count_batches, damage, reason):
     out = tmp_path / "gpt2.zarr"
     progress = finished_progress(gpt2_dir, eval_dir, out)
-    n_batches = len(scored_batches)
+    n_batches = len(count_batches)
     damage(progress)
-    scored_batches.clear()
+    count_batches.clear()
     with pytest.warns(UserWarning, match=f"progress file '.*' is discarded, .*{reason}.*: starting over"):
         losses.write_losses(str(gpt2_dir), eval_dir, out, **SETTINGS)
-    assert len(scored_batches) == n_batches  # scored from scratch
+    assert len(count_batches) == n_batches  # scored from scratch
     xr.testing.assert_identical(open_store(out), uninterrupted)
     assert not progress.exists()
 

@@ -53,20 +53,6 @@ def mmc_run(*args: str, kill_after: int | None = None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture
-def count_batches(monkeypatch):
-    """Counts the batches scored in this process."""
-    calls = []
-    score = losses.window_nll
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return score(*args, **kwargs)
-
-    monkeypatch.setattr(losses, "window_nll", counting)
-    return calls
-
-
 @pytest.fixture(scope="module")
 def whole_run(gpt2_dir, eval_dir, tmp_path_factory):
     """An uninterrupted run, in a subprocess as the others."""
