@@ -1,9 +1,12 @@
 """mmc: scaling laws of multi-model collaboration and model merging, measured end to end."""
 
 import difflib
+import errno
 import math
+import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 
 __version__ = "0.1.0"
@@ -28,10 +31,6 @@ def exit_status(where: str, call: Callable[[], object], *, debug: bool = False) 
     except OSError as error:  # disk full, a file-size limit, a lost connection: the system's reason, in one line
         if debug:
             raise
-        import errno
-        import os
-        import traceback
-
         package = os.path.dirname(os.path.abspath(__file__))
         ours = [frame for frame in traceback.extract_tb(error.__traceback__)[1:]  # not this function's own frame
                 if frame.filename.startswith(package + os.sep)]

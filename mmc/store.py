@@ -26,7 +26,9 @@ from urllib.request import url2pathname
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import xarray as xr
+from fsspec.registry import known_implementations
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from mmc import MMCError
@@ -81,8 +83,6 @@ def remote_filesystem(url: str, what: str) -> tuple[fsspec.AbstractFileSystem, s
     try:
         fsspec.get_filesystem_class(scheme)  # imports the scheme's package: no network
     except (ImportError, ValueError) as error:
-        from fsspec.registry import known_implementations  # (`fsspec.registry` is the registry, not the module)
-
         package = known_implementations.get(scheme, {}).get("class", "").split(".")[0]
         hint = f" (pip install {package})" if package and package != "fsspec" else ""
         raise MMCError(f"{what} cannot be read: {one_line(error)}{hint}") from None
@@ -190,7 +190,6 @@ def output_kind(path: Path) -> str | None:
 
 def _parquet_kind(path: Path) -> str | None:
     """The kind a parquet file that mmc wrote records in its schema metadata; None for any other parquet file."""
-    import pyarrow.parquet as pq
 
     try:
         kind = (pq.read_schema(path).metadata or {}).get(PARQUET_KIND_KEY)

