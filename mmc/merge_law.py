@@ -21,17 +21,13 @@ from tqdm.auto import tqdm
 
 from mmc import MMCError, check_number
 from mmc.laws import LAWS, fit_law, get_law, holdout_check, json_ready, predict_held_out
-from mmc.store import check_outputs, open_store, write_json, write_tables
+from mmc.store import check_outputs, open_store, string_values, write_json, write_tables
 
 MERGING_LAW = "merging"
+ONE_BASE_LAW = "merging_one_base"  # what the law reduces to when every merge shares one base size
 FORECAST_FROM_K = (1, 2, 4)  # the paper forecasts the whole curve from merges at these k
 GAIN_FRACTIONS = (0.8, 0.9)  # the paper's "k reaching 80% / 90% of the total gain"
 LOSSES = ("in_domain", "cross_domain")
-
-
-def _strings(array: xr.DataArray) -> np.ndarray:
-    """A string coordinate as a plain numpy unicode array, whatever string dtype Zarr gave it."""
-    return np.array(array.values.tolist(), dtype=str)
 
 
 def merge_points(store: xr.Dataset, weights: np.ndarray | None = None) -> pd.DataFrame:
@@ -46,17 +42,17 @@ def merge_points(store: xr.Dataset, weights: np.ndarray | None = None) -> pd.Dat
     the samples (a bootstrap resample).
     """
     expert_domains = store.attrs["expert_domains"].split(",")
-    domains, codes = np.unique(_strings(store.domain), return_inverse=True)
+    domains, codes = np.unique(string_values(store.domain), return_inverse=True)
     one_hot = np.eye(len(domains))[codes] * (1.0 if weights is None else weights[:, None])
     held_in = np.isin(domains, expert_domains)
-    experts = _strings(store.experts)
+    experts = string_values(store.experts)
     merged = pd.Series(experts).str.get_dummies(sep=",").reindex(columns=domains, fill_value=0).to_numpy(bool)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample can leave a domain without samples: NaN
         per_domain = (store.nll.values @ one_hot) / ((store.n_bytes.values.astype(np.float64) @ one_hot) * math.log(2))
         return pd.DataFrame({
             "base": store.attrs["base"], "n_params": store.attrs["n_params"],
-            "method": _strings(store.method), "k": store.k.values, "experts": experts,
+            "method": string_values(store.method), "k": store.k.values, "experts": experts,
             "in_domain_bpb": np.nanmean(per_domain[:, held_in], axis=1),
             "cross_domain_bpb": np.nanmean(per_domain[:, ~held_in], axis=1) if (~held_in).any() else np.nan,
             "merged_domains_bpb": np.nanmean(np.where(merged, per_domain, np.nan), axis=1),
@@ -114,7 +110,9 @@ def fit_merge_laws(paths: Sequence[str | Path], *, bootstrap: int, seed: int, ho
     metrics = {
         "loss": "bits per byte, macro-averaged over domains: in_domain over the expert domains, cross_domain over "
                 "the eval domains without an expert; the loss at (N, k) is the mean over the k-subsets merged",
-        "law": f"{MERGING_LAW}: {LAWS[MERGING_LAW].formula}, N = base parameters",
+        "law": (f"{ONE_BASE_LAW}: {LAWS[ONE_BASE_LAW].formula} (the merging law at one base size)"
+                if len({int(s.attrs["n_params"]) for s in stores}) == 1
+                else f"{MERGING_LAW}: {LAWS[MERGING_LAW].formula}, N = base parameters"),
         "bootstrap": {"resamples": bootstrap, "over": "eval samples (Poisson weights)"},
         "bases": {"names": [s.attrs["base"] for s in stores], "n_params": [int(s.attrs["n_params"]) for s in stores]},
         "expert_domains": stores[0].attrs["expert_domains"].split(","),
@@ -151,18 +149,23 @@ def fit_merging_law(curves: pd.DataFrame, target: str, replicates: np.ndarray | 
     present = curves[target].notna().to_numpy()
     curves = curves[present]
     inputs = {"N": curves.n_params.to_numpy(np.float64), "k": curves.k.to_numpy(np.float64)}
+    one_base = len(np.unique(inputs["N"])) == 1
+    law = ONE_BASE_LAW if one_base else MERGING_LAW
+    if one_base:  # N is constant: the law reduces to c + a/(k + b), and N's terms are not identifiable
+        inputs = {"k": inputs["k"]}
     loss = curves[target].to_numpy()
     matrix = None if replicates is None or not len(replicates) else np.asarray(replicates)[:, present]
-    fit = fit_law(MERGING_LAW, inputs, loss, seed=seed, replicates=matrix)
+    fit = fit_law(law, inputs, loss, seed=seed, replicates=matrix)
     result = fit.to_dict()
     if fit.bootstrap_params is not None:  # the plan's intervals: each answer computed for every resample's law
         result["bootstrap_params"] = fit.bootstrap_params.tolist()
     residual = np.log(fit.predict(**inputs)) - np.log(loss)
     result["within_base_r2_log"] = _within_base_r2(curves.n_params.to_numpy(), np.log(loss), residual)
-    result["amplitude_grows_with_n"] = bool(fit.params["gamma"] < 0)
-    checks = {"holdout": lambda: holdout_check(MERGING_LAW, inputs, loss, "k", n_holdout=holdout_k),
-              "forecast": lambda: predict_held_out(MERGING_LAW, inputs, loss, ~np.isin(inputs["k"], forecast_from), "k")}
-    if len(np.unique(inputs["N"])) >= 4:  # a base size held out: fit on the others, predict it
+    if not one_base:
+        result["amplitude_grows_with_n"] = bool(fit.params["gamma"] < 0)
+    checks = {"holdout": lambda: holdout_check(law, inputs, loss, "k", n_holdout=holdout_k),
+              "forecast": lambda: predict_held_out(law, inputs, loss, ~np.isin(inputs["k"], forecast_from), "k")}
+    if not one_base and len(np.unique(inputs["N"])) >= 4:  # a base size held out: fit on the others, predict it
         checks["held_out_base"] = lambda: _held_out_base(inputs, loss)
     for name, check in checks.items():
         try:
@@ -172,7 +175,8 @@ def fit_merging_law(curves: pd.DataFrame, target: str, replicates: np.ndarray | 
     if "skipped" in result["holdout"]:
         result["baselines"] = {"skipped": "no held-out check to compare with"}
     else:
-        result["baselines"] = _baselines(inputs, loss, holdout_k)
+        result["baselines"] = _baselines(curves.k.to_numpy(np.float64), curves.n_params.to_numpy(np.float64), loss,
+                                         holdout_k)
     return result
 
 
@@ -192,10 +196,9 @@ def _held_out_base(inputs: dict[str, np.ndarray], loss: np.ndarray):
     return predict_held_out(MERGING_LAW, inputs, loss, inputs["N"] == inputs["N"].max(), "N")
 
 
-def _baselines(inputs: dict[str, np.ndarray], loss: np.ndarray, holdout_k: int) -> dict:
+def _baselines(k: np.ndarray, sizes: np.ndarray, loss: np.ndarray, holdout_k: int) -> dict:
     """Simple baselines on the same held-out k as the law's check: per base c + a/k (two parameters per base,
     least squares on the smaller k) and carrying each base's last observed loss forward."""
-    k, sizes = inputs["k"], inputs["N"]
     held = k >= np.unique(k)[-holdout_k]
     per_base, carried = np.full(len(loss), np.nan), np.full(len(loss), np.nan)
     for size in np.unique(sizes):
@@ -222,7 +225,8 @@ def plan_merging(params: Mapping[str, float], n_params: float, *, target: float 
                  gain_fractions: Sequence[float] = GAIN_FRACTIONS) -> dict:
     """Planning answers from a fitted merging law at base size `n_params` (the paper's planning formulas).
 
-    With floor(N) = L* + B·N^-β and A(N) = A0·N^-γ, so that L(N, k) = floor + A / (k + b):
+    With floor(N) = L* + B·N^-β and A(N) = A0·N^-γ, so that L(N, k) = floor + A / (k + b) (the one-base law
+    c + a/(k + b) gives floor = c and A = a, at its base's size only):
     (a) the smallest k with L(N, k) <= target, or why there is none (the floor is not below the target);
     (b) the stop rule: the first k at which one more expert gains less than `epsilon` (the marginal gain
         L(k) - L(k+1) = A / ((k+b)(k+1+b))), and k_ε = A/ε − b, the experts needed to come within ε of the floor;
@@ -231,7 +235,7 @@ def plan_merging(params: Mapping[str, float], n_params: float, *, target: float 
     and, for each fraction f in `gain_fractions`, the smallest k that reaches f of the gain merging can still
     give beyond one expert, L(1) − L(∞) = A / (1 + b): k ≥ (1 + b) / (1 − f) − b.
     """
-    law = get_law(MERGING_LAW)
+    law = get_law(ONE_BASE_LAW if "c" in params else MERGING_LAW)
     check_number("--epsilon", epsilon, 0, low_open=True)
     check_number("--n-params", n_params, 0, low_open=True)
     if target is not None:
@@ -240,8 +244,11 @@ def plan_merging(params: Mapping[str, float], n_params: float, *, target: float 
         check_number("--budget", budget, 0, low_open=True)
     for size in sizes:
         check_number("--sizes", size, 0, low_open=True)
-    floor = params["L_star"] + params["B"] * n_params ** -params["beta"]
-    amplitude = params["A0"] * n_params ** -params["gamma"]
+    if "c" in params:  # the one-base law: its constant and amplitude hold at the base's size only
+        floor, amplitude = params["c"], params["a"]
+    else:
+        floor = params["L_star"] + params["B"] * n_params ** -params["beta"]
+        amplitude = params["A0"] * n_params ** -params["gamma"]
     b = params["b"]
     answer: dict = {"n_params": n_params, "floor": floor, "amplitude": amplitude,
                     "predicted_at_k1": floor + amplitude / (1 + b)}
@@ -286,6 +293,9 @@ def plan_from_law(law_path: str | Path, *, method: str = "joint", loss: str = "i
                        f"({fit.get('skipped') or 'it has: ' + ', '.join(law['fits'])})")
     sizes = sizes or law["bases"]["n_params"]
     n_params = n_params or max(sizes)
+    if fit.get("law") == ONE_BASE_LAW and {n_params, *sizes} != set(law["bases"]["n_params"]):
+        raise MMCError(f"'{path}' holds the merging law at one base size ({law['bases']['n_params'][0]:,} parameters): "
+                       f"it cannot answer for another size; merge experts of more bases to plan across sizes")
     if budget is not None and budget_multiple is not None:
         raise MMCError("give --budget or --budget-multiple, not both")
     if budget_multiple is not None:
@@ -293,7 +303,7 @@ def plan_from_law(law_path: str | Path, *, method: str = "joint", loss: str = "i
     budget = budget if budget_multiple is None else budget_multiple * max(sizes)
     budget = None if budget is None else float(budget)
     plan = plan_merging(fit["params"], n_params, target=target, epsilon=epsilon, budget=budget, sizes=sizes)
-    draws = [plan_merging(dict(zip(LAWS[MERGING_LAW].params, row)), n_params, target=target, epsilon=epsilon,
+    draws = [plan_merging(dict(zip(LAWS[fit.get("law", MERGING_LAW)].params, row)), n_params, target=target, epsilon=epsilon,
                           budget=budget, sizes=sizes) for row in fit.get("bootstrap_params", [])]
     _mark_extrapolation(plan, draws, max_k=len(law.get("expert_domains", [])) or None,
                         max_n=max(law["bases"]["n_params"]))

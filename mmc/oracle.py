@@ -20,8 +20,8 @@ import pandas as pd
 import xarray as xr
 
 from mmc import MMCError
-from mmc.store import (SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, dask_scheduler, local_path, one_line,
-                       check_pool, open_store, output_path, remote_filesystem)
+from mmc.store import (SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, check_pool, dask_scheduler, local_path,
+                       one_line, open_store, output_path, remote_filesystem, string_values)
 
 LN2 = math.log(2.0)
 # ensemble minima are taken for this many ensembles × samples at a time: small enough for the CPU caches
@@ -88,9 +88,11 @@ def _loss_matrix(nll: np.ndarray) -> np.ndarray:
 class _Chunk:
     """A block of samples, stored sample-major so that sorts run along contiguous memory."""
 
-    def __init__(self, nll: np.ndarray, offset: int = 0, n_bytes: np.ndarray | None = None) -> None:
+    def __init__(self, nll: np.ndarray, offset: int = 0, n_bytes: np.ndarray | None = None,
+                 domains: np.ndarray | None = None) -> None:
         self.offset = offset  # position of the block's first sample in the pool
         self.n_bytes = n_bytes  # (samples,) UTF-8 bytes, when the block came from a pool
+        self.domains = domains  # (samples,) domain codes, when the block came from a pool
         self.by_model = np.asarray(nll, dtype=np.float64)  # (models, samples)
         self.losses = np.ascontiguousarray(self.by_model.T)  # (samples, models)
         self.n_samples, self.n_models = self.losses.shape
@@ -115,12 +117,16 @@ class _Chunk:
     def model_sums(self) -> np.ndarray:
         return self.by_model.sum(axis=1)
 
-    def win_share_sums(self) -> np.ndarray:
+    def win_shares(self) -> np.ndarray:
+        """(samples, models): 1 for the best model of each sample, ties split equally."""
         is_best = self.losses == self.ascending[:, :1]
-        return (is_best / is_best.sum(axis=1, keepdims=True)).sum(axis=0)
+        return is_best / is_best.sum(axis=1, keepdims=True)
 
-    def shapley_sums(self) -> np.ndarray:
-        """Σ over samples of each model's Shapley value.
+    def win_share_sums(self) -> np.ndarray:
+        return self.win_shares().sum(axis=0)
+
+    def shapley(self) -> np.ndarray:
+        """(samples, models): each model's Shapley value on each sample.
 
         On one sample, min over S = Σ_j (l(j) − l(j+1)) · 1[S holds one of the j best] with l(M+1) = 0; the
         j-th game pays 1/j to each of the j best, so rank i earns Σ_{j≥i} (l(j) − l(j+1)) / j.
@@ -131,7 +137,13 @@ class _Chunk:
         shares[:, -1] = ascending[:, -1]
         shares /= np.arange(1, self.n_models + 1)
         per_rank = np.cumsum(shares[:, ::-1], axis=1)[:, ::-1]
-        return np.bincount(self.order.ravel(), weights=per_rank.ravel(), minlength=self.n_models)
+        values = np.empty_like(per_rank)
+        np.put_along_axis(values, self.order, per_rank, axis=1)
+        return values
+
+    def shapley_sums(self) -> np.ndarray:
+        """Σ over samples of each model's Shapley value."""
+        return self.shapley().sum(axis=0)
 
     def sorted_sums(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Σ over samples of the i-th smallest loss among `rows` (all models when None)."""
@@ -261,6 +273,7 @@ def _stream(pool: xr.Dataset, accumulators: Sequence[_Accumulator], sample_chunk
     pool = pool.unify_chunks()
     nll = pool["nll"].transpose("model", "sample")
     n_bytes = pool["n_bytes"]
+    domain_codes = np.unique(string_values(pool["domain"]), return_inverse=True)[1] if "domain" in pool.coords else None
     where = pool.encoding.get("source", "the pool")
     for start, stop in _sample_blocks(nll, sample_chunk):
         try:
@@ -270,7 +283,7 @@ def _stream(pool: xr.Dataset, accumulators: Sequence[_Accumulator], sample_chunk
             raise MMCError(f"store '{where}' cannot be read at samples {start}..{stop - 1}, it is corrupt or "
                            f"truncated: {one_line(error)}") from None
         check_losses(block, f"{where} (samples {start}..{stop - 1})")
-        chunk = _Chunk(block, start, block_bytes)
+        chunk = _Chunk(block, start, block_bytes, None if domain_codes is None else domain_codes[start:stop])
         for accumulator in accumulators:
             accumulator.update(chunk)
         totals.n_samples += chunk.n_samples
@@ -415,15 +428,20 @@ class _SortedSums:
 
 
 class _Attribution:
-    def __init__(self, n_models: int) -> None:
-        self.model_sums = np.zeros(n_models)
-        self.win_sums = np.zeros(n_models)
-        self.shapley_sums = np.zeros(n_models)
+    """Per domain (rows) and model (columns): Σ over samples of the loss, the win share and the Shapley value."""
+
+    def __init__(self, n_models: int, n_domains: int) -> None:
+        self.n_samples = np.zeros(n_domains)
+        self.model_sums, self.win_sums, self.shapley_sums = (np.zeros((n_domains, n_models)) for _ in range(3))
 
     def update(self, chunk: _Chunk) -> None:
-        self.model_sums += chunk.model_sums()
-        self.win_sums += chunk.win_share_sums()
-        self.shapley_sums += chunk.shapley_sums()
+        codes = np.zeros(chunk.n_samples, dtype=np.int64) if chunk.domains is None else chunk.domains
+        one_hot = np.zeros((len(self.n_samples), chunk.n_samples))
+        one_hot[codes, np.arange(chunk.n_samples)] = 1.0
+        self.n_samples += one_hot.sum(axis=1)
+        self.model_sums += one_hot @ chunk.losses
+        self.win_sums += one_hot @ chunk.win_shares()
+        self.shapley_sums += one_hot @ chunk.shapley()
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -495,10 +513,26 @@ def _attribution_frame(models: _Models, sums: _Attribution, totals: _Totals) -> 
         "family": models.families,
         "n_params": models.n_params,
         "n_params_nonembedding": models.n_params_nonembedding,
-        "mean_nll": sums.model_sums / totals.n_samples,
-        "win_share": sums.win_sums / totals.n_samples,
-        "shapley": sums.shapley_sums / totals.n_samples,
+        "mean_nll": sums.model_sums.sum(axis=0) / totals.n_samples,
+        "win_share": sums.win_sums.sum(axis=0) / totals.n_samples,
+        "shapley": sums.shapley_sums.sum(axis=0) / totals.n_samples,
     })
+
+
+def _domain_attribution_frame(models: _Models, domains: np.ndarray, sums: _Attribution) -> pd.DataFrame:
+    """One row per domain and model: the attribution within that domain's samples."""
+    count = sums.n_samples[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a domain without samples cannot occur: codes come from them
+        return pd.DataFrame({
+            "domain": np.repeat(domains, models.count),
+            "model": np.tile(models.names, len(domains)),
+            "family": np.tile(models.families, len(domains)),
+            "n_params": np.tile(models.n_params, len(domains)),
+            "n_samples": np.repeat(sums.n_samples.astype(np.int64), models.count),
+            "mean_nll": (sums.model_sums / count).ravel(),
+            "win_share": (sums.win_sums / count).ravel(),
+            "shapley": (sums.shapley_sums / count).ravel(),
+        })
 
 
 def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
@@ -508,7 +542,8 @@ def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
     ensembles = enumerate_ensembles(models.families, max_subsets_per_k, seed)
     minima = _EnsembleMinima(ensembles, models.count)
     sorted_sums = _SortedSums(models)
-    sums = _Attribution(models.count)
+    domains = np.unique(string_values(pool["domain"])) if "domain" in pool.coords else np.array(["all"])
+    sums = _Attribution(models.count, len(domains))
     totals = _stream(pool, [minima, sorted_sums, sums], sample_chunk)
     table = _ensemble_frame(models, ensembles, minima, totals)
     return {
@@ -516,6 +551,7 @@ def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
         "expected_curves": _curves_frame(models, sorted_sums, totals),
         "pareto": pareto_frontier(table),
         "attribution": _attribution_frame(models, sums, totals),
+        "attribution_by_domain": _domain_attribution_frame(models, domains, sums),
     }
 
 
@@ -566,7 +602,7 @@ def _weighted_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_co
         return sums.boot_sums / (sums.boot_bytes * LN2)
 
 
-OUTPUT_CSVS = ("ensembles", "expected_curves", "pareto", "attribution")
+OUTPUT_CSVS = ("ensembles", "expected_curves", "pareto", "attribution", "attribution_by_domain")
 LIST_COLUMNS = ("members", "families")  # lists of names: native lists in parquet, JSON arrays in the CSVs
 
 

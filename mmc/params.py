@@ -41,9 +41,10 @@ def is_gguf(model: str | Path) -> bool:
     return str(model).lower().endswith(".gguf")
 
 
-def _name_check(kind: str, dash: bool = True):
+def _name_check(kind: str, dash: bool = True, dot: bool = True):
     """A validator of names that become paths and stage names (`check_name`); a domain holds no '-' either, as
-    DVC names expert stages <base>-<domain> and the stage splits its name at the last '-'."""
+    DVC names expert stages <base>-<domain> and the stage splits its name at the last '-'; a pool slug or zoo member
+    holds no '.', as its stage reads the params key pool.<slug> (zoo.members.<member>) and DVC splits keys at dots."""
     def check(name: str) -> str:
         try:
             check_name(kind, name)
@@ -51,12 +52,14 @@ def _name_check(kind: str, dash: bool = True):
             raise ValueError(str(error)) from None
         if not dash and "-" in name:
             raise ValueError(f"{kind} {name!r} holds '-': DVC names expert stages <base>-<domain>; use '_'")
+        if not dot and "." in name:
+            raise ValueError(f"{kind} {name!r} holds '.': DVC reads it as a nested params key; use '_' or '-'")
         return name
     return AfterValidator(check)
 
 
-MemberName = Annotated[str, _name_check("zoo member")]
-PoolSlug = Annotated[str, _name_check("pool slug")]
+MemberName = Annotated[str, _name_check("zoo member", dot=False)]
+PoolSlug = Annotated[str, _name_check("pool slug", dot=False)]
 BaseName = Annotated[str, _name_check("base")]
 Domain = Annotated[str, _name_check("domain", dash=False)]
 DomainList = Annotated[str | list[str] | None, Field(description="comma-separated string or list; null = all")]
@@ -68,7 +71,8 @@ class Section(BaseModel):
 
 class Corpus(Section):
     """The evaluation and training text (`mmc corpus --help`); changing it reruns everything."""
-    source: Literal["stdlib", "hf", "files"] = Field(description="stdlib, hf (datasets.load_dataset) or files")
+    source: Literal["stdlib", "real", "hf", "files"] = Field(
+        description="stdlib, real (real texts of seven domains, installed offline), hf (datasets.load_dataset) or files")
     path: str | None = Field(description="files: a glob, e.g. texts/**/*.jsonl")
     hf_name: str | None = Field(description="hf: dataset id, e.g. wikitext")
     hf_config: str | None = Field(description="hf: configuration")
@@ -210,6 +214,7 @@ class Merging(Section):
     expert_lr: float = Field(gt=0, description="fine-tuning learning rate")
     expert_warmup_steps: Seed = Field(description="linear warm-up steps")
     expert_lora_rank: Count | None = Field(description="null: full fine-tuning; R: LoRA adapters of rank R")
+    expert_context: Count | None = Field(description="tokens per fine-tuning window; null = the base's context")
     seed: Seed = Field(description="seed of fine-tuning, subset draws, DARE masks and resamples")
     methods: dict[str, dict[str, float] | None] = Field(
         description="method -> its settings (`mmc merge --help`); unset settings take the defaults")

@@ -167,7 +167,7 @@ def figure_merging(curves: pd.DataFrame, fits: dict, path: Path) -> None:
                         color=color, capsize=2, label=f"N = {size / 1e3:.0f}k")
             if "params" in fit:
                 k = np.linspace(1, own.k.max(), 50)
-                ax.plot(k, LAWS[MERGING_LAW].predict(fit["params"], N=size, k=k), color=color, lw=1.2)
+                ax.plot(k, LAWS[fit.get("law", MERGING_LAW)].predict(fit["params"], N=size, k=k), color=color, lw=1.2)
         ax.set_title(_plain(method))
         ax.set_xlabel("experts merged (k)")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -311,7 +311,7 @@ def _skipped(fit: dict) -> str:
 
 def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, plan: dict | None,
                      routing: dict | None = None, attribution: pd.DataFrame | None = None,
-                     not_run_merging: bool = False) -> str:
+                     not_run_merging: bool = False, attribution_by_domain: pd.DataFrame | None = None) -> str:
     """reports/README.md: what was fitted, with the figures and tables of parameters: each with its 95% profile
     interval where the data determine it, "not determined" (and its one-sided bound) where they do not; with
     `not_run_merging`, a line that says the merging study did not run."""
@@ -379,21 +379,30 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     lines += [f"![{name}]({name})" for name in ("expected_k.png", "attribution.png") if name in figures]
     if attribution is not None:
         lines += ["", attribution_markdown(attribution)]
+    if attribution_by_domain is not None:
+        lines += ["", domain_attribution_markdown(attribution_by_domain)]
     if merge_law:
-        lines += ["", "## Model merging", "", "![merging](merging.png)", "", "![spread](merging_spread.png)", "",
-                  "| method | loss | L* | B | beta | A0 | gamma | b | R² (log) | held-out max rel. error (k ≤ K−2 / k ∈ {1,2,4}) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        fitted = [fit for by_target in merge_law["fits"].values() for fit in by_target.values() if "params" in fit]
+        names = LAWS[fitted[0].get("law", MERGING_LAW)].params if fitted else LAWS[MERGING_LAW].params
+        lines += ["", "## Model merging", "", f"Law: {_md(merge_law.get('law', MERGING_LAW))}.", "",
+                  "![merging](merging.png)", "", "![spread](merging_spread.png)", "",
+                  "| method | loss | " + " | ".join(_md(name) for name in names) + " | R² (log) | held-out max rel. "
+                  "error: law (k ≤ K−h / k ∈ {1,2,4}) | baselines on the same held-out k: c + a/k / last k carried "
+                  "forward |", "|" + "---|" * (len(names) + 5)]
         for method, by_target in merge_law["fits"].items():
             for target, fit in by_target.items():
                 if "params" not in fit:
-                    lines.append(f"| {_md(method)} | {target} | skipped: {_skipped(fit)} | | | | | | | |")
+                    lines.append(f"| {_md(method)} | {target} | skipped: {_skipped(fit)} |" + " |" * (len(names) + 2))
                     continue
                 checks = [fit.get(check, {}) for check in ("holdout", "forecast")]
-                lines.append(f"| {_md(method)} | {target} | " + " | ".join(parameter_text(fit, n) for n in
-                                                                      ("L_star", "B", "beta", "A0", "gamma", "b"))
+                baselines = fit.get("baselines", {})
+                lines.append(f"| {_md(method)} | {target} | " + " | ".join(parameter_text(fit, n) for n in names)
                              + f" | {fit['r2_log']:.3f} | " + " / ".join(
                                  "skipped" if "skipped" in check else _fmt(check.get("max_abs_relative_error"))
-                                 for check in checks) + " |")
+                                 for check in checks) + " | " + (
+                                 "skipped" if "skipped" in baselines else " / ".join(
+                                     _fmt(baselines.get(name, {}).get("max_abs_relative_error"))
+                                     for name in ("per_base_c_plus_a_over_k", "carry_last_k_forward"))) + " |")
     elif not_run_merging:
         lines += ["", "## Model merging", "", "The merging study did not run in this project (params "
                   "`studies.merging: []`, `merging.bases: []`): no experts, merges or merging law."]
@@ -403,6 +412,20 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     if plan:
         lines += ["", "## Planning", "", plan_markdown(plan)]
     return "\n".join(lines) + "\n"
+
+
+def domain_attribution_markdown(by_domain: pd.DataFrame) -> str:
+    """Win share and Shapley value of each member within each domain: who carries the oracle where."""
+    models = list(dict.fromkeys(by_domain.sort_values("n_params").model))
+    header = "| domain | samples | " + " | ".join(_md(model) for model in models) + " |"
+    rows = ["**Per domain.** Win share (the share of the domain's samples on which the member has the lowest "
+            "loss) / Shapley value (nats per sample) of each member within each domain:", "", header,
+            "|" + "---|" * (len(models) + 2)]
+    for domain, table in by_domain.groupby("domain", sort=True):
+        cells = table.set_index("model").loc[models]
+        rows.append(f"| {_md(domain)} | {int(cells.n_samples.iloc[0])} | " + " | ".join(
+            f"{row.win_share:.0%} / {row.shapley:.1f}" for row in cells.itertuples()) + " |")
+    return "\n".join(rows)
 
 
 def attribution_markdown(attribution: pd.DataFrame) -> str:
@@ -510,7 +533,10 @@ def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str |
             figure_routing_cost(_read_csv(Path(routing_dir) / "strategies.csv"), tmp / "routing_cost.png")
         figures = sorted(p.name for p in tmp.glob("*.png"))
         attribution = _read_csv(Path(oracle_dir) / "attribution.csv")
+        by_domain = Path(oracle_dir) / "attribution_by_domain.csv"  # absent from oracle outputs of mmc before 0.2
         (tmp / "README.md").write_text(summary_markdown(laws, figures, merge_law, plan, routing, attribution,
-                                                        not_run_merging=not merging_ran),
+                                                        not_run_merging=not merging_ran,
+                                                        attribution_by_domain=_read_csv(by_domain)
+                                                        if by_domain.exists() else None),
                                        encoding="utf-8")
     return figures

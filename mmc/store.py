@@ -491,6 +491,11 @@ def write_store(dataset: xr.Dataset, path: str | Path, kind: str) -> None:
         dataset.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
 
 
+def string_values(array: xr.DataArray) -> np.ndarray:
+    """A string coordinate as a plain numpy unicode array, whatever string dtype Zarr gave it."""
+    return np.array(array.values.tolist(), dtype=str)
+
+
 def open_store(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
     """Open a store written by `write_store`: read and verified (chunk checksums; `nll` finite and non-negative),
     or lazily, dask-backed, when `chunks` is given (readers that stream it check each block they read).

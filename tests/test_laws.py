@@ -15,9 +15,10 @@ TRUE_PARAMS = {
     "power": {"E": 1.8, "A": 200.0, "alpha": 0.3},
     "chinchilla": {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28},
     "merging": {"L_star": 1.5, "B": 1.0, "beta": 0.4, "A0": 0.8, "gamma": 0.3, "b": 1.0},
+    "merging_one_base": {"c": 1.5, "a": 0.8, "b": 1.0},
 }
-NOISE = {"power": 0.01, "chinchilla": 0.01, "merging": 0.005}  # lognormal sigma of the observed losses
-SPLIT_ON = {"power": "x", "chinchilla": "N", "merging": "N"}
+NOISE = {"power": 0.01, "chinchilla": 0.01, "merging": 0.005, "merging_one_base": 0.002}  # lognormal sigma
+SPLIT_ON = {"power": "x", "chinchilla": "N", "merging": "N", "merging_one_base": "k"}
 
 
 def design(law_name: str) -> dict[str, np.ndarray]:
@@ -26,6 +27,8 @@ def design(law_name: str) -> dict[str, np.ndarray]:
     if law_name == "chinchilla":
         n_params, n_tokens = np.meshgrid(np.logspace(7, 10, 6), np.logspace(9, 12, 6))
         return {"N": n_params.ravel(), "D": n_tokens.ravel()}
+    if law_name == "merging_one_base":
+        return {"k": np.arange(1.0, 9.0)}  # one base, k = 1..8 experts
     base_size, experts = np.meshgrid([0.5, 1.5, 4.0, 14.0], np.arange(1, 9))  # billions × merged experts
     return {"N": base_size.ravel(), "k": experts.ravel().astype(float)}
 
@@ -43,7 +46,9 @@ def test_intervals_cover_the_true_parameters(law_name):
     for seed in range(10):
         inputs, loss = observe(law_name, seed, NOISE[law_name])
         fit = laws.fit_law(law_name, inputs, loss, bootstrap=200, seed=seed)
-        assert fit.n_bootstrap == 200 and fit.n_bootstrap_converged == 200 and fit.r2_log > 0.99
+        # a resample of 8 points (the one-base law's k = 1..8) can hold fewer than parameters + 2 distinct ones: not refitted
+        usable = 200 if len(loss) > 10 else 120
+        assert fit.n_bootstrap == 200 and fit.n_bootstrap_converged >= usable and fit.r2_log > 0.99
         assert all(fit.identified.values())
         for name, true_value in TRUE_PARAMS[law_name].items():
             low, high = fit.ci95[name]

@@ -265,3 +265,26 @@ def test_the_plan_marks_extrapolation_with_intervals(tmp_path):
     assert "floor " in plan_text(plan) and f"[{plan['floor_ci95'][0]:.4g}, " in plan_text(plan)
     larger = plan_from_law(tmp_path / "law.json", n_params=1e7)
     assert larger["observed"]["n_params_extrapolated"] and larger["stop"]["extrapolation"]
+
+
+def test_one_base_size_fits_c_plus_a_over_k_plus_b_and_plans_only_at_that_size(tmp_path):
+    """Merges of one base: N is constant, so the law reduces to c + a/(k + b) with c = L* + B·N^-β and a = A0·N^-γ;
+    the held-out check and the baselines run on it, and the plan refuses another base size."""
+    n = 1.35e8
+    curves = law_curves(TRUE_LAW, sizes=(n,), ks=range(1, 7))
+    result = fit_merging_law(curves, "in_domain_bpb_mean", holdout_k=1)
+    c = TRUE_LAW["L_star"] + TRUE_LAW["B"] * n ** -TRUE_LAW["beta"]
+    a = TRUE_LAW["A0"] * n ** -TRUE_LAW["gamma"]
+    assert result["law"] == "merging_one_base" and "amplitude_grows_with_n" not in result
+    assert result["params"] == pytest.approx({"c": c, "a": a, "b": TRUE_LAW["b"]}, rel=1e-5)
+    assert result["holdout"]["held_out"] == [6.0] and result["holdout"]["max_abs_relative_error"] < 1e-6
+    k5 = curves[curves.k == 5].in_domain_bpb_mean.iloc[0]
+    k6 = curves[curves.k == 6].in_domain_bpb_mean.iloc[0]
+    assert result["baselines"]["carry_last_k_forward"]["max_abs_relative_error"] == pytest.approx(k5 / k6 - 1, rel=1e-12)
+    law = {"fits": {"average": {"in_domain": result}}, "bases": {"n_params": [n]},
+           "expert_domains": ["d1", "d2", "d3", "d4", "d5", "d6"]}
+    (tmp_path / "law.json").write_text(json.dumps(law))
+    plan = plan_from_law(tmp_path / "law.json", method="average", epsilon=1e-3)
+    assert plan["floor"] == pytest.approx(c, rel=1e-5) and plan["amplitude"] == pytest.approx(a, rel=1e-5)
+    with pytest.raises(MMCError, match="one base size"):
+        plan_from_law(tmp_path / "law.json", method="average", n_params=2 * n)

@@ -233,10 +233,26 @@ def test_attribution_chunked_matches_in_memory():
     assert table["model"].tolist() == [f"m{m}" for m in range(5)]
 
 
+def test_attribution_by_domain_is_the_attribution_of_each_domains_samples():
+    pool = make_pool(n_models=4, n_samples=60, ties=True)
+    domains = np.array(["b", "a", "c"])[np.arange(60) % 3]
+    pool = pool.assign_coords(domain=("sample", domains))
+    table = oracle.run_oracle(pool.chunk({"sample": 7}), 1, 0, sample_chunk=5)["attribution_by_domain"]
+    assert table["domain"].unique().tolist() == ["a", "b", "c"] and (table["n_samples"] == 20).all()
+    nll = pool["nll"].values
+    for domain, rows in table.groupby("domain"):
+        own = nll[:, domains == domain]
+        np.testing.assert_allclose(rows["shapley"], brute_force_shapley(own), rtol=1e-12)
+        np.testing.assert_allclose(rows["win_share"], oracle.win_shares(own), rtol=1e-12)
+        np.testing.assert_allclose(rows["mean_nll"], own.mean(axis=1), rtol=1e-12)
+    whole = oracle.run_oracle(pool, 1, 0)["attribution"]  # the domains' shares, weighted by their sizes, add up
+    np.testing.assert_allclose(table.groupby("model", sort=False).shapley.mean(), whole["shapley"], rtol=1e-12)
+
+
 def test_run_oracle_writes_outputs_atomically(tmp_path):
     pool = make_pool(n_models=6, n_samples=40)
     results = oracle.run_oracle(pool, max_subsets_per_k=4, seed=0)
-    assert set(results) == {"ensembles", "expected_curves", "pareto", "attribution"}
+    assert set(results) == {"ensembles", "expected_curves", "pareto", "attribution", "attribution_by_domain"}
     table = results["ensembles"]
     ensembles = oracle.enumerate_ensembles(pool["family"].values, max_subsets_per_k=4, seed=0)
     np.testing.assert_allclose(table["oracle_nll"], expected_table(pool, ensembles)["oracle_nll"], rtol=1e-12)
@@ -249,7 +265,8 @@ def test_run_oracle_writes_outputs_atomically(tmp_path):
     oracle.write_oracle_outputs(results, out)
     oracle.write_oracle_outputs(results, out)  # its own output, replaced
     assert sorted(path.name for path in out.iterdir()) == [
-        ".mmc-output", "attribution.csv", "ensembles.csv", "ensembles.parquet", "expected_curves.csv", "pareto.csv"]
+        ".mmc-output", "attribution.csv", "attribution_by_domain.csv", "ensembles.csv", "ensembles.parquet",
+        "expected_curves.csv", "pareto.csv"]
     pd.testing.assert_frame_equal(oracle.read_ensembles(out), table)
     assert pd.read_csv(out / "ensembles.csv")["members"].map(json.loads).tolist() == table["members"].tolist()
     np.testing.assert_array_equal(pd.read_csv(out / "ensembles.csv")["oracle_nll"], table["oracle_nll"])

@@ -38,7 +38,7 @@ def test_the_default_study_and_its_presets_match_the_schema(tmp_path):
     merge_specs(DEFAULTS["merging"]["methods"])
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
-    for preset in ("tiny", "real"):
+    for preset in ("tiny", "real", "real-study"):
         assert main(["preset", str(ROOT / "presets" / f"{preset}.yaml"), "--params", str(params)]) == 0
 
 
@@ -176,3 +176,16 @@ def test_a_misspelt_key_stops_dvc_repro_before_any_stage_runs(tmp_path):
     assert errors == ["mmc check_params: error: params.yaml: unknown key 'losses.batch_token' (did you mean "
                       "'losses.batch_tokens'?) (and 1 more)"]
     assert not (repo / "data" / "corpus").exists()
+
+
+def test_a_pool_slug_or_zoo_member_with_a_dot_is_refused_as_dvc_would_split_its_params_key():
+    """losses@<slug> reads the params key pool.<slug>: DVC would look for pool -> qwen2 -> 5-coder ('missing from
+    params.yaml') after every stage before it ran; the check names the slug instead."""
+    params = copy.deepcopy(DEFAULTS)
+    params["pool"]["qwen2.5-coder"] = params["pool"].pop("gpt2-xs")
+    with pytest.raises(MMCError, match=r"pool slug 'qwen2.5-coder' holds '\.'"):
+        check_params(params)
+    params = copy.deepcopy(DEFAULTS)
+    params["zoo"]["members"]["gpt2.xs"] = params["zoo"]["members"].pop("gpt2-xs")
+    with pytest.raises(MMCError, match=r"zoo member 'gpt2.xs' holds '\.'"):
+        check_params(params)

@@ -337,7 +337,7 @@ def test_unsafe_slugs_and_domains_never_reach_a_shell_or_a_path(tmp_path, gpt2_d
     repo = tmp_path / "repo"
     stage_project(repo, gpt2_dir, llama_dir, ["losses", "experts"], {
         "merging": {"base_dir": "models", "bases": ["gpt2"], "domains": [name], "expert_tokens": 2000,
-                    "expert_batch_size": 2, "expert_lr": 0.001, "expert_warmup_steps": 1, "expert_lora_rank": None,
+                    "expert_batch_size": 2, "expert_lr": 0.001, "expert_warmup_steps": 1, "expert_lora_rank": None, "expert_context": None,
                     "seed": 0},
         "zoo": {"device": "cpu"}})
     save_eval_set(repo / "data" / "corpus" / "train", TRAIN_TEXTS, ["code"] * len(TRAIN_TEXTS))
