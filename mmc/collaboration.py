@@ -19,8 +19,7 @@ from scipy import stats
 from scipy.optimize import least_squares
 
 from mmc import MMCError, check_number
-from mmc.laws import EXPONENT_BOUNDS
-from mmc.laws import LAWS, Fit, fit_law, holdout_check, json_ready
+from mmc.laws import EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_ready, too_few_members
 from mmc.oracle import bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles
 from mmc.store import (SAMPLE_CHUNK, check_outputs, check_pool, dask_scheduler, open_store, write_json,
                        write_tables)
@@ -95,8 +94,9 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
     `table` is the oracle's ensemble table; `replicates` (ensembles, resamples) its `oracle_bpb` recomputed on
     bootstrap resamples of the samples (`mmc.oracle.bootstrap_ensembles`), which give the 95% intervals
     (a resample that drew no sample, possible only on tiny pools, is NaN: left out and counted). A series with
-    fewer points than the law has parameters + 2 gets {"skipped": why} instead of a fit (none fitted at all, as in
-    a pool of a few models, is a warning: the metrics still hold the data and say why no law is there). The held-out check predicts
+    fewer points than the law has parameters + 2 gets {"skipped": why} instead of a fit, and so does every series of
+    a pool with fewer members than that: its ensembles are built from those few models, not independent points
+    (none fitted at all is a warning: the metrics still hold the data and say why no law is there). The held-out check predicts
     the largest `holdout_fraction` of each series' distinct budgets. `x` is "total" or "nonembedding" parameters
     (the headline comparisons are also given under the other). `halves` (ensembles, 2), each ensemble's loss on
     two halves of the samples, give the cross-fitted frontiers: chosen on one half, scored on the other.
@@ -109,8 +109,12 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
         raise MMCError(f"{replicates.shape[0]} rows of bootstrap replicates for {len(table)} ensembles")
     params, bpb = table[X_COLUMNS[x]].to_numpy(np.float64), table.oracle_bpb.to_numpy(np.float64)
     fits, points, curves, fitted = {}, [], [], {}
+    too_few_models = too_few_members(COLLABORATION_LAW, int(table.k.eq(1).sum()), len(table))
     for name, rows in _series_points(table).items():
         xs, y = params[rows], bpb[rows]
+        if too_few_models:
+            fits[name] = {"skipped": too_few_models}
+            continue
         try:
             fit = _fit_series(xs, y, None if replicates is None else replicates[rows], seed)
         except MMCError as error:
@@ -125,7 +129,8 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
                       f"models): the laws are not determined; the metrics and report give the data without a law",
                       stacklevel=2)
     if halves is not None:
-        fits.update(_cross_fitted(table, params, halves))
+        fits.update({f"{kind}/pareto/cross_fitted": {"skipped": too_few_models} for kind in ("single", "multi")}
+                    if too_few_models else _cross_fitted(table, params, halves))
     metrics = {
         "loss": "corpus bits per byte: sum of per-sample nll / (sum of bytes * ln 2)",
         "law": f"{COLLABORATION_LAW}: {LAWS[COLLABORATION_LAW].formula}, x = total parameters of the ensemble",

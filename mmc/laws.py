@@ -123,6 +123,16 @@ LAWS: dict[str, Law] = {law.name: law for law in (
 )}
 
 
+def too_few_members(law: str | Law, n_models: int, n_ensembles: int) -> str | None:
+    """Why a law of ensembles cannot be fitted to a pool of `n_models` models, or None: its ensembles are subsets of
+    those models, not independent points, so the pool needs as many models as a fit needs points (parameters + 2)."""
+    needed = len(get_law(law).params) + 2
+    if n_models >= needed:
+        return None
+    return (f"a pool of {n_models} models: its {n_ensembles} ensembles are subsets of those {n_models}, not independent "
+            f"points, and a law with {needed - 2} parameters needs at least {needed} models")
+
+
 def get_law(law: str | Law) -> Law:
     if isinstance(law, Law):
         return law

@@ -253,8 +253,15 @@ def routing_markdown(routing: dict) -> str:
     rows = [f"At the whole pool (k = {largest['k']}, {largest['total_params']:.3g} parameters), test documents "
             f"(bits per byte, 95% intervals over {routing['bootstrap']['resamples']} resamples of them); best single "
             f"member {_md(largest['best_single_member'])}, best router {_md(largest['best_router'])} (both chosen on "
-            "the training documents):", "", "| strategy | bits per byte | share of the oracle's gain |", "|---|---|---|"]
+            "the training documents)" + (":" if "oracle_gain_over_best_single" not in largest else
+                                         "; the oracle's gain over the best single member, paired on the same "
+                                         "resampled documents, is " + _fmt(largest["oracle_gain_over_best_single"]["value"],
+                                                                           largest["oracle_gain_over_best_single"]["ci95"])
+                                         + " bits per byte:"),
+            "", "| strategy | bits per byte | share of the oracle's gain |", "|---|---|---|"]
     for name, value in largest["bpb"].items():
+        if name == "best_single":  # the same member as router_best_single's row
+            continue
         share = largest["share_of_oracle_gain"].get(name)
         rows.append(f"| {_md(STRATEGY_STYLE.get(name, (None, name))[1])} | {_fmt(value['value'], value['ci95'])} | "
                     + (_fmt(share["value"], share["ci95"]) if share else "–") + " |")
@@ -334,9 +341,10 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
                      f"{parameter_text(fit, 'alpha')} | {fit['r2_log']:.3f} | "
                      f"{_fmt(holdout.get('max_abs_relative_error')) if 'skipped' not in holdout else 'skipped'} |")
     if not any("params" in fit for series, fit in laws["fits"].items() if not series.endswith("/cross_fitted")):
-        lines += ["", "**No law is determined by these data.** Every series has fewer distinct points than a fit "
-                  "needs (parameters + 2), as in a pool of a few models: the figures and tables show the measured "
-                  "losses of the models and their ensembles, without a fitted curve."]
+        lines += ["", "**No law is determined by these data.** A fit needs parameters + 2 distinct points, and a law "
+                  "of ensembles as many models (the ensembles of a few models are subsets of them, not independent "
+                  "points): a pool of a few models has neither, so the figures and tables show the measured losses "
+                  "of the models and their ensembles, without a fitted curve."]
     floor = laws["comparisons"]["floor"]
     kinds = laws["comparisons"]["heterogeneous_vs_homogeneous"]
     single, multi = laws["fits"].get("single/pareto", {}), laws["fits"].get("multi/pareto", {})

@@ -34,7 +34,7 @@ from sklearn.linear_model import Ridge
 
 from mmc import MMCError, check_number
 from mmc.corpus import load_samples
-from mmc.laws import LAWS, fit_law, json_ready
+from mmc.laws import LAWS, fit_law, json_ready, too_few_members
 from mmc.oracle import pareto_indices, read_ensembles
 from mmc.store import atomic_path, check_outputs, check_pool, open_store, write_json
 
@@ -269,6 +269,8 @@ def _routing_metrics(table: pd.DataFrame, replicates: dict, ensembles: pd.DataFr
                   "best_single_member": ensembles.members[best_single][0], "best_router": best_router, "bpb": {},
                   "share_of_oracle_gain": {}}
     gain = replicates["oracle"][best_single] - replicates["oracle"][whole]
+    at_largest["oracle_gain_over_best_single"] = {  # paired: both on the same resampled test documents
+        "value": float(test_bpb.loc[best_single, "oracle"] - test_bpb.loc[whole, "oracle"]), "ci95": _interval(gain)}
     for name in [*STRATEGIES, "best_single"]:
         row, strategy = (best_single, "oracle") if name == "best_single" else (whole, name)
         value = float(test_bpb.loc[row, strategy])
@@ -284,6 +286,7 @@ def _routing_metrics(table: pd.DataFrame, replicates: dict, ensembles: pd.DataFr
                                                             "note": "0 by construction: it runs the best single member"}
     accuracy = table[table.ensemble == whole].set_index("strategy").routing_accuracy.dropna()
     laws, curves = {}, []
+    too_few_models = too_few_members(ROUTING_LAW, int(ensembles.k.eq(1).sum()), len(ensembles))
     x_all = ensembles.total_params.to_numpy(np.float64)
     every = ensembles.index.to_numpy()
     for name, strategy, rows in [("single", "oracle", singles.to_numpy()),  # the single-model frontier
@@ -292,6 +295,8 @@ def _routing_metrics(table: pd.DataFrame, replicates: dict, ensembles: pd.DataFr
         x, y = x_all[chosen], test_bpb.loc[chosen, strategy].to_numpy()
         curves.append(pd.DataFrame({"strategy": name, "total_params": x, "observed_bpb": y}))
         try:
+            if too_few_models:
+                raise MMCError(too_few_models)
             fit = fit_law(ROUTING_LAW, {"x": x}, y, replicates=replicates[strategy][chosen].T if bootstrap else None)
         except MMCError as error:
             laws[name] = {"skipped": str(error)}

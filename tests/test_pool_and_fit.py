@@ -138,13 +138,14 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
 
 
 def test_fit_with_too_few_points_everywhere_says_so_for_every_series_and_fits_no_law(tmp_path, capsys):
-    """Three models: no series has the 5 points (parameters + 2) a fit of the power law needs: a pool of a few
-    real models is a study too, whose report gives the data and says that no law is determined."""
+    """Four models, as the real study: their 15 ensembles are subsets of four models, not independent points, and no
+    series may fit the power law's 3 parameters (it needs 5 models): a pool of a few real models is a study too,
+    whose report gives the data and says that no law is determined."""
     rng = np.random.default_rng(1)
-    pool = xr.Dataset({"nll": (("model", "sample"), rng.gamma(5.0, 20.0, (3, 3)))},
-                      coords={"model": ["a", "b", "c"], "family": ("model", ["x", "x", "y"]),
-                              "n_params": ("model", [10, 40, 20]), "n_params_nonembedding": ("model", [5, 20, 10]),
-                              "n_bytes": ("sample", [50, 60, 70])})
+    pool = xr.Dataset({"nll": (("model", "sample"), rng.gamma(5.0, 20.0, (4, 40)))},
+                      coords={"model": ["a", "b", "c", "d"], "family": ("model", ["x", "x", "y", "z"]),
+                              "n_params": ("model", [10, 40, 20, 80]), "n_params_nonembedding": ("model", [5, 20, 10, 40]),
+                              "n_bytes": ("sample", rng.integers(50, 90, 40))})
     write_store(pool, tmp_path / "pool.zarr", "pool")
     assert main(["oracle", "--pool", str(tmp_path / "pool.zarr"), "--out", str(tmp_path / "oracle")]) == 0
     capsys.readouterr()
@@ -152,10 +153,12 @@ def test_fit_with_too_few_points_everywhere_says_so_for_every_series_and_fits_no
         assert main(["fit", "--pool", str(tmp_path / "pool.zarr"), "--oracle", str(tmp_path / "oracle"),
                      "--out", str(tmp_path / "laws.json"), "--plots", str(tmp_path / "plots"), "--bootstrap",
                      "10"]) == 0
-    assert "0 of 10 laws fitted" in capsys.readouterr().out
+    assert "0 of 12 laws fitted" in capsys.readouterr().out
     fits = json.loads((tmp_path / "laws.json").read_text())["fits"]
     assert not [series for series, fit in fits.items() if "params" in fit]
-    assert "2 points cannot determine 3 parameters (a fit needs at least 5" in fits["single/pareto"]["skipped"]
+    reason = ("a pool of 4 models: its 15 ensembles are subsets of those 4, not independent points, and a law with 3 "
+              "parameters needs at least 5 models")
+    assert {fit["skipped"] for fit in fits.values()} == {reason} and "multi/pareto" in fits
     assert (tmp_path / "plots" / "curves.csv").read_text().splitlines()[1:] == []
 
 

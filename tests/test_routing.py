@@ -95,6 +95,10 @@ def test_the_routing_stage_writes_cross_fitted_strategies_costs_and_laws(routed)
     np.testing.assert_allclose(singles.mixture_uniform, singles.oracle)  # one member: every strategy is it
     largest = metrics["at_largest_k"]
     assert largest["k"] == 15 and largest["bpb"]["oracle"]["value"] <= largest["bpb"]["mixture_fitted"]["value"]
+    gain = largest["oracle_gain_over_best_single"]  # the best single member and the oracle, paired on resamples
+    assert gain["value"] == pytest.approx(largest["bpb"]["best_single"]["value"] - largest["bpb"]["oracle"]["value"],
+                                          rel=1e-12)
+    assert 0 < gain["ci95"][0] <= gain["value"] <= gain["ci95"][1]
     shares = largest["share_of_oracle_gain"]
     assert shares["mixture_fitted"]["value"] >= shares["mixture_uniform"]["value"] - 0.05
     # the texts say which family's third a document is in: the n-gram router realises most of the oracle's gain
