@@ -394,7 +394,7 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
         names = LAWS[fitted[0].get("law", MERGING_LAW)].params if fitted else LAWS[MERGING_LAW].params
         lines += ["", "## Model merging", "", f"Law: {_md(merge_law.get('law', MERGING_LAW))}.", "",
                   "![merging](merging.png)", "", "![spread](merging_spread.png)", "",
-                  "| method | loss | " + " | ".join(_md(name) for name in names) + " | R² (log) | held-out max rel. "
+                  "| method | loss | " + " | ".join(_md(name.replace("_star", "*")) for name in names) + " | R² (log) | held-out max rel. "
                   "error: law (k ≤ K−h / k ∈ {1,2,4}) | baselines on the same held-out k: c + a/k / last k carried "
                   "forward |", "|" + "---|" * (len(names) + 5)]
         for method, by_target in merge_law["fits"].items():
