@@ -859,7 +859,7 @@ def _add_pool(subparsers, common: argparse.ArgumentParser) -> None:
     add = actions.add_parser(
         "add", parents=[common], help="add a model (hub id, local folder or .gguf file) to the pool",
         description="Write a pool entry for MODEL into the params file: slug (default: the model's name, lowercased, "
-                    "unsafe characters turned into '-'), family, data label, revision and the given engine "
+                    "every character but letters, digits, _ + - turned into '-'), family, data label, revision and the given engine "
                     "settings; dep is the path itself for a local model, stages/losses.py for a hub id (the "
                     "revision pins it). The whole file is checked against the schema first; comments and order are "
                     "kept; written atomically. To try a model without editing the file: dvc exp run -S.",

@@ -118,7 +118,7 @@ def pool_entry_for(model: str, family: str, data: str | None = None, revision: s
         raise MMCError(f"a revision pins a hub model; '{model}' is a local model (its stage depends on the path)")
     name = Path(model).name if local else model.rsplit("/", 1)[-1]
     name = name[:-len(".gguf")] if is_gguf(name) else name
-    slug = re.sub(r"[^A-Za-z0-9_.+-]", "-", name.lower())
+    slug = re.sub(r"[^A-Za-z0-9_+-]", "-", name.lower())  # no '.': DVC would split the params key pool.<slug>
     entry = {"model": model, "family": family, "data": data, "revision": revision,
              "dep": model if local else HUB_DEP}
     return slug, entry | {key: value for key, value in settings.items() if value is not None}

@@ -71,11 +71,11 @@ def test_local_models_depend_on_their_path_and_name_their_slug(params, capsys):
     pool = read_params(params)["pool"]
     assert pool["tiny-model"] == {"model": "models/Tiny Model", "family": "tiny", "data": "own", "revision": None,
                                   "dep": "models/Tiny Model"}
-    assert pool["smollm2-135m-instruct.q4_1"] == {
+    assert pool["smollm2-135m-instruct-q4_1"] == {
         "model": "models/SmolLM2-135M-Instruct.Q4_1.gguf", "family": "smollm2", "data": None, "revision": None,
         "dep": "models/SmolLM2-135M-Instruct.Q4_1.gguf"}
-    assert list(pool)[-2:] == ["tiny-model", "smollm2-135m-instruct.q4_1"]
-    for name in ("tiny-model", "smollm2-135m-instruct.q4_1"):
+    assert list(pool)[-2:] == ["tiny-model", "smollm2-135m-instruct-q4_1"]
+    for name in ("tiny-model", "smollm2-135m-instruct-q4_1"):
         assert main(["pool", "remove", name, "--params", str(params)]) == 0
     assert params.read_bytes() == original
 
