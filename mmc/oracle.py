@@ -265,15 +265,16 @@ class _Totals:
         return self.n_bytes * LN2
 
 
-def _stream(pool: xr.Dataset, accumulators: Sequence[_Accumulator], sample_chunk: int) -> _Totals:
-    """Feed the pool to every accumulator one block of samples at a time; one read of the data in all."""
+def _stream(pool: xr.Dataset, accumulators: Sequence[_Accumulator], sample_chunk: int,
+            domain_codes: np.ndarray | None = None) -> _Totals:
+    """Feed the pool to every accumulator one block of samples at a time; one read of the data in all. Each block
+    carries its slice of `domain_codes` (samples,) when given."""
     totals = _Totals()
     # one chunking along `sample` for nll and the sample coords: pools assembled before the coords were chunked
     # like nll hold them in one chunk, which xarray refuses as inconsistent chunks once nll has several
     pool = pool.unify_chunks()
     nll = pool["nll"].transpose("model", "sample")
     n_bytes = pool["n_bytes"]
-    domain_codes = np.unique(string_values(pool["domain"]), return_inverse=True)[1] if "domain" in pool.coords else None
     where = pool.encoding.get("source", "the pool")
     for start, stop in _sample_blocks(nll, sample_chunk):
         try:
@@ -542,9 +543,12 @@ def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
     ensembles = enumerate_ensembles(models.families, max_subsets_per_k, seed)
     minima = _EnsembleMinima(ensembles, models.count)
     sorted_sums = _SortedSums(models)
-    domains = np.unique(string_values(pool["domain"])) if "domain" in pool.coords else np.array(["all"])
+    if "domain" in pool.coords:
+        domains, codes = np.unique(string_values(pool["domain"]), return_inverse=True)
+    else:
+        domains, codes = np.array(["all"]), None
     sums = _Attribution(models.count, len(domains))
-    totals = _stream(pool, [minima, sorted_sums, sums], sample_chunk)
+    totals = _stream(pool, [minima, sorted_sums, sums], sample_chunk, codes)
     table = _ensemble_frame(models, ensembles, minima, totals)
     return {
         "ensembles": table,
