@@ -376,17 +376,19 @@ def _rho(residuals: np.ndarray, delta: float | None) -> tuple[np.ndarray, np.nda
 
 
 def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray, delta: float | None,
-            free: np.ndarray | None = None, tie: tuple[int, np.ndarray] | None = None, iterations: int = 200,
+            free: np.ndarray | None = None, tie: tuple[np.ndarray, np.ndarray] | None = None, iterations: int = 200,
             tolerance: float = 1e-13) -> tuple[np.ndarray, np.ndarray]:
     """Levenberg–Marquardt with IRLS weights, batched: rows of θ (M, P) against rows of target and weights (M, n),
     within the bounds; `free` (M, P) masks the parameters each row may move (a profile holds one fixed).
-    `tie` = (j, c): θ_j follows the others as θ_j = u + c·θ with u held (a natural scale held while the exponents
-    it is centred with move). Returns θ and the objectives (M,)."""
+    `tie` = (j, c), j (M,) and c (M, P): in each row with a nonzero c, θ_j follows the others as θ_j = u + c·θ with
+    u held (a natural scale held while the exponents it is centred with move). Returns θ and the objectives (M,)."""
     free = np.ones(theta.shape, dtype=bool) if free is None else free
     theta = np.clip(theta, design.lower, design.upper)
     if tie is not None:
         tied, coefficients = tie
-        held = theta[:, tied] - theta @ coefficients
+        tied_rows = np.flatnonzero(coefficients.any(axis=1))
+        every = np.arange(len(theta))
+        held = theta[every, tied] - np.einsum("mp,mp->m", theta, coefficients)
 
     def objective(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
         prediction, _ = design.log_predict(values, jacobian=False)
@@ -404,7 +406,9 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
         residuals = prediction - target[rows]
         _, psi, irls = _rho(residuals, delta)
         if tie is not None:  # chain rule: moving a coefficient's parameter moves θ_j with it
-            jac = jac + jac[:, :, tied, None] * coefficients
+            moved = np.isin(rows, tied_rows)
+            jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=2) * \
+                coefficients[rows[moved], None, :]
         jac = jac * free[rows, None, :]
         hessian = np.einsum("mn,mnp,mnq->mpq", weights[rows] * irls, jac, jac)
         gradient = np.einsum("mn,mnp->mp", weights[rows] * psi, jac)
@@ -419,7 +423,8 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
             step = -(np.linalg.pinv(scaled) @ gradient[..., None])[..., 0]
         trial = np.clip(theta[rows] + step, design.lower, design.upper)
         if tie is not None:
-            trial[:, tied] = held[rows] + trial @ coefficients
+            trial[moved, tied[rows[moved]]] = held[rows[moved]] + np.einsum(
+                "mp,mp->m", trial[moved], coefficients[rows[moved]])
         value = objective(trial, rows)
         better = value < current[rows]
         improvement = np.where(better, current[rows] - value, 0.0)
@@ -512,41 +517,45 @@ def _profile(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np
     # Huber's small-sample correction K² (Huber 1981, §7.6): the fewer points inside δ, the wider
     correction = (1 + n_params / n_effective * (1 - slope) / max(slope, 1e-12)) ** 2
     threshold = stats.f.ppf(0.95, 1, dof) * correction * dispersion / (2 * max(slope, 1e-12)) + 1e-14 * max(best, 1e-300)
-    profiles = {}
-    reach = np.geomspace(1e-6, 1.0, n_values // 2)  # each side: from next to the estimate out to the range's end
+    # every parameter's two sides in one batched polish: values from next to the estimate out to each range's end
+    reach = np.geomspace(1e-6, 1.0, n_values // 2)
+    paths = []  # (parameter, side, end, values)
     for j, name in enumerate(design.law.params):
-        coefficients = np.zeros(n_params)  # a scale's natural log is θ_j − c·θ (+ a constant): hold that
-        for term in design.law.terms:
-            if term.scale == name:
-                for input_name, exponent in term.powers:
-                    coefficients[design.index[exponent]] = -design.centre.log_inputs[input_name]
-        low_end = design.lower[j]
         high_end = min(max(theta[j] + 12.0, 5.0), design.upper[j]) if design.law.kind(name) == "scale" else design.upper[j]
-        sides = {}
-        for side, end in (("low", low_end), ("high", high_end)):
-            values = theta[j] + (end - theta[j]) * reach
-            starts = np.repeat(theta[None], len(values), axis=0)
-            starts[:, j] = values
-            free = np.ones_like(starts, dtype=bool)
-            free[:, j] = False
-            tie = (j, coefficients) if coefficients.any() else None
-            path, objective = _polish(design, starts, np.repeat(target[None], len(values), axis=0),
-                                      np.repeat(weights[None], len(values), axis=0), delta, free, tie,
-                                      tolerance=PROFILE_TOLERANCE)
-            natural = np.concatenate([[_natural(design, theta)[j]], _natural(design, path)[:, j]])
-            rise = np.concatenate([[0.0], np.maximum(objective - best, 0.0)])
-            outside = np.flatnonzero(rise > threshold)
-            if not len(outside) or end == theta[j]:
-                sides[side] = None  # never leaves the interval before the end of the range: open on this side
-                continue
-            first = outside[0]  # interpolate the crossing between the last value inside and the first outside
-            share = (threshold - rise[first - 1]) / (rise[first] - rise[first - 1])
-            sides[side] = float(natural[first - 1] + share * (natural[first] - natural[first - 1]))
-        ends = [value for value in sides.values() if value is not None]
-        estimate = float(_natural(design, theta)[j])
-        profiles[name] = {"ci95": (None if sides["low"] is None else min(ends + [estimate]),
-                                   None if sides["high"] is None else max(ends + [estimate])),
-                          "identified": sides["low"] is not None and sides["high"] is not None}
+        for side, end in (("low", design.lower[j]), ("high", high_end)):
+            paths.append((j, side, end, theta[j] + (end - theta[j]) * reach))
+    held = np.repeat([j for j, _, _, values in paths], len(reach))
+    starts = np.repeat(theta[None], len(held), axis=0)
+    starts[np.arange(len(held)), held] = np.concatenate([values for *_, values in paths])
+    free = np.ones_like(starts, dtype=bool)
+    free[np.arange(len(held)), held] = False
+    coefficients = np.zeros((n_params, n_params))  # row j: a scale's natural log is θ_j − c·θ (+ a constant)
+    for term in design.law.terms:
+        for input_name, exponent in term.powers:
+            coefficients[design.index[term.scale], design.index[exponent]] = -design.centre.log_inputs[input_name]
+    rows = np.repeat(target[None], len(held), axis=0), np.repeat(weights[None], len(held), axis=0)
+    path, objective = _polish(design, starts, *rows, delta, free, (held, coefficients[held]),
+                              tolerance=PROFILE_TOLERANCE)
+    natural_path = _natural(design, path).reshape(len(paths), len(reach), n_params)
+    rises = np.maximum(objective - best, 0.0).reshape(len(paths), len(reach))
+    estimate = _natural(design, theta)
+    sides: dict[int, dict[str, float | None]] = {j: {} for j in range(n_params)}
+    for (j, side, end, _), natural, rise in zip(paths, natural_path[:, :, :], rises):
+        natural = np.concatenate([[estimate[j]], natural[:, j]])
+        rise = np.concatenate([[0.0], rise])
+        outside = np.flatnonzero(rise > threshold)
+        if not len(outside) or end == theta[j]:
+            sides[j][side] = None  # never leaves the interval before the end of the range: open on this side
+            continue
+        first = outside[0]  # interpolate the crossing between the last value inside and the first outside
+        share = (threshold - rise[first - 1]) / (rise[first] - rise[first - 1])
+        sides[j][side] = float(natural[first - 1] + share * (natural[first] - natural[first - 1]))
+    profiles = {}
+    for j, name in enumerate(design.law.params):
+        ends = [value for value in sides[j].values() if value is not None]
+        profiles[name] = {"ci95": (None if sides[j]["low"] is None else min(ends + [float(estimate[j])]),
+                                   None if sides[j]["high"] is None else max(ends + [float(estimate[j])])),
+                          "identified": sides[j]["low"] is not None and sides[j]["high"] is not None}
     return profiles
 
 
