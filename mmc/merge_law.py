@@ -93,9 +93,14 @@ def fit_merge_laws(paths: Sequence[str | Path], *, bootstrap: int, seed: int, ho
         weights = rng.poisson(1.0, n_samples).astype(np.float64)
         replicate_curves.append(merge_curves(pd.concat([merge_points(s, weights) for s in stores], ignore_index=True)))
     fits: dict = {}
+    single_k = {method: int(ks.iloc[0]) for method, ks in curves.groupby("method").k if ks.nunique() == 1}
     for method in [*dict.fromkeys(curves.method), "joint"]:
-        def rows(frame, method=method):
-            return frame if method == "joint" else frame[frame.method == method]
+        def rows(frame, method=method):  # the joint fit leaves out methods merged at one k (slerp: k = 2 only)
+            return frame[~frame.method.isin(single_k)] if method == "joint" else frame[frame.method == method]
+        if method in single_k:
+            fits[method] = {loss: {"skipped": f"merged at k = {single_k[method]} only (the method is defined for "
+                                              f"that k alone): a law in k needs several k"} for loss in LOSSES}
+            continue
         fits[method] = {}
         for target, column in ((loss, f"{loss}_bpb_mean") for loss in LOSSES):
             if rows(curves)[column].isna().all():

@@ -1,25 +1,43 @@
 """Model merging in weight space: experts fine-tuned from one base combined into one model.
 
 Conventions (those of the merging papers, and of arXiv 2509.24244: every expert has the same weight).
-With base weights θ0, experts θ1..θk and task vectors τi = θi − θ0, per tensor:
+With base weights θ0, experts θ1..θk and task vectors τi = θi − θ0, per tensor (k: the experts it merges):
 
-- `average`: θ = (1/k) Σ θi.
-- `task_arithmetic`: θ = θ0 + λ Σ τi (Ilharco et al.; a sum, not a mean).
-- `ties`: each τi keeps its `density` share of entries of largest magnitude (per tensor, at least one),
+- `average` (any k): θ = (1/k) Σ θi.
+- `task_arithmetic` (any k): θ = θ0 + λ Σ τi (Ilharco et al.; a sum, not a mean).
+- `ties` (any k): each τi keeps its `density` share of entries of largest magnitude (per tensor, at least one),
   the sign of every entry is elected as the sign of the sum of the trimmed τi (a zero sum elects +), and
   the entries that agree with it are averaged (the disjoint mean): θ = θ0 + λ · disjoint_mean.
-- `dare`: each entry of each τi is dropped with probability `drop` and the survivors are divided by
+- `dare` (any k): each entry of each τi is dropped with probability `drop` and the survivors are divided by
   1 − drop, so the sparse task vector equals τi in expectation: θ = θ0 + λ Σ τ̃i (DARE + task arithmetic).
-- `dare_ties`: the same random drop and rescale, then TIES's sign election and disjoint mean (no magnitude
-  trim: the random drop replaces it).
+- `dare_ties` (any k): the same random drop and rescale, then TIES's sign election and disjoint mean.
+- `breadcrumbs`, `breadcrumbs_ties` (any k): each τi loses its top `gamma` share by magnitude (outliers) and
+  keeps the next `density` share; then λ Σ, or TIES's sign election and disjoint mean times λ.
+- `della`, `della_linear` (any k): DELLA's MAGPRUNE keeps each entry with a probability rising with its
+  magnitude rank in its row, from density − ε to density + ε, and divides the survivors by it (unbiased,
+  as DARE); then TIES's sign election and disjoint mean times λ, or λ Σ.
+- `slerp` (k = 2): spherical interpolation from the first expert's weights to the second's by `t`.
+- `nuslerp` (k = 2): θ0 + the spherical midpoint of τ1 and τ2.
+- `multislerp` (any k): θ0 + the spherical barycentre of the τi, scaled to their mean norm.
+- `karcher` (any k): the Karcher mean of the θi on the sphere, scaled to their mean norm.
+- `model_stock` (k ≥ 2): θ0 + t · mean τi, t = k·cos / (1 + (k − 1)·cos), cos the mean pairwise cosine of the τi.
+- `sce` (any k): keep the `select_topk` share of entries where the τi vary most, weight each τi by its mean
+  square, and take the weighted mean of the entries that agree with the elected sign.
+- `nearswap` (k = 2): from θ1, each entry moves towards θ2 by min(1, threshold / |θ1 − θ2|) of the way.
+
+One expert (k = 1) gives the expert itself for the averages and spherical means and, for the sparsifying
+methods, its own sparsified task vector (times λ); SCE with select_topk < 1 gives the base (one expert does
+not vary). Each method is declared once in METHODS: its combiner, settings (SETTINGS), k range and mergekit
+equivalent, from which the CLI, the validation and `mergekit_config` read. mergekit's passthrough (layer
+stacking) and arcee_fusion (one fine-tune filtered into its own base) do not merge k experts of one base.
 
 Only floating-point tensors are merged; other tensors (integer or boolean buffers) are the base's.
 Tensors that share storage in the base's state dict (tied weights, e.g. GPT-2's `lm_head` and `wte`) are
 merged once and stay one tensor.
 
-DARE masks are reproducible and order-independent: the mask of expert E on tensor T is drawn from a CPU
-`torch.Generator` seeded with the first 8 bytes of sha256("{seed}/{E}/{T}") (tied tensors use the first
-name of their group), so an expert gets the same mask in every subset and order, on CPU and GPU alike.
+Random masks (DARE, DELLA) are reproducible and order-independent: the mask of expert E on tensor T is drawn
+from a CPU `torch.Generator` seeded with the first 8 bytes of sha256("{seed}/{E}/{T}") (tied tensors use the
+first name of their group), so an expert gets the same mask in every subset and order, on CPU and GPU alike.
 
 Arithmetic runs in float64 and is rounded once to the base's dtype, so merging one expert (λ = 1, density 1,
 drop 0) or averaging identical experts gives back the expert bit for bit.
@@ -51,7 +69,9 @@ WORK_DTYPE = torch.float64
 @dataclass(frozen=True)
 class Setting:
     """A merge setting: its public name (CLI flag `--NAME`, params key, `name=value` in a method spec), default
-    and allowed range (open or closed at each end; every value must be finite)."""
+    and allowed range (open or closed at each end; every value must be finite), and how mergekit spells it:
+    `mergekit` its parameter (None: mergekit has none), `per_model` whether it is given per model (else shared),
+    `to_mergekit` the value mergekit takes (DARE's keep share is 1 - drop)."""
 
     name: str
     default: float
@@ -61,6 +81,9 @@ class Setting:
     low_open: bool = False
     high_open: bool = False
     integer: bool = False
+    mergekit: str | None = None
+    per_model: bool = False
+    to_mergekit: Callable[[float], float] = float
 
     def check(self, value: float) -> float | int:
         return check_number(f"--{self.name}", value, self.low, self.high, low_open=self.low_open,
@@ -68,47 +91,93 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
-    Setting("density", 0.2, 0.0, 1.0, "share of each task vector's entries kept, per tensor (TIES: top 20%%)",
-            low_open=True),
-    Setting("gamma", 0.01, 0.0, 1.0, "share of each task vector's largest entries removed as outliers", high_open=True),
-    Setting("drop", 0.9, 0.0, 1.0, "probability of dropping a task vector entry (DARE: 0.9)", high_open=True),
-    Setting("lambda", 1.0, -math.inf, math.inf, "scale of the merged task vector"),
+    Setting("density", 0.2, 0.0, 1.0, "share of each task vector's entries kept, per tensor (TIES: top 20%; "
+            "DELLA: the mean keep probability)", low_open=True, mergekit="density", per_model=True),
+    Setting("gamma", 0.01, 0.0, 1.0, "share of each task vector's largest entries removed as outliers", high_open=True,
+            mergekit="gamma", per_model=True),
+    Setting("drop", 0.9, 0.0, 1.0, "probability of dropping a task vector entry (DARE: 0.9)", high_open=True,
+            mergekit="density", per_model=True, to_mergekit=lambda drop: 1 - drop),
+    Setting("epsilon", 0.15, 0.0, 1.0, "spread of DELLA's keep probabilities: density - epsilon for a row's smallest "
+            "entry up to density + epsilon for its largest", high_open=True, mergekit="epsilon", per_model=True),
+    Setting("lambda", 1.0, -math.inf, math.inf, "scale of the merged task vector", mergekit="lambda"),
+    Setting("t", 0.5, 0.0, 1.0, "interpolation from the first expert (0) to the second (1)", mergekit="t"),
+    Setting("select_topk", 0.1, 0.0, 1.0, "share of entries kept where the experts' task vectors vary most (SCE)",
+            low_open=True, mergekit="select_topk"),
+    Setting("threshold", 1e-4, 0.0, math.inf, "distance below which an entry takes the second expert's value; "
+            "farther entries move by threshold/distance of the way (nearswap's t)", mergekit="t"),
     Setting("seed", 0, 0, 2**63 - 1, "seed of the random drop masks", integer=True),
 )}
 
 
 @dataclass(frozen=True)
 class Method:
-    """A merge method as mergekit's generalised task arithmetic sees it: a sparsifier of each expert's task vector
+    """A merge method, declared once: how it combines the experts' tensors (`combine`, a key of COMBINERS), the
+    settings it reads, the numbers of experts k it is defined for (`k_min`..`k_max`, None: no upper bound), its
+    mergekit equivalent, and a cross-setting `check` (an error message, or "").
+
+    `task_arithmetic` methods are mergekit's generalised task arithmetic: a sparsifier of each task vector
     (SPARSIFIERS), a consensus rule (`sign`: TIES's sign election keeps the entries that agree with it, or none),
     and a normalisation (`mean`: divide by the number of experts contributing to each entry, `sum`: none), scaled
-    by lambda and added to the base. `on_task_vectors=False` merges the weights themselves (mergekit's linear)."""
+    by lambda and added to the base. Other combiners set their own coefficients or combine geometrically.
+    `mergekit_base` is mergekit's base_model: the base, the first expert (two-model methods that interpolate
+    from one model to the other), or none (methods of the weights alone); `mergekit_weight`: mergekit reads a
+    weight per model (1 each)."""
 
     name: str
-    sparsifier: str
-    consensus: str | None
-    normalise: str
+    combine: str
     settings: tuple[str, ...]
     mergekit: str
     summary: str
-    on_task_vectors: bool = True
+    sparsifier: str = "none"
+    consensus: str | None = None
+    normalise: str = "sum"
+    k_min: int = 1
+    k_max: int | None = None
+    mergekit_base: str | None = "base"
+    mergekit_weight: bool = True
+    check: Callable[[Mapping[str, float]], str] = lambda settings: ""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.settings if name not in SETTINGS]
-        if self.sparsifier not in SPARSIFIERS or self.consensus not in (None, "sign") or \
-                self.normalise not in ("mean", "sum") or unknown:
+        arithmetic = self.combine == "task_arithmetic"
+        if self.combine not in COMBINERS or self.sparsifier not in SPARSIFIERS or \
+                self.consensus not in (None, "sign") or self.normalise not in ("mean", "sum") or unknown or \
+                (not arithmetic and (self.sparsifier, self.consensus) != ("none", None)) or \
+                self.k_min < 1 or (self.k_max is not None and self.k_max < self.k_min) or \
+                self.mergekit_base not in ("base", "first expert", None):
             raise ValueError(f"merge method {self.name}: bad definition")
 
+    def k_text(self) -> str:
+        """The numbers of experts it merges, in words: `any number of`, `exactly 2`, `at least 2`."""
+        if self.k_max is None:
+            return "any number of" if self.k_min == 1 else f"at least {self.k_min}"
+        return f"exactly {self.k_min}" if self.k_min == self.k_max else f"{self.k_min} to {self.k_max}"
 
-# One row per merge method (arXiv 2509.24244 merges every expert with the same weight).
-METHODS: dict[str, Method] = {}  # filled below, once the sparsifiers exist
+    def accepts(self, k: int) -> bool:
+        return self.k_min <= k and (self.k_max is None or k <= self.k_max)
+
+    def mergekit_parameters(self, settings: Mapping[str, float]) -> dict:
+        """mergekit's shared parameters for these settings: the generalised task arithmetic's (and linear's)
+        `normalize` and `rescale` spelled out (mergekit's defaults differ by method), then the shared settings."""
+        fixed: dict = {}
+        if self.combine in ("task_arithmetic", "linear"):
+            fixed["normalize"] = self.normalise == "mean"
+        if self.sparsifier in RANDOM_SPARSIFIERS:
+            fixed["rescale"] = True
+        return fixed | {SETTINGS[name].mergekit: SETTINGS[name].to_mergekit(value) for name, value in settings.items()
+                        if SETTINGS[name].mergekit and not SETTINGS[name].per_model}
+
+
+# Every merge method, declared once (arXiv 2509.24244 merges every expert with the same weight).
+METHODS: dict[str, Method] = {}  # filled below, once the sparsifiers and combiners exist
 
 
 @dataclass(frozen=True, init=False)
 class MergeSpec:
     """A merge method and its settings: `MergeSpec("ties", density=0.3, lambda_=0.8)` (lambda_ or "lambda").
 
-    Settings the method does not read are refused; those it reads and are not given take their defaults.
+    Settings the method does not read are refused; those it reads and are not given take their defaults; the
+    method's own check runs on the result (DELLA's keep probabilities must lie in (0, 1)).
     """
 
     method: str
@@ -125,6 +194,9 @@ class MergeSpec:
                 raise MMCError(f"--{name} does not apply to method '{method}'{did_you_mean(name, reads)} (it reads: "
                                f"{', '.join(reads) or 'nothing'})")
         values = tuple((name, SETTINGS[name].check(given.get(name, SETTINGS[name].default))) for name in reads)
+        problem = METHODS[method].check(dict(values))
+        if problem:
+            raise MMCError(f"method '{method}': {problem}")
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "values", values)
 
@@ -247,15 +319,39 @@ def merge_specs(methods: Mapping[str, Mapping[str, float] | None]) -> list[Merge
     return specs
 
 
+def _seeded(spec: MergeSpec, expert: str, tensor: str) -> torch.Generator:
+    return torch.Generator().manual_seed(mask_seed(spec.seed, expert, tensor))
+
+
 def _random_drop(tau: torch.Tensor, spec: MergeSpec, experts: Sequence[str], tensor: str) -> torch.Tensor:
     """DARE: drop each entry of each task vector with probability `drop`; rescale the survivors by 1/(1 − drop)."""
     if spec.drop == 0:
         return tau
-    keep = torch.stack([
-        torch.rand(tau.shape[1:], dtype=torch.float32,
-                   generator=torch.Generator().manual_seed(mask_seed(spec.seed, expert, tensor))) >= spec.drop
-        for expert in experts])
+    keep = torch.stack([torch.rand(tau.shape[1:], dtype=torch.float32, generator=_seeded(spec, expert, tensor))
+                        >= spec.drop for expert in experts])
     return tau * keep.to(tau.device) / (1 - spec.drop)
+
+
+def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MAGPRUNE keep probabilities of stacked task vectors (experts, *shape), in float32 as mergekit's:
+    within each row (the tensor's second axis; a vector is one row) the entries are ranked by magnitude and
+    kept with a probability rising linearly with rank, from density − ε (smallest) to density + ε (largest)."""
+    axis = 2 if tau.dim() > 2 else 1
+    ranks = tau.abs().float().argsort(dim=axis).argsort(dim=axis).float() + 1  # ranks of the float32 magnitudes
+    n = tau.shape[axis]
+    rank_norm = ((ranks - 1) / (n - 1) if n > 1 else torch.zeros_like(ranks)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def _magnitude_prune(tau: torch.Tensor, spec: MergeSpec, experts: Sequence[str], tensor: str) -> torch.Tensor:
+    """DELLA's MAGPRUNE: keep each entry with its `della_keep_probability` (larger entries more often) and divide
+    the survivors by that probability, so the sparse task vector equals τi in expectation (as DARE's)."""
+    if spec.density >= 1:
+        return tau
+    probability = della_keep_probability(tau, spec.density, spec.epsilon).cpu()
+    keep = torch.stack([torch.bernoulli(p, generator=_seeded(spec, expert, tensor))
+                        for p, expert in zip(probability, experts)])
+    return tau * keep.to(tau) / probability.to(tau)
 
 
 def _magnitude(tau: torch.Tensor, spec: MergeSpec, experts: Sequence[str], tensor: str) -> torch.Tensor:
@@ -288,33 +384,25 @@ SPARSIFIERS: dict[str, Callable[[torch.Tensor, MergeSpec, Sequence[str], str], t
     "magnitude": _magnitude,
     "random": _random_drop,
     "magnitude_outliers": _magnitude_outliers,
+    "magnitude_prune": _magnitude_prune,
 }
-
-METHODS.update((method.name, method) for method in (
-    Method("average", "none", None, "mean", (), "linear", "the mean of the experts' weights",
-           on_task_vectors=False),
-    Method("task_arithmetic", "none", None, "sum", ("lambda",), "task_arithmetic",
-           "base + lambda * the sum of the task vectors (Ilharco et al.)"),
-    Method("ties", "magnitude", "sign", "mean", ("density", "lambda"), "ties",
-           "trim each task vector to its top --density by magnitude, elect signs, disjoint mean, times lambda"),
-    Method("dare", "random", None, "sum", ("drop", "lambda", "seed"), "dare_linear",
-           "drop task vector entries with probability --drop, rescale by 1/(1-drop), sum, times lambda"),
-    Method("dare_ties", "random", "sign", "mean", ("drop", "lambda", "seed"), "dare_ties",
-           "DARE's drop, then TIES's sign election and disjoint mean, times lambda"),
-    Method("breadcrumbs", "magnitude_outliers", None, "sum", ("density", "gamma", "lambda"), "breadcrumbs",
-           "drop each task vector's top --gamma outliers, keep the next --density by magnitude, sum, times lambda"),
-))
+RANDOM_SPARSIFIERS = ("random", "magnitude_prune")  # seeded per expert and tensor; they read `seed`
 
 
-def _merge_tensor(base: torch.Tensor, experts: torch.Tensor, names: Sequence[str], tensor: str,
-                  spec: MergeSpec) -> torch.Tensor:
+def _elect_signs(tau: torch.Tensor) -> torch.Tensor:
+    """TIES's consensus: each entry's sign is that of the sum over experts (+ on zero); True where τi agrees."""
+    return torch.sign(tau) == torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
+
+
+# Combiners: (base, experts (k, *shape), spec, expert names, tensor name) -> merged tensor, all float64.
+
+
+def _task_arithmetic(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+                     tensor: str) -> torch.Tensor:
     method = METHODS[spec.method]
-    if not method.on_task_vectors:
-        return experts.to(WORK_DTYPE).mean(0)
-    base = base.to(WORK_DTYPE)
-    tau = SPARSIFIERS[method.sparsifier](experts.to(WORK_DTYPE) - base, spec, names, tensor)
-    if method.consensus == "sign":  # elect each entry's sign (that of the sum, + on zero); keep the agreeing
-        agrees = torch.sign(tau) == torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau.dtype)
+    tau = SPARSIFIERS[method.sparsifier](experts - base, spec, names, tensor)
+    if method.consensus == "sign":
+        agrees = _elect_signs(tau)
         tau = tau * agrees
         count = agrees.sum(0).clamp(min=1)
     else:
@@ -323,8 +411,210 @@ def _merge_tensor(base: torch.Tensor, experts: torch.Tensor, names: Sequence[str
     return base + spec["lambda"] * delta if "lambda" in method.settings else base + delta
 
 
+def _linear(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+            tensor: str) -> torch.Tensor:
+    return experts.mean(0)
+
+
+def _slerp(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+           tensor: str) -> torch.Tensor:
+    """Spherical interpolation from the first expert's weights to the second's by `t`, each tensor flattened
+    (as mergekit-yaml runs its slerp); nearly parallel tensors (|cos| > 0.9995) are interpolated linearly, and
+    a zero tensor counts as orthogonal to the other."""
+    first, second = experts.reshape(2, -1)
+    t = spec.t
+    cos = ((first / _nonzero(first.norm())) * (second / _nonzero(second.norm()))).sum().clamp(-1, 1)
+    if cos.abs() > 0.9995:
+        return ((1 - t) * first + t * second).reshape(base.shape)
+    theta = torch.acos(cos)
+    return ((torch.sin((1 - t) * theta) * first + torch.sin(t * theta) * second) / torch.sin(theta)).reshape(base.shape)
+
+
+def _nonzero(norm: torch.Tensor) -> torch.Tensor:
+    return torch.where(norm > 1e-8, norm, 1.0)
+
+
+def _nuslerp(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+             tensor: str) -> torch.Tensor:
+    """The base plus the spherical midpoint of the two task vectors, each flattened (mergekit's nuslerp with a
+    base, equal weights: t = 1/2); the result keeps their norms' scale. Parallel task vectors are averaged."""
+    first, second = (experts - base).reshape(2, -1)
+    cos = ((first / first.norm().clamp(min=1e-7)) * (second / second.norm().clamp(min=1e-7))).sum().clamp(-1, 1)
+    if 1 - cos**2 <= 1e-16:
+        return base + (first + second).reshape(base.shape) / 2
+    theta = torch.acos(cos)
+    return base + ((torch.sin(theta / 2) * (first + second)) / torch.sin(theta)).reshape(base.shape)
+
+
+def _multislerp(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+                tensor: str) -> torch.Tensor:
+    """Barycentric interpolation of the task vectors on the sphere (mergekit's multislerp, equal weights): their
+    unit vectors' mean direction, moved along the tangent mean of the unit vectors by its length, scaled to
+    their mean norm. One expert is itself; where the unit vectors cancel (all task vectors zero) the task
+    vectors are averaged (mergekit does so for two experts and refuses more)."""
+    if len(experts) == 1:
+        return experts[0]
+    tau = (experts - base).reshape(len(experts), -1)
+    norms = tau.norm(dim=1, keepdim=True)
+    units = tau / (norms + 1e-8)
+    mean = units.mean(0)
+    if mean.norm() < 1e-8:
+        return base + tau.mean(0).reshape(base.shape)
+    mean = mean / mean.norm()
+    tangent = (units - (units @ mean)[:, None] * mean).mean(0)
+    length = tangent.norm() + 1e-8
+    merged = (mean * torch.cos(length) + tangent * (torch.sin(length) / length)) * norms.mean()
+    return base + merged.reshape(base.shape)
+
+
+KARCHER_ITERATIONS, KARCHER_TOLERANCE = 10, 1e-5  # mergekit's defaults
+
+
+def _karcher(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+             tensor: str) -> torch.Tensor:
+    """The Karcher (Riemannian) mean of the experts' weights on the unit sphere, found by at most 10 gradient
+    steps (mergekit's karcher, equal weights), scaled to their mean norm. Weights of norm ≤ 1e-5 join the
+    scale but not the direction; one expert is itself."""
+    if len(experts) == 1:
+        return experts[0]
+    flat = experts.reshape(len(experts), -1)
+    norms = flat.norm(dim=1)
+    valid = norms > KARCHER_TOLERANCE
+    if not valid.any():
+        return torch.zeros_like(base)
+    units = flat[valid] / norms[valid, None]
+    mean = units.mean(0)
+    mean = units[0] if mean.norm() < KARCHER_TOLERANCE else mean / mean.norm()
+    for _ in range(KARCHER_ITERATIONS):
+        cos = (units @ mean).clamp(-1, 1)
+        theta = torch.arccos(cos)
+        step = torch.where(theta < KARCHER_TOLERANCE, 0.0, theta / torch.sin(theta)) / len(units)
+        tangent = (step[:, None] * (units - cos[:, None] * mean)).sum(0)
+        length = tangent.norm()
+        if length < KARCHER_TOLERANCE:
+            break
+        mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
+        if mean.norm() > KARCHER_TOLERANCE:
+            mean = mean / mean.norm()
+    return (norms.mean() * mean).reshape(base.shape)
+
+
+def _model_stock(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+                 tensor: str) -> torch.Tensor:
+    """Model Stock (Jang et al.): the base moved towards the experts' mean by t = k·cos / (1 + (k − 1)·cos), where
+    cos is the mean cosine between pairs of task vectors (each tensor flattened); t = 0 (the base) where the
+    denominator vanishes."""
+    k = len(experts)
+    tau = (experts - base).reshape(k, -1)
+    norms = tau.norm(dim=1)
+    pairs = torch.triu_indices(k, k, offset=1)
+    cos = ((tau @ tau.T) / (norms[:, None] * norms).clamp(min=1e-6)).clamp(-1, 1)[pairs[0], pairs[1]].mean()
+    denominator = 1 + (k - 1) * cos
+    t = 0.0 if denominator.abs() < 1e-6 else k * cos / denominator
+    return base + t * tau.mean(0).reshape(base.shape)
+
+
+def _sce(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+         tensor: str) -> torch.Tensor:
+    """SCE (Wan et al., FuseChat): Select the `select_topk` share of entries where the task vectors vary most
+    across experts (population variance; a share of the entries that vary at all), Calculate each expert's
+    weight as its task vector's mean square over the sum of them (equal weights where that sum is below 1e-6,
+    as mergekit), Erase the entries against TIES's elected sign, and take the weighted mean of the rest."""
+    tau = experts - base
+    if spec.select_topk < 1:
+        variance = tau.var(0, unbiased=False).flatten()
+        keep = int(variance.count_nonzero() * spec.select_topk)  # mergekit's count (a float32 product)
+        mask = torch.zeros_like(variance).scatter_(0, variance.abs().topk(keep).indices, 1.0)
+        tau = tau * mask.reshape(base.shape)
+    weights = tau.square().reshape(len(tau), -1).mean(1)
+    total = weights.sum()
+    weights = torch.full_like(weights, 1 / len(tau)) if total.abs() < 1e-6 else weights / total
+    erased = weights.reshape(-1, *[1] * base.dim()) * _elect_signs(tau)
+    return base + (tau * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
+
+
+def _nearswap(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+              tensor: str) -> torch.Tensor:
+    """NearSwap: from the first expert, each entry moves towards the second by threshold/distance of the way
+    (all of it where they are within `threshold`), so the experts' near agreements take the second's value."""
+    first, second = experts
+    weight = (spec.threshold / (first - second).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * second + (1 - weight) * first
+
+
+COMBINERS: dict[str, Callable[[torch.Tensor, torch.Tensor, MergeSpec, Sequence[str], str], torch.Tensor]] = {
+    "linear": _linear, "task_arithmetic": _task_arithmetic, "slerp": _slerp, "nuslerp": _nuslerp,
+    "multislerp": _multislerp, "karcher": _karcher, "model_stock": _model_stock, "sce": _sce, "nearswap": _nearswap,
+}
+
+
+def _della_check(settings: Mapping[str, float]) -> str:
+    density, epsilon = settings["density"], settings["epsilon"]
+    if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        return (f"--density {density:g} ± --epsilon {epsilon:g} must lie in (0, 1) (the keep probabilities; "
+                f"a density of 1 keeps everything)")
+    return ""
+
+
+METHODS.update((method.name, method) for method in (
+    Method("average", "linear", (), "linear", "the mean of the experts' weights", normalise="mean",
+           mergekit_base=None),
+    Method("task_arithmetic", "task_arithmetic", ("lambda",), "task_arithmetic",
+           "base + lambda * the sum of the task vectors (Ilharco et al.)"),
+    Method("ties", "task_arithmetic", ("density", "lambda"), "ties",
+           "trim each task vector to its top --density by magnitude, elect signs, disjoint mean, times lambda",
+           sparsifier="magnitude", consensus="sign", normalise="mean"),
+    Method("dare", "task_arithmetic", ("drop", "lambda", "seed"), "dare_linear",
+           "drop task vector entries with probability --drop, rescale by 1/(1-drop), sum, times lambda",
+           sparsifier="random"),
+    Method("dare_ties", "task_arithmetic", ("drop", "lambda", "seed"), "dare_ties",
+           "DARE's drop, then TIES's sign election and disjoint mean, times lambda",
+           sparsifier="random", consensus="sign", normalise="mean"),
+    Method("breadcrumbs", "task_arithmetic", ("density", "gamma", "lambda"), "breadcrumbs",
+           "drop each task vector's top --gamma outliers, keep the next --density by magnitude, sum, times lambda",
+           sparsifier="magnitude_outliers"),
+    Method("breadcrumbs_ties", "task_arithmetic", ("density", "gamma", "lambda"), "breadcrumbs_ties",
+           "Breadcrumbs' outlier cut and trim, then TIES's sign election and disjoint mean, times lambda",
+           sparsifier="magnitude_outliers", consensus="sign", normalise="mean"),
+    Method("della", "task_arithmetic", ("density", "epsilon", "lambda", "seed"), "della",
+           "keep entries with probability --density +/- --epsilon by magnitude rank per row, rescale by 1/p, "
+           "elect signs, disjoint mean, times lambda (DELLA)",
+           sparsifier="magnitude_prune", consensus="sign", normalise="mean", check=_della_check),
+    Method("della_linear", "task_arithmetic", ("density", "epsilon", "lambda", "seed"), "della_linear",
+           "DELLA's magnitude-ranked random drop and 1/p rescale, sum, times lambda",
+           sparsifier="magnitude_prune", check=_della_check),
+    Method("slerp", "slerp", ("t",), "slerp",
+           "two experts: spherical interpolation of their weights by --t, each tensor flattened",
+           k_min=2, k_max=2, mergekit_base="first expert", mergekit_weight=False),
+    Method("nuslerp", "nuslerp", (), "nuslerp", "two experts: base + the spherical midpoint of their task vectors",
+           k_min=2, k_max=2),
+    Method("multislerp", "multislerp", (), "multislerp",
+           "base + the spherical barycentre of the task vectors, scaled to their mean norm"),
+    Method("karcher", "karcher", (), "karcher",
+           "the Karcher mean of the experts' weights on the sphere, scaled to their mean norm",
+           mergekit_base=None, mergekit_weight=False),
+    Method("model_stock", "model_stock", (), "model_stock",
+           "two or more experts: base + t * the mean task vector, t set by the mean angle between task vectors",
+           k_min=2, mergekit_weight=False),
+    Method("sce", "sce", ("select_topk",), "sce",
+           "keep the --select_topk entries of most variance across experts, elect signs, mean weighted by each "
+           "task vector's mean square", mergekit_weight=False),
+    Method("nearswap", "nearswap", ("threshold",), "nearswap",
+           "two experts: the first, with entries within --threshold of the second's swapped for the second's",
+           k_min=2, k_max=2, mergekit_base="first expert", mergekit_weight=False),
+))
+
+
+def _merge_tensor(base: torch.Tensor, experts: torch.Tensor, names: Sequence[str], tensor: str,
+                  spec: MergeSpec) -> torch.Tensor:
+    combine = COMBINERS[METHODS[spec.method].combine]
+    return combine(base.to(WORK_DTYPE), experts.to(WORK_DTYPE), spec, names, tensor)
+
+
 def merge(stack: ExpertStack, spec: MergeSpec, experts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Merge a subset of the stacked experts (all by default; order does not matter) into a new state dict.
+    """Merge a subset of the stacked experts (all by default) into a new state dict; the method must accept
+    that many experts. The experts are taken in the stack's order, whatever the order given (two-expert methods
+    interpolate from the first to the second).
 
     Floating-point tensors are merged (in float64, then cast to the base's dtype, on the stack's device);
     other tensors are the base's own; tied names share one merged tensor.
@@ -332,6 +622,9 @@ def merge(stack: ExpertStack, spec: MergeSpec, experts: Sequence[str] | None = N
     chosen = list(stack.names) if experts is None else list(experts)
     if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(stack.names):
         raise MMCError(f"cannot merge experts {chosen}: give distinct names among {', '.join(stack.names)}")
+    method = METHODS[spec.method]
+    if not method.accepts(len(chosen)):
+        raise MMCError(f"method '{method.name}' merges {method.k_text()} experts, not {len(chosen)}")
     positions = sorted(stack.names.index(name) for name in chosen)
     names = [stack.names[p] for p in positions]
     index = torch.tensor(positions)
@@ -369,33 +662,30 @@ def copy_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None
 
 MERGEKIT_NOTE = """\
 # mergekit configuration equivalent to `mmc merge --method {method}`; run: mergekit-yaml THIS_FILE OUT_DIR
-# (paths as given to mmc merge). average, task_arithmetic, ties and breadcrumbs give mmc's merge to float
-# rounding with these settings (weight 1 per expert, normalize as written). DARE differs in two conventions:
-# mergekit draws its masks from torch's global generator (mergekit-yaml --random-seed S), and its `rescale`
-# restores each task vector's L1 norm per tensor where mmc divides by 1 - drop (unbiased entry by entry).
+# (paths as given to mmc merge). Every deterministic method gives mmc's merge to float rounding with these
+# settings (weight 1 per expert where mergekit reads one, normalize as written; slerp and nearswap take the
+# first expert as base_model). The random ones (dare, dare_ties, della, della_linear) differ in two
+# conventions: mergekit draws its masks from torch's global generator (mergekit-yaml --random-seed S), and its
+# `rescale` restores each task vector's L1 norm per tensor where mmc divides each survivor by its keep
+# probability (unbiased entry by entry).
 """
 
 
 def mergekit_config(base: str, experts: Sequence[str], spec: MergeSpec, dtype: str = "float32") -> dict:
-    """The mergekit configuration (a dict for YAML) that performs the same merge as `spec`, read off its Method."""
+    """The mergekit configuration (a dict for YAML) that performs the same merge as `spec`, read off its Method
+    and its settings' declarations."""
     method, settings = METHODS[spec.method], spec.settings()
-    parameters: dict = {"weight": 1.0}
-    if "density" in settings:
-        parameters["density"] = settings["density"]
-    if "drop" in settings:
-        parameters["density"] = 1 - settings["drop"]
-    if "gamma" in settings:
-        parameters["gamma"] = settings["gamma"]
+    per_model: dict = {"weight": 1.0} if method.mergekit_weight else {}
+    per_model |= {SETTINGS[name].mergekit: SETTINGS[name].to_mergekit(value) for name, value in settings.items()
+                  if SETTINGS[name].mergekit and SETTINGS[name].per_model}
     config: dict = {"merge_method": method.mergekit}
-    if method.on_task_vectors:  # mergekit's linear would add a base model to the average
-        config["base_model"] = base
-    config["models"] = [{"model": expert, "parameters": dict(parameters)} for expert in experts]
-    shared: dict = {"normalize": method.normalise == "mean"}
-    if method.sparsifier == "random":
-        shared["rescale"] = True
-    if "lambda" in settings:
-        shared["lambda"] = settings["lambda"]
-    config["parameters"] = shared
+    if method.mergekit_base:  # mergekit's linear and karcher would merge a base model in with the experts
+        config["base_model"] = base if method.mergekit_base == "base" else experts[0]
+    config["models"] = [{"model": expert, **({"parameters": dict(per_model)} if per_model else {})}
+                        for expert in experts]
+    shared = method.mergekit_parameters(settings)
+    if shared:
+        config["parameters"] = shared
     config["dtype"] = "float32"
     config["out_dtype"] = dtype
     return config

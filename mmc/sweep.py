@@ -20,7 +20,7 @@ import mmc
 from mmc import MMCError, check_name, check_number
 from mmc.corpus import fingerprint, load_samples
 from mmc.losses import count_parameters, load_model, sample_bytes, score_texts
-from mmc.merging import MergeSpec, check_expert_base, copy_into, merge, stack_experts
+from mmc.merging import METHODS, MergeSpec, check_expert_base, copy_into, merge, stack_experts
 from mmc.store import check_outputs, write_store
 
 DEFAULT_SWEEP = ("average", "task_arithmetic", "ties", "dare")  # the four methods of arXiv 2509.24244
@@ -58,7 +58,9 @@ def merge_sweep(base: str, experts: Mapping[str, str | Path], data_dir: str | Pa
 
     The base is loaded once; each merge is copied into it and the eval samples (`docs_per_domain` of every
     domain, expert domains and held-out ones alike) are scored with the loss engine. The first row is the base
-    itself (method `base`, k = 0). Returns per-sample losses over (merge, sample) with merge coords method, k
+    itself (method `base`, k = 0). A method defined for some k only (slerp and nearswap merge exactly two
+    experts, model_stock at least two) merges only the subsets of those sizes; attrs `methods_k` lists the k
+    each method was merged at. Returns per-sample losses over (merge, sample) with merge coords method, k
     and experts (comma-joined domains), sample coords domain and n_bytes; attrs name the base, its parameter
     counts and the expert domains.
     """
@@ -78,8 +80,9 @@ def merge_sweep(base: str, experts: Mapping[str, str | Path], data_dir: str | Pa
               for domain, path in experts.items()}
     stack = stack_experts(loaded.model.state_dict(), states)
     domains = list(experts)
-    runs = [("base", ())] + [(spec, subset) for spec in specs
-                             for subset in expert_subsets(len(domains), max_subsets_per_k, seed)]
+    subsets = expert_subsets(len(domains), max_subsets_per_k, seed)
+    runs = [("base", ())] + [(spec, subset) for spec in specs for subset in subsets
+                             if METHODS[spec.method].accepts(len(subset))]
     texts = list(samples["text"])
     nll = np.empty((len(runs), len(texts)))
     n_tokens = np.empty((len(runs), len(texts)), dtype=np.int64)
@@ -102,6 +105,9 @@ def merge_sweep(base: str, experts: Mapping[str, str | Path], data_dir: str | Pa
         attrs={"base": base, "n_params": int(n_params), "n_params_nonembedding": int(n_params_nonembedding),
                "expert_domains": ",".join(domains),
                "methods": json.dumps({spec.method: spec.settings() for spec in specs}, sort_keys=True),
+               "methods_k": json.dumps({spec.method: [k for k in range(1, len(domains) + 1)
+                                                      if METHODS[spec.method].accepts(k)] for spec in specs},
+                                       sort_keys=True),
                "max_subsets_per_k": max_subsets_per_k, "seed": seed,
                "dataset_fingerprint": fingerprint(list(samples["sample_id"]), texts), "mmc_version": mmc.__version__},
     )

@@ -1,4 +1,6 @@
-"""Model merging: parity with mergekit, exact identities, reproducible DARE, tied weights, bad input, CLI."""
+"""Model merging: parity with mergekit end to end, exact identities, reproducible DARE, tied weights, bad input, CLI.
+
+The per-tensor parity of every method, DELLA's masks and the k each method is defined for: test_merge_methods.py."""
 
 from __future__ import annotations
 
@@ -50,15 +52,26 @@ def run_mergekit(config_path: Path, out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "model.safetensors")
 
 
-# The mergekit settings that make each method agree with mmc (weight 1 per expert everywhere): `linear` must
-# normalise (its default) to be a mean; `task_arithmetic` must not (its default) to be λ·sum; `ties` must
-# normalise (its default) to take the disjoint mean. mmc's emitted configuration spells each one out.
+# The mergekit settings that make each method agree with mmc (weight 1 per expert where mergekit reads one):
+# `linear` must normalise (its default) to be a mean; `task_arithmetic` must not (its default) to be λ·sum;
+# `ties` must normalise (its default) to take the disjoint mean; `breadcrumbs_ties` must normalise (not its
+# default); slerp and nearswap interpolate from their base_model, the first expert. mmc's emitted configuration
+# spells each one out. Two-expert methods merge the first two experts; the others all three.
 PARITY = [
     ("average", [], "linear", {"normalize": True}),
     ("task_arithmetic", ["--lambda", "0.7"], "task_arithmetic", {"normalize": False, "lambda": 0.7}),
     ("ties", ["--density", "0.3", "--lambda", "0.8"], "ties", {"normalize": True, "lambda": 0.8}),
     ("breadcrumbs", ["--density", "0.5", "--gamma", "0.05", "--lambda", "0.9"], "breadcrumbs",
      {"normalize": False, "lambda": 0.9}),
+    ("breadcrumbs_ties", ["--density", "0.4", "--gamma", "0.02", "--lambda", "1.1"], "breadcrumbs_ties",
+     {"normalize": True, "lambda": 1.1}),
+    ("slerp", ["--t", "0.3"], "slerp", {"t": 0.3}),
+    ("nuslerp", [], "nuslerp", {}),
+    ("multislerp", [], "multislerp", {}),
+    ("karcher", [], "karcher", {}),
+    ("model_stock", [], "model_stock", {}),
+    ("sce", ["--select_topk", "1"], "sce", {"select_topk": 1.0}),  # the variance top-k: per tensor, in the other file
+    ("nearswap", ["--threshold", "0.01"], "nearswap", {"t": 0.01}),
 ]
 
 
@@ -68,16 +81,45 @@ PARITY = [
 def test_parity_with_mergekit(families, tmp_path, family, method, settings, mergekit_method, mergekit_settings):
     pytest.importorskip("mergekit", reason="mergekit is a test dependency: pip install -e '.[test]'")
     base, experts = families[family]
+    experts = experts[:METHODS[method].k_max or len(experts)]
     out = tmp_path / "mmc"
     assert merge_cli(base, experts, method, out, *settings) == 0
     config = yaml.safe_load(Path(str(out) + ".yaml").read_text())
     assert config["merge_method"] == mergekit_method
-    assert config["parameters"].items() >= mergekit_settings.items()
-    assert all(model["parameters"]["weight"] == 1.0 for model in config["models"])
-    ours, theirs = load_file(out / "model.safetensors"), run_mergekit(Path(str(out) + ".yaml"), tmp_path / "mergekit")
+    assert config.get("parameters", {}).items() >= mergekit_settings.items()
+    assert all(model["parameters"]["weight"] == 1.0 for model in config["models"] if METHODS[method].mergekit_weight)
+    assert_same_weights(out, run_mergekit(Path(str(out) + ".yaml"), tmp_path / "mergekit"))
+
+
+def assert_same_weights(out: Path, theirs: dict[str, torch.Tensor]) -> None:
+    ours = load_file(out / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize(("method", "settings"), [
+    ("dare_ties", ["--drop", "0.3", "--lambda", "0.9", "--seed", "5"]),
+    ("della", ["--density", "0.4", "--epsilon", "0.2", "--lambda", "1.1", "--seed", "2"]),
+    ("della_linear", ["--density", "0.5", "--epsilon", "0.1", "--lambda", "0.6", "--seed", "3"]),
+], ids=["dare_ties", "della", "della_linear"])
+def test_random_methods_equal_mergekit_with_mmc_s_masks(families, monkeypatch, tmp_path, family, method, settings):
+    """mergekit-yaml on the emitted configuration, its random masks forced to mmc's (DELLA: mergekit's own draw
+    from torch's generator seeded with mmc's mask_seed; DARE: mmc's mask) and its survivors rescaled as mmc
+    rescales them (see test_merge_methods.py): everything else (sign election, normalisation, lambda, tied
+    and untouched tensors) is mergekit's own."""
+    pytest.importorskip("mergekit", reason="mergekit is a test dependency: pip install -e '.[test]'")
+    from test_merge_methods import TaskVectorNames, force_mmc_masks
+
+    base, experts = families[family]
+    out = tmp_path / "mmc"
+    assert merge_cli(base, experts, method, out, *settings) == 0
+    spec = MergeSpec.parse(f"{method}:" + ",".join(f"{flag[2:]}={value}" for flag, value in zip(settings[::2],
+                                                                                                 settings[1::2])))
+    force_mmc_masks(monkeypatch, TaskVectorNames(load(base).state_dict(),
+                                                 {path.name: load(path).state_dict() for path in experts}), spec)
+    assert_same_weights(out, run_mergekit(Path(str(out) + ".yaml"), tmp_path / "mergekit"))
 
 
 @pytest.mark.parametrize("spec", IDENTITY_SPECS, ids=lambda spec: spec.method)
@@ -279,9 +321,15 @@ def test_every_method_comes_from_its_table_row(families, tmp_path, capsys):
         assert all(value == SETTINGS[name].default for name, value in spec.settings().items())
         config = mergekit_config("base", ["e1", "e2"], spec)
         assert config["merge_method"] == method.mergekit
-        assert ("base_model" in config) == method.on_task_vectors
-        assert config["parameters"]["normalize"] == (method.normalise == "mean")
-        assert ("lambda" in config["parameters"]) == ("lambda" in method.settings)
+        assert config.get("base_model") == {"base": "base", "first expert": "e1", None: None}[method.mergekit_base]
+        shared, per_model = config.get("parameters", {}), config["models"][0].get("parameters", {})
+        if method.combine in ("task_arithmetic", "linear"):
+            assert shared["normalize"] == (method.normalise == "mean")
+        assert ("weight" in per_model) == method.mergekit_weight
+        for name in method.settings:  # every setting but the seed reaches mergekit, by its mergekit name
+            assert SETTINGS[name].mergekit is None or SETTINGS[name].mergekit in (per_model if SETTINGS[name].per_model
+                                                                                  else shared)
+        assert method.k_text() in ("any number of", "exactly 2", "at least 2")
     for setting in SETTINGS.values():
         assert f"--{setting.name}" in help_text
     assert MergeSpec.parse("ties:density=0.3,lambda=0.5", seed=4) == MergeSpec("ties", density=0.3, lambda_=0.5)
