@@ -546,9 +546,13 @@ def _run_route(args: argparse.Namespace) -> None:
     check_number("--seed", args.seed, 0, integer=True)
     check_number("--ngram-features", args.ngram_features, 1, NGRAM_FEATURES_MAX, integer=True)
     check_number("--ridge-alpha", args.ridge_alpha, 0)
+    check_number("--knn-neighbors", args.knn_neighbors, 1, integer=True)
+    check_number("--mlp-hidden", args.mlp_hidden, 1, integer=True)
+    check_number("--sweep-points", args.sweep_points, 2, integer=True)
     metrics = routing_study(args.pool, args.oracle, args.data, args.out, args.metrics, test_fraction=args.test_fraction,
                             seed=args.seed, bootstrap=args.bootstrap, ngram_features=args.ngram_features,
-                            ridge_alpha=args.ridge_alpha)
+                            ridge_alpha=args.ridge_alpha, knn_neighbors=args.knn_neighbors,
+                            mlp_hidden=args.mlp_hidden, sweep_points=args.sweep_points)
     largest = metrics["at_largest_k"]
     shares = ", ".join(f"{name} {value['value']:.2f}" + interval_text(value["ci95"])
                        for name, value in largest["share_of_oracle_gain"].items())
@@ -559,9 +563,11 @@ def _add_route(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "route", parents=[common], help="what mixtures and routers realise of the oracle's gain, and their cost",
         description="On the oracle's ensembles, cross-fitted on a seeded split of the documents: the uniform and the "
-                    "fitted sequence-level mixture, routers that pick one member per document (n-gram features, the "
-                    "smallest member's loss, the best single member), each one's FLOPs per byte, the share of the "
-                    "oracle's gain each realises at the largest k, and the power law of each strategy's frontier.",
+                    "fitted sequence-level mixture, routers that pick one member per document (n-gram features, kNN and "
+                    "MLP on them, the smallest member's loss, the best single member), each one's FLOPs per byte, "
+                    "the share of the oracle's gain each realises at the largest k, and the power law of each "
+                    "strategy's frontier; on the whole pool, each router's cost-quality curve over its threshold "
+                    "(and a cascade's), AIQ and the oracle gap at matched cost.",
         epilog=EPILOG_ROUTE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", required=True, help="pool store written by `mmc assemble`")
     parser.add_argument("--oracle", required=True, help="folder written by `mmc oracle`")
@@ -572,7 +578,13 @@ def _add_route(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and resamples (default 0)")
     parser.add_argument("--bootstrap", type=int, default=200, help="resamples of the test documents (default 200)")
     parser.add_argument("--ngram-features", type=int, default=4096, help="hashed n-gram features (default 4096)")
-    parser.add_argument("--ridge-alpha", type=float, default=1.0, help="ridge penalty of the routers (default 1.0)")
+    parser.add_argument("--ridge-alpha", type=float, default=1.0,
+                        help="ridge penalty of the routers and the mlp router's L2 penalty (default 1.0)")
+    parser.add_argument("--knn-neighbors", type=int, default=10,
+                        help="training documents the knn router averages over (default 10)")
+    parser.add_argument("--mlp-hidden", type=int, default=64, help="hidden units of the mlp router (default 64)")
+    parser.add_argument("--sweep-points", type=int, default=48,
+                        help="operating points per cost-quality curve (default 48)")
     parser.set_defaults(run=_run_route)
 
 
@@ -604,8 +616,8 @@ def _add_merge(subparsers, common: argparse.ArgumentParser) -> None:
         epilog=EPILOG_MERGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="base model: local directory or hub id")
     parser.add_argument("--experts", required=True, nargs="+", metavar="EXPERT",
-                        help="expert model directories fine-tuned from the base (DARE masks are keyed by each "
-                             "one's directory name, or its path where two names coincide)")
+                        help="expert model directories fine-tuned from the base (random masks, DARE's and DELLA's, "
+                             "are keyed by each one's directory name, or its path where two names coincide)")
     parser.add_argument("--method", required=True, choices=tuple(METHODS), help="merge method")
     for setting in SETTINGS.values():
         users = ", ".join(method.name for method in METHODS.values() if setting.name in method.settings)
@@ -685,7 +697,8 @@ def _add_merge_sweep(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-subsets-per-k", type=int, default=10, help="subsets per k at most (default 10)")
     parser.add_argument("--docs-per-domain", type=_optional_int, default=None,
                         help="eval samples per domain (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of subset draws and DARE masks (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of subset draws and random masks (DARE, DELLA) (default 0)")
     parser.add_argument("--batch-tokens", type=_optional_int, default=None, help=BATCH_TOKENS_HELP)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle (*.bin) weights of base and experts")

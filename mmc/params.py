@@ -11,7 +11,6 @@ Pydantic models in strict mode: YAML's own types only (`1.5` is no integer, `"5"
 from __future__ import annotations
 
 import difflib
-import io
 import re
 from pathlib import Path
 from types import UnionType
@@ -201,7 +200,12 @@ class Routing(Section):
     seed: Seed = Field(description="seed of the split and of the resamples")
     bootstrap: Seed = Field(description="resamples of the test documents")
     ngram_features: Count = Field(description="hashed character n-gram features of the n-gram router")
-    ridge_alpha: float = Field(ge=0, description="ridge penalty of the routers' loss predictions")
+    ridge_alpha: float = Field(ge=0, description="ridge penalty of the routers' loss predictions (and the mlp "
+                                                 "router's L2 penalty)")
+    knn_neighbors: Count = Field(description="training documents the knn router averages over")
+    mlp_hidden: Count = Field(description="hidden units of the mlp router (one layer)")
+    sweep_points: int = Field(ge=2, description="operating points per cost-quality curve (λ or cascade threshold "
+                                                "grid)")
 
 
 class Merging(Section):

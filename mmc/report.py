@@ -196,6 +196,9 @@ def figure_merging_spread(curves: pd.DataFrame, path: Path) -> None:
 STRATEGY_STYLE = {"oracle": ("black", "oracle (bound)"), "mixture_fitted": ("tab:blue", "mixture, fitted weights"),
                   "mixture_uniform": ("tab:cyan", "mixture, uniform"), "router_ngram": ("tab:orange", "router: n-grams"),
                   "router_small_model": ("tab:green", "router: smallest model"),
+                  "router_knn": ("tab:purple", "router: nearest neighbours"),
+                  "router_mlp": ("tab:brown", "router: perceptron"), "perfect": ("black", "perfect router (bound)"),
+                  "cascade": ("tab:olive", "cascade: smallest, then best"),
                   "router_best_single": ("tab:red", "best single member"), "single": ("tab:red", "single models")}
 
 
@@ -232,9 +235,24 @@ def figure_routing(curves: pd.DataFrame, shares: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def figure_routing_cost(strategies: pd.DataFrame, path: Path) -> None:
-    """Test loss against inference FLOPs per byte for every ensemble and strategy, with the frontier over all."""
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+def figure_routing_cost(strategies: pd.DataFrame, path: Path, router_curves: pd.DataFrame | None = None) -> None:
+    """Test loss against inference FLOPs per byte for every ensemble and strategy, with the frontier over all; with
+    `router_curves`, a right panel: each router's cost–quality curve at the whole pool (λ or threshold swept), its
+    operating points and the non-decreasing convex hull whose mean is its AIQ, on RouterBench's linear cost axis."""
+    if router_curves is None:
+        fig, ax = plt.subplots(figsize=(7, 4.6))
+    else:
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+        for router, own in router_curves.groupby("router", sort=False):
+            color, label = STRATEGY_STYLE.get(router, ("0.5", _plain(router)))
+            right.scatter(own.flops_per_byte, own.test_bpb, s=6, alpha=0.4, color=color)
+            knots = own[own.on_hull.astype(bool)].sort_values("flops_per_byte")
+            right.plot([*knots.flops_per_byte, own.flops_per_byte.max()], [*knots.test_bpb, knots.test_bpb.iloc[-1]],
+                       "-", lw=1.4, color=color, label=label)  # the hull, held flat to the curve's largest cost
+        right.set_xlabel("inference FLOPs per byte")
+        right.set_ylabel(BPB_LABEL)
+        right.set_title("Cost–quality curves at the whole pool (hulls)")
+        right.legend(fontsize=7)
     for strategy, own in strategies.groupby("strategy", sort=False):
         color, label = STRATEGY_STYLE.get(strategy, ("0.5", _plain(strategy)))
         ax.scatter(own.flops_per_byte, own.test_bpb, s=5, alpha=0.5, color=color, label=label)
@@ -280,7 +298,31 @@ def routing_markdown(routing: dict) -> str:
     for i, k in enumerate(shares["k"]):
         rows.append(f"| {k} | " + " | ".join(_fmt(shares[name]["value"][i], shares[name]["ci95"][i])
                                              for name in strategies) + " |")
-    return "\n".join(rows)
+    return "\n".join(rows + _cost_quality_rows(routing))
+
+
+def _cost_quality_rows(routing: dict) -> list[str]:
+    """The whole pool's cost–quality curves: each router's AIQ and oracle gap at matched cost, and the router that
+    realises most of the oracle's gain."""
+    curves, largest = routing.get("cost_quality_at_largest_k"), routing["at_largest_k"]
+    if not curves:  # older routing metrics
+        return []
+    best = largest["best_router"]
+    share = largest["share_of_oracle_gain"][best]
+    rows = ["", f"The router chosen on the training documents, {_md(STRATEGY_STYLE.get(best, (None, best))[1])}, "
+                f"realises {_fmt(share['value'], share.get('ci95'))} of the oracle's gain at the whole pool (test "
+                "documents).", "",
+            "Cost–quality curves at the whole pool (" + curves["axes"] + "). Higher AIQ is better; the oracle gap "
+            "is in bits per byte." + (f" The cascade runs {_md(curves['cascade']['cheap'])} and escalates to "
+                                      f"{_md(curves['cascade']['escalates_to'])}; " + curves["cascade"]["note"] + "."
+                                      if curves.get("cascade") else ""), "",
+            "| router | AIQ | oracle gap at matched cost | FLOPs per byte spanned |", "|---|---|---|---|"]
+    for name, values in curves["routers"].items():
+        low, high = values["flops_per_byte_range"]
+        rows.append(f"| {_md(STRATEGY_STYLE.get(name, (None, name))[1])} | "
+                    f"{_fmt(values['aiq']['value'], values['aiq']['ci95'])} | "
+                    f"{_fmt(values['oracle_gap']['value'], values['oracle_gap']['ci95'])} | {low:.3g}–{high:.3g} |")
+    return rows
 
 
 def _save(fig, path: Path) -> None:
@@ -538,7 +580,9 @@ def write_report(laws_path: str | Path, law_plots: str | Path, oracle_dir: str |
         if routing and routing_dir:
             figure_routing(_read_csv(Path(routing_dir) / "curves.csv"), routing["share_of_oracle_gain_by_k"],
                            tmp / "routing.png")
-            figure_routing_cost(_read_csv(Path(routing_dir) / "strategies.csv"), tmp / "routing_cost.png")
+            router_curves = Path(routing_dir) / "router_curves.csv"  # absent from older routing outputs
+            figure_routing_cost(_read_csv(Path(routing_dir) / "strategies.csv"), tmp / "routing_cost.png",
+                                _read_csv(router_curves) if router_curves.exists() else None)
         figures = sorted(p.name for p in tmp.glob("*.png"))
         attribution = _read_csv(Path(oracle_dir) / "attribution.csv")
         by_domain = Path(oracle_dir) / "attribution_by_domain.csv"  # absent from oracle outputs of mmc before 0.2

@@ -6,31 +6,48 @@ every member. On the same pool and ensembles this module measures what can be re
 - sequence-level mixtures, −log Σᵢ wᵢ·exp(−nllᵢ) per document (each member gives the whole document a
   probability, so mixtures work across tokenizers): uniform weights (never more than log k nats above the
   oracle) and weights fitted by EM on the training documents;
-- routers that pick one member per document from features known before scoring: each member's bits per byte
-  is predicted by a ridge regression (one fit, all members as outputs) and the router runs the member with the
-  lowest prediction. `ngram` reads hashed character n-grams of the text; `small_model` reads the smallest
-  member's bits per byte on the document (which costs running that member); `best_single` always runs the
-  member best on the training documents;
-- each strategy's inference cost in FLOPs per byte: 2 · parameters per token for every member it runs.
+- routers that pick one member per document from what is known before scoring. A router is one function in
+  `ROUTERS`: it predicts every member's bits per byte on every document (`Prediction`) and names the members it
+  runs itself to decide (its own cost). `best_single` (the member best on the training documents), `ngram`
+  (ridge regression on hashed character n-grams), `knn` and `mlp` (nearest neighbours and a one-layer
+  perceptron on the same n-grams), `small_model` (ridge regression on the smallest member's bits per byte,
+  which costs running it). At λ = 0 a router runs the member it predicts lowest;
+- each strategy's inference cost in FLOPs per byte: 2 · parameters per token for every member it runs;
+- at the whole pool (the largest k), cost–quality curves: each router swept over λ (per document, the member
+  minimising predicted bits per byte + λ · its FLOPs per byte, RouterBench-style), the perfect router (the
+  same sweep on the true losses) and a cascade (run the cheapest member, escalate when its bits per byte
+  exceed a threshold); per curve its AIQ and its oracle gap at matched cost (`aiq`, `oracle_gap`).
 
 Documents are split once (seeded) into a training half and a test half: mixture weights, routers, the best
 single member and every Pareto frontier are chosen on the training documents and scored on the test documents
-(cross-fitting). Intervals resample the test documents (Poisson weights). Everything is vectorised over
-ensembles × members × documents.
+(cross-fitting); a learned router's predictions for training documents are out of fold (K folds within the
+training half), so choosing the best router on them is fair to flexible learners. Intervals resample the test
+documents (Poisson weights, one set for every strategy and curve: paired). Everything but the whole-pool curves
+is vectorised over ensembles × members × documents.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 from scipy.special import logsumexp
+from sklearn.decomposition import TruncatedSVD
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import Ridge
+from sklearn.model_selection import KFold
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.neural_network import MLPRegressor
+from sklearn.preprocessing import StandardScaler
 
 from mmc import MMCError, check_number
 from mmc.corpus import load_samples
@@ -39,14 +56,26 @@ from mmc.oracle import pareto_indices, read_ensembles
 from mmc.store import atomic_path, check_outputs, check_pool, open_store, write_json
 
 LN2 = math.log(2.0)
-ROUTERS = ("best_single", "ngram", "small_model")
-STRATEGIES = ("oracle", "mixture_fitted", "mixture_uniform", *(f"router_{name}" for name in ROUTERS))
 ROUTING_LAW = "power"
 NGRAM_FEATURES_MAX = 2**31 - 1  # scikit-learn's hashing vectorizer holds feature indices in int32
 EM_ITERATIONS = 300  # at most, per ensemble
 EM_TOLERANCE = 1e-9  # nats per document: an ensemble's EM stops when a step improves its fit by less
+CROSS_FIT_FOLDS = 5  # out-of-fold predictions for the training documents
+MLP_ITERATIONS = 300  # L-BFGS steps of the perceptron router
+MLP_COMPONENTS = 64  # n-gram directions the perceptron router reads
 CURVE_COLUMNS = ["strategy", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb", "extrapolated",
                  "observed_bpb"]
+ROUTER_CURVE_COLUMNS = ["router", "sweep", "setting", "flops_per_byte", "test_bpb", "on_hull"]
+COST_QUALITY_AXES = ("cost: inference FLOPs per byte of the test documents (2 · parameters per token of every "
+                     "member run, the router's own runs included), on a linear axis as in RouterBench; quality: "
+                     "minus the test documents' bits per byte. AIQ: the area under the smallest concave, "
+                     "non-decreasing function of cost above the curve's points, divided by the cost range they "
+                     "span (minus the hull's mean bits per byte). oracle_gap: the perfect router's hull minus this "
+                     "curve's hull, averaged over this curve's cost range (bits per byte; the perfect hull is "
+                     "held flat beyond its own range)")
+CASCADE_NOTE = ("the cascade reads the cheapest member's bits per byte on the whole document, because the pool "
+                "stores only whole-document losses: a real cascade would decide on a prefix, so this one knows "
+                "more than it could and its curve is optimistic")
 
 
 def split_documents(n_documents: int, test_fraction: float, seed: int) -> np.ndarray:
@@ -114,38 +143,187 @@ def route(predicted: np.ndarray, member: np.ndarray) -> np.ndarray:
     return np.where(member[:, :, None], predicted[None], np.inf).argmin(axis=1)
 
 
-def router_predictions(name: str, bpb: np.ndarray, train: np.ndarray, texts: Sequence[str], n_params: np.ndarray,
-                       *, ngram_features: int, ridge_alpha: float, n_bytes: np.ndarray | None = None) -> np.ndarray:
-    """(models, documents) predicted bits per byte of every model on every document, trained on `train` only."""
-    if name == "best_single":
-        return np.broadcast_to(bpb[:, train].mean(axis=1, keepdims=True), bpb.shape)
-    if name == "ngram":
-        features = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=ngram_features,
-                                     alternate_sign=False, norm="l2").transform(texts)
-    elif name == "small_model":
-        smallest = int(np.argmin(n_params))
-        sizes = np.fromiter(map(len, texts), float, len(texts)) if n_bytes is None else np.asarray(n_bytes, float)
-        features = np.column_stack([bpb[smallest], np.log(np.maximum(sizes, 1.0))])
-    else:
-        raise MMCError(f"unknown router '{name}' (known: {', '.join(ROUTERS)})")
-    model = Ridge(alpha=ridge_alpha).fit(features[train], bpb[:, train].T)
-    return model.predict(features).T
+class Prediction(NamedTuple):
+    """What a router gives: predicted bits per byte (models, documents), and the members it runs itself to decide
+    (their FLOPs count on every document; their losses are then known, so choosing one of them costs nothing more)."""
+    bpb: np.ndarray
+    runs: tuple[int, ...] = ()
 
 
-def router_cost(name: str, flops_per_document: np.ndarray, n_params: np.ndarray) -> np.ndarray:
-    """(documents,) FLOPs the router itself spends before the chosen member runs: the smallest member's forward
-    pass for `small_model`; hashing n-grams and a linear model cost nothing next to a language model."""
-    if name == "small_model":
-        return flops_per_document[int(np.argmin(n_params))]
-    return np.zeros(flops_per_document.shape[1])
+@dataclass
+class RouterData:
+    """What a router may read. `bpb` holds the true losses of every document: a router fits on the training
+    columns only (`train`), and reads other columns only of the members it runs (`Prediction.runs`)."""
+    bpb: np.ndarray  # (models, documents) bits per byte
+    train: np.ndarray  # (documents,) the training half
+    texts: Sequence[str]
+    n_bytes: np.ndarray
+    n_params: np.ndarray
+    seed: int = 0
+    ngram_features: int = 4096
+    ridge_alpha: float = 1.0
+    knn_neighbors: int = 10
+    mlp_hidden: int = 64
+
+    @cached_property
+    def ngrams(self):
+        """Hashed character 1–4-grams of the texts, L2-normalised (sparse, documents × ngram_features)."""
+        return HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=self.ngram_features,
+                                 alternate_sign=False, norm="l2").transform(self.texts)
+
+
+def cross_fit(make: Callable[[int], object], features, data: RouterData) -> np.ndarray:
+    """(models, documents) bits per byte predicted by scikit-learn regressors fitted on the training documents:
+    test documents from one fit on the whole training half, training documents out of fold (CROSS_FIT_FOLDS
+    seeded folds of it), so a training document's prediction never saw its own loss. `make(n)` builds the
+    regressor for n fitting rows."""
+    rows = np.flatnonzero(data.train)
+    target = data.bpb[:, rows].T
+    predicted = make(len(rows)).fit(features[rows], target).predict(features)
+    folds = min(CROSS_FIT_FOLDS, len(rows))
+    if folds >= 2:
+        for fit, held in KFold(folds, shuffle=True, random_state=data.seed).split(rows):
+            predicted[rows[held]] = make(len(fit)).fit(features[rows[fit]], target[fit]).predict(features[rows[held]])
+    return np.asarray(predicted, dtype=np.float64).reshape(len(data.texts), -1).T
+
+
+def best_single_router(data: RouterData) -> Prediction:
+    """Every document: the members' mean bits per byte on the training documents (the best one always runs)."""
+    return Prediction(np.broadcast_to(data.bpb[:, data.train].mean(axis=1, keepdims=True), data.bpb.shape))
+
+
+def ngram_router(data: RouterData) -> Prediction:
+    """One multi-output ridge regression on the hashed n-grams."""
+    return Prediction(cross_fit(lambda n: Ridge(alpha=data.ridge_alpha), data.ngrams, data))
+
+
+def knn_router(data: RouterData) -> Prediction:
+    """The mean bits per byte of the nearest training documents in n-gram space (cosine: the rows are unit)."""
+    return Prediction(cross_fit(lambda n: KNeighborsRegressor(n_neighbors=min(data.knn_neighbors, n)),
+                                data.ngrams, data))
+
+
+def mlp_router(data: RouterData) -> Prediction:
+    """A one-hidden-layer perceptron (L-BFGS, seeded, L2 penalty `ridge_alpha`) on the n-grams' leading
+    MLP_COMPONENTS singular directions over the training texts (on thousands of sparse inputs it takes minutes),
+    standardised on the training texts (the scale a perceptron's penalty assumes)."""
+    features = data.ngrams.toarray() if data.ngram_features <= MLP_COMPONENTS else (  # few n-grams: read as they are
+        TruncatedSVD(min(MLP_COMPONENTS, int(data.train.sum())), random_state=data.seed)
+        .fit(data.ngrams[data.train]).transform(data.ngrams))
+    features = StandardScaler().fit(features[data.train]).transform(features)
+    with warnings.catch_warnings():  # L-BFGS stopping where its line search makes no progress: its optimum
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return Prediction(cross_fit(lambda n: MLPRegressor(hidden_layer_sizes=(data.mlp_hidden,), solver="lbfgs",
+                                                           alpha=data.ridge_alpha, max_iter=MLP_ITERATIONS,
+                                                           random_state=data.seed), features, data))
+
+
+def small_model_router(data: RouterData) -> Prediction:
+    """Ridge regression on the smallest member's bits per byte and the document's log length: it runs that member."""
+    smallest = int(np.argmin(data.n_params))
+    features = np.column_stack([data.bpb[smallest], np.log(np.maximum(data.n_bytes, 1.0))])
+    return Prediction(cross_fit(lambda n: Ridge(alpha=data.ridge_alpha), features, data), runs=(smallest,))
+
+
+# The routers, by name: `router_<name>` is a strategy on every ensemble and a λ-swept curve at the whole pool.
+ROUTERS: dict[str, Callable[[RouterData], Prediction]] = {
+    "best_single": best_single_router, "ngram": ngram_router, "knn": knn_router, "mlp": mlp_router,
+    "small_model": small_model_router}
+STRATEGIES = ("oracle", "mixture_fitted", "mixture_uniform", *(f"router_{name}" for name in ROUTERS))
+
+
+def spent(chosen: np.ndarray, runs: Sequence[int], flops: np.ndarray) -> np.ndarray:
+    """FLOPs per document of running the chosen members (any shape × documents) and the router's own `runs`,
+    each member once."""
+    documents = np.arange(flops.shape[1])
+    own = flops[list(runs)].sum(axis=0)
+    return own + np.where(np.isin(chosen, list(runs)), 0.0, flops[chosen, documents])
+
+
+class Curve(NamedTuple):
+    """A router's operating points: its setting (λ or threshold), and per point the member it leaves each
+    document with (points, documents) and the FLOPs it spent on it (points, documents)."""
+    sweep: str
+    setting: np.ndarray
+    chosen: np.ndarray
+    flops: np.ndarray
+
+
+def lambda_curve(prediction: Prediction, flops: np.ndarray, n_bytes: np.ndarray, points: int) -> Curve:
+    """Per document the member minimising predicted bits per byte + λ · its extra FLOPs per byte (a member the
+    router runs anyway costs nothing more), λ from 0 over quantiles of the λ at which some document's choice
+    flips, up to the last flip: there every document runs its cheapest member. Ties go to the cheaper member."""
+    cost = flops / n_bytes
+    cost[list(prediction.runs)] = 0.0
+    predicted = np.asarray(prediction.bpb, dtype=np.float64)
+    gain, extra = predicted[:, None] - predicted[None], cost[None] - cost[:, None]  # [a, b]: a − b, b − a
+    flips = gain[(extra > 0) & (gain > 0)] / extra[(extra > 0) & (gain > 0)]
+    lambdas = np.unique(np.concatenate([[0.0], np.quantile(flips, np.linspace(0, 1, points - 1)) if flips.size else []]))
+    order = np.argsort(cost, axis=0, kind="stable")  # cheaper first: argmin keeps the first of equal scores
+    score = (np.take_along_axis(predicted, order, 0)[None]
+             + lambdas[:, None, None] * np.take_along_axis(cost, order, 0)[None])
+    chosen = np.take_along_axis(order, score.argmin(axis=1), 0)
+    return Curve("lambda", lambdas, chosen, spent(chosen, prediction.runs, flops))
+
+
+def cascade_curve(bpb: np.ndarray, flops: np.ndarray, cheap: int, target: int, points: int) -> Curve:
+    """Run the `cheap` member; escalate to `target` where its bits per byte exceed the threshold (swept from +∞,
+    never, over quantiles of its losses to −∞, always). Cost: the cheap member always, plus the target where it
+    escalates; the loss: the target's where it escalates. See CASCADE_NOTE for what this cascade knows."""
+    thresholds = np.concatenate([[np.inf], np.quantile(bpb[cheap], np.linspace(1, 0, max(points - 2, 0))), [-np.inf]])
+    chosen = np.where(bpb[cheap][None] > thresholds[:, None], target, cheap)
+    return Curve("threshold", thresholds, chosen, spent(chosen, (cheap,), flops))
+
+
+def hull(cost: np.ndarray, quality: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RouterBench's non-decreasing convex hull: the smallest concave, non-decreasing function of cost above
+    every (cost, quality) point (picking between two operating points at random realises any point between
+    them, and a budget can be left unspent). Returns the indices of the points that are its knots, and its knots
+    (costs, qualities) up to the largest cost, where it is held flat."""
+    knots: list[int] = []
+    for i in np.lexsort((-quality, cost)):  # by cost, the best first among equal costs
+        if knots and quality[i] <= quality[knots[-1]]:
+            continue  # no better than a cheaper point: under the hull
+        while len(knots) >= 2:
+            a, b = knots[-2], knots[-1]
+            if (cost[b] - cost[a]) * (quality[i] - quality[a]) < (quality[b] - quality[a]) * (cost[i] - cost[a]):
+                break  # b lies above the chord from a to i: it stays a knot
+            knots.pop()
+        knots.append(int(i))
+    xs, ys = cost[knots], quality[knots]
+    if cost.max() > xs[-1]:
+        xs, ys = np.append(xs, cost.max()), np.append(ys, ys[-1])
+    return np.asarray(knots), xs, ys
+
+
+def aiq(cost: np.ndarray, quality: np.ndarray) -> float:
+    """RouterBench's AIQ: the area under the hull (see `hull`) over the cost range the points span, divided by
+    that range (the hull's mean quality); a curve of one cost is its best quality."""
+    _, xs, ys = hull(cost, quality)
+    return float(ys[0]) if len(xs) == 1 else float(np.trapezoid(ys, xs) / (xs[-1] - xs[0]))
+
+
+def oracle_gap(cost: np.ndarray, quality: np.ndarray, perfect_cost: np.ndarray, perfect_quality: np.ndarray) -> float:
+    """The perfect router's hull minus this curve's hull, averaged over this curve's cost range (matched cost).
+    The perfect hull is held flat beyond its own cost range (np.interp), where it has no points of its own."""
+    _, xs, ys = hull(cost, quality)
+    _, pxs, pys = hull(perfect_cost, perfect_quality)
+    if len(xs) == 1:
+        return float(np.interp(xs[0], pxs, pys) - ys[0])
+    knots = np.union1d(xs, pxs[(pxs > xs[0]) & (pxs < xs[-1])])  # both are linear between these: exact
+    return float(np.trapezoid(np.interp(knots, pxs, pys) - np.interp(knots, xs, ys), knots) / (xs[-1] - xs[0]))
 
 
 def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence[str], *, test_fraction: float,
-             seed: int, bootstrap: int, ngram_features: int = 4096, ridge_alpha: float = 1.0) -> dict:
-    """Every strategy on every ensemble, cross-fitted: returns tables and bootstrap replicates (see module doc).
+             seed: int, bootstrap: int, ngram_features: int = 4096, ridge_alpha: float = 1.0, knn_neighbors: int = 10,
+             mlp_hidden: int = 64, sweep_points: int = 48) -> dict:
+    """Every strategy on every ensemble, cross-fitted, and the cost–quality curves at the whole pool: returns
+    tables and bootstrap replicates (see module doc).
 
     Keys: `table` (one row per ensemble and strategy: test bits per byte, train bits per byte, FLOPs per byte,
-    routing accuracy), `replicates` (strategy -> (ensembles, resamples) test bits per byte), `test` (the mask).
+    routing accuracy), `replicates` (strategy -> (ensembles, resamples) test bits per byte), `test` (the mask),
+    `curves` (curve name -> its `Curve` and, per point, test bits per byte and FLOPs per byte with their
+    (points, resamples) replicates), `cascade` (its cheap member and the member it escalates to).
     """
     check_number("routing.bootstrap", bootstrap, 0, integer=True)
     models = [str(name) for name in pool["model"].values]
@@ -168,15 +346,29 @@ def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence
     every_member = member @ flops_per_document  # the oracle and the mixtures run every member
     flops = {"oracle": every_member, "mixture_uniform": every_member, "mixture_fitted": every_member}
     best_member = np.argmin(np.where(member[:, :, None], nll[None], np.inf), axis=1)
+    data = RouterData(bpb, train, texts, n_bytes, n_params, seed=seed, ngram_features=ngram_features,
+                      ridge_alpha=ridge_alpha, knn_neighbors=knn_neighbors, mlp_hidden=mlp_hidden)
+    whole = np.flatnonzero(member[int(np.argmax(member.sum(axis=1)))])  # the whole pool's members
+    sweep = np.ix_(whole, np.flatnonzero(test))  # the curves: the whole pool on the test documents
+    curves = {"perfect": lambda_curve(Prediction(bpb[sweep]), flops_per_document[sweep], n_bytes[test], sweep_points)}
     accuracy = {}
-    for name in ROUTERS:
-        predicted = router_predictions(name, bpb, train, texts, n_params, ngram_features=ngram_features,
-                                       ridge_alpha=ridge_alpha, n_bytes=n_bytes)
-        chosen = route(predicted, member)
+    for name, router in ROUTERS.items():
+        prediction = router(data)
+        chosen = route(prediction.bpb, member)
         documents = np.arange(nll.shape[1])
         per_document[f"router_{name}"] = nll[chosen, documents]
-        flops[f"router_{name}"] = flops_per_document[chosen, documents] + router_cost(name, flops_per_document, n_params)
+        flops[f"router_{name}"] = spent(chosen, prediction.runs, flops_per_document)
         accuracy[f"router_{name}"] = (chosen == best_member)[:, test].mean(axis=1)
+        runs = tuple(int(i) for i in np.flatnonzero(np.isin(whole, prediction.runs)))
+        curves[f"router_{name}"] = lambda_curve(Prediction(prediction.bpb[sweep], runs), flops_per_document[sweep],
+                                                n_bytes[test], sweep_points)
+    cascade = {}
+    if len(whole) >= 2:  # cheap: the fewest parameters; escalate to the member best on the training documents
+        cheap = int(np.argmin(n_params[whole]))
+        on_train = nll[whole][:, train].sum(axis=1)
+        target = int(np.argmin(np.where(np.arange(len(whole)) == cheap, np.inf, on_train)))
+        curves["cascade"] = cascade_curve(bpb[sweep], flops_per_document[sweep], cheap, target, sweep_points)
+        cascade = {"cheap": models[whole[cheap]], "escalates_to": models[whole[target]]}
     rng = np.random.default_rng([seed, 1])
     weights = rng.poisson(1.0, (int(test.sum()), bootstrap)).astype(np.float64)
     rows, replicates = [], {}
@@ -191,7 +383,46 @@ def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence
             "flops_per_byte": flops[strategy][:, test].sum(axis=1) / n_bytes[test].sum(),
             "routing_accuracy": accuracy.get(strategy, np.nan),
         }))
-    return {"table": pd.concat(rows, ignore_index=True), "replicates": replicates, "test": test}
+    points = {}
+    for name, curve in curves.items():
+        chosen_nll = nll[sweep][curve.chosen, np.arange(int(test.sum()))]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            points[name] = {"curve": curve, "test_bpb": chosen_nll.sum(axis=1) / (n_bytes[test].sum() * LN2),
+                            "flops_per_byte": curve.flops.sum(axis=1) / n_bytes[test].sum(),
+                            "replicate_bpb": (chosen_nll @ weights) / ((n_bytes[test] @ weights) * LN2),
+                            "replicate_flops": (curve.flops @ weights) / (n_bytes[test] @ weights)}
+    return {"table": pd.concat(rows, ignore_index=True), "replicates": replicates, "test": test, "curves": points,
+            "cascade": cascade}
+
+
+def curve_metrics(points: dict, cascade: dict) -> tuple[pd.DataFrame, dict]:
+    """The curves' table (one row per operating point, `ROUTER_CURVE_COLUMNS`) and their AIQ and oracle gap at
+    matched cost, each with its interval over the resampled test documents (paired: the perfect router's curve
+    is resampled with the same weights)."""
+    perfect = points["perfect"]
+    rows, summary = [], {}
+    for name, point in points.items():
+        cost, quality = point["flops_per_byte"], -point["test_bpb"]
+        knots, xs, _ = hull(cost, quality)
+        rows.append(pd.DataFrame({"router": name, "sweep": point["curve"].sweep, "setting": point["curve"].setting,
+                                  "flops_per_byte": cost, "test_bpb": point["test_bpb"],
+                                  "on_hull": np.isin(np.arange(len(cost)), knots)}))
+        resampled = [(point["replicate_flops"][:, b], -point["replicate_bpb"][:, b],
+                      perfect["replicate_flops"][:, b], -perfect["replicate_bpb"][:, b])
+                     for b in range(point["replicate_bpb"].shape[1])]
+        summary[name] = {
+            "aiq": {"value": aiq(cost, quality), "ci95": _interval(np.array([aiq(*r[:2]) for r in resampled]))},
+            "oracle_gap": {"value": oracle_gap(cost, quality, perfect["flops_per_byte"], -perfect["test_bpb"]),
+                           "ci95": _interval(np.array([oracle_gap(*r) for r in resampled]))},
+            "flops_per_byte_range": [float(xs[0]), float(xs[-1])], "points": len(cost)}
+    summary["perfect"]["oracle_gap"] = {"value": 0.0, "ci95": None, "note": "0 by construction: it is the reference"}
+    return pd.concat(rows, ignore_index=True).reindex(columns=ROUTER_CURVE_COLUMNS), {
+        "axes": COST_QUALITY_AXES,
+        "sweep": "routers and the perfect router (predictions = the true losses): per test document the member "
+                 "minimising predicted bits per byte + λ · its extra FLOPs per byte, λ from 0 up to where every "
+                 "document runs its cheapest member; the cascade: its threshold from +∞ (never escalate) to −∞",
+        "cascade": {**cascade, "note": CASCADE_NOTE} if cascade else None,
+        "routers": summary}
 
 
 def _interval(values: np.ndarray) -> list[float] | None:
@@ -201,15 +432,19 @@ def _interval(values: np.ndarray) -> list[float] | None:
 
 def routing_study(pool_path: str | Path, oracle_dir: str | Path, eval_split: str | Path, out: str | Path,
                   metrics_path: str | Path, *, test_fraction: float, seed: int, bootstrap: int,
-                  ngram_features: int = 4096, ridge_alpha: float = 1.0) -> dict:
-    """The routing stage: strategies × ensembles (tables in `out`), headline figures and the realisable laws
-    (`metrics_path`). Returns the metrics."""
+                  ngram_features: int = 4096, ridge_alpha: float = 1.0, knn_neighbors: int = 10, mlp_hidden: int = 64,
+                  sweep_points: int = 48) -> dict:
+    """The routing stage: strategies × ensembles and the whole pool's cost–quality curves (tables in `out`),
+    headline figures, AIQ and oracle gaps, and the realisable laws (`metrics_path`). Returns the metrics."""
     # by range, before any work: a zero feature count divides by zero inside the hashing (SIGFPE, no message)
     check_number("routing.test_fraction", test_fraction, 0, 1, low_open=True, high_open=True)
     check_number("routing.bootstrap", bootstrap, 0, integer=True)
     check_number("routing.seed", seed, 0, integer=True)
     check_number("routing.ngram_features", ngram_features, 1, NGRAM_FEATURES_MAX, integer=True)
     check_number("routing.ridge_alpha", ridge_alpha, 0)
+    check_number("routing.knn_neighbors", knn_neighbors, 1, integer=True)
+    check_number("routing.mlp_hidden", mlp_hidden, 1, integer=True)
+    check_number("routing.sweep_points", sweep_points, 2, integer=True)
     check_outputs([(out, "routing tables"), (metrics_path, "routing metrics")], [pool_path, oracle_dir, eval_split])
     pool = check_pool(open_store(pool_path), pool_path)
     ensembles = read_ensembles(oracle_dir)
@@ -220,15 +455,18 @@ def routing_study(pool_path: str | Path, oracle_dir: str | Path, eval_split: str
                        "split the pool scored")
     texts = texts.tolist()
     result = realised(pool, ensembles.members.tolist(), texts, test_fraction=test_fraction, seed=seed,
-                      bootstrap=bootstrap, ngram_features=ngram_features, ridge_alpha=ridge_alpha)
+                      bootstrap=bootstrap, ngram_features=ngram_features, ridge_alpha=ridge_alpha,
+                      knn_neighbors=knn_neighbors, mlp_hidden=mlp_hidden, sweep_points=sweep_points)
     table = result["table"].merge(ensembles[["kind", "k", "total_params"]], left_on="ensemble", right_index=True)
     metrics = _routing_metrics(table, result["replicates"], ensembles, result["test"], bootstrap)
+    router_curves, metrics["cost_quality_at_largest_k"] = curve_metrics(result["curves"], result["cascade"])
     with atomic_path(out, "routing tables") as tmp:
         tmp.mkdir()
         table.to_parquet(tmp / "strategies.parquet", index=False)
         table.to_csv(tmp / "strategies.csv", index=False)
         metrics_frame = pd.DataFrame(metrics.pop("_curves"))
         metrics_frame.to_csv(tmp / "curves.csv", index=False)
+        router_curves.to_csv(tmp / "router_curves.csv", index=False)
     write_json(json_ready(metrics), metrics_path, "routing metrics")
     return metrics
 
