@@ -22,9 +22,8 @@ import sys
 import sysconfig
 import tokenize
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import datasets
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -35,6 +34,9 @@ from tqdm.auto import tqdm
 import mmc
 from mmc import MMCError, check_name
 from mmc.store import atomic_path, check_outputs
+
+if TYPE_CHECKING:
+    import datasets
 
 REQUIRED_COLUMNS = ("sample_id", "text")
 
@@ -54,6 +56,8 @@ def fingerprint(sample_ids: list[str], texts: list[str]) -> str:
 
 def load_samples(data_dir: str | Path, split: str = "eval") -> datasets.Dataset:
     """Load an evaluation set saved with `save_to_disk`: a Dataset, or a DatasetDict and a split name."""
+    import datasets
+
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise MMCError(f"dataset '{data_dir}' does not exist; build it with `mmc corpus` or `save_to_disk`")
@@ -257,6 +261,8 @@ def hf_records(
     `split` takes the `datasets` slicing syntax (`train[:10000]`) to read part of a big dataset. Without
     `domain_field`, every record's domain is the dataset's name (its last path component).
     """
+    import datasets
+
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as error:
@@ -476,6 +482,8 @@ def build_corpus(
     stdlib) would otherwise get a handful of eval files, and its eval loss would describe those files alone.
     The price is that an eval chunk's neighbours in the same file may be in train.
     """
+    import datasets
+
     if max_chars < 1:
         raise MMCError(f"--max-chars must be at least 1 (got {max_chars})")
     if not 0 < eval_fraction < 1:
@@ -524,6 +532,8 @@ def build_corpus(
 
 
 def _split_dataset(split: pd.DataFrame) -> datasets.Dataset:
+    import datasets
+
     texts = pa.array(split.text.tolist(), pa.string())
     table = pa.table({
         "sample_id": pa.array(split.sample_id.tolist(), pa.string()),
