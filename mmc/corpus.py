@@ -94,6 +94,13 @@ def load_samples(data_dir: str | Path, split: str = "eval") -> datasets.Dataset:
     return loaded
 
 
+def sample_bytes(samples) -> np.ndarray:
+    """The UTF-8 length of every sample's text: the `n_bytes` column where the dataset has one."""
+    if "n_bytes" in samples.column_names:
+        return np.asarray(samples["n_bytes"], dtype=np.int64)
+    return np.fromiter((len(t.encode("utf-8")) for t in samples["text"]), dtype=np.int64, count=len(samples))
+
+
 def _non_string(column: pa.ChunkedArray) -> str | None:
     """None for a column of strings without nulls, else the Python type name of what it holds instead."""
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
