@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 from collections.abc import Callable
 
-# Modules that import torch, transformers, scikit-learn or matplotlib (losses, interchange, merging, sweep, train, zoo,
-# routing, report) are imported by the commands that run them: every other command starts without those libraries.
+# Modules that import torch, transformers, scikit-learn or matplotlib (losses, merging, sweep, train, zoo, routing,
+# report) are imported by the commands that run them: every other command starts without those libraries.
 from mmc import __version__, check_number, corpus, exit_status
 from mmc.catalog import install_models, list_models, models_text
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
+from mmc.interchange import export_losses, import_losses
 from mmc.merge_law import LOSSES, interval_text, plan_from_law, plan_text, fit_merge_study
 from mmc.merge_methods import DEFAULT_SWEEP, METHODS, SETTINGS, MergeSpec, merge_specs
 from mmc.oracle import oracle_study
@@ -136,8 +137,6 @@ EPILOG_IMPORT = """examples:
 
 
 def _run_import(args: argparse.Namespace) -> None:
-    from mmc.interchange import import_losses
-
     dataset = import_losses(args.source, args.data, args.out, format=args.format, split=args.split, model=args.model,
                             family=args.family, data=args.data_label, n_params=args.n_params,
                             n_params_nonembedding=args.n_params_nonembedding)
@@ -180,8 +179,6 @@ EPILOG_EXPORT = """examples:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from mmc.interchange import export_losses
-
     table = export_losses(args.store, args.out)
     print(f"wrote {args.out}: {len(table)} rows ({table['model'].nunique()} models)")
 
