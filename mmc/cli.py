@@ -8,25 +8,19 @@ import sys
 from pathlib import Path
 from collections.abc import Callable
 
-import datasets
-import transformers
-
-from mmc import __version__, check_number, corpus, exit_status, zoo
+# Modules that import torch, transformers, scikit-learn or matplotlib (losses, merging, sweep, train, zoo, routing,
+# report) are imported by the commands that run them: every other command starts without those libraries.
+from mmc import __version__, check_number, corpus, exit_status
 from mmc.catalog import install_models, list_models, models_text
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
-from mmc.losses import (BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, combine_shards, convert_gguf,
-                        write_losses)
-from mmc.merge_law import LOSSES, interval_text, plan_from_law, plan_text, fit_merge_study
-from mmc.merging import METHODS, SETTINGS, MergeSpec, merge_models, merge_specs
 from mmc.interchange import export_losses, import_losses
+from mmc.merge_law import LOSSES, interval_text, plan_from_law, plan_text, fit_merge_study
+from mmc.merge_methods import DEFAULT_SWEEP, METHODS, SETTINGS, MergeSpec, merge_specs
 from mmc.oracle import oracle_study
-from mmc.params import FAMILIES, TOKENIZER_KINDS, params_reference, read_params
+from mmc.params import (BATCH_TOKENS, CPU_BATCH_TOKENS, FAMILIES, FLUSH_SECONDS, HEAD_DTYPE, TOKENIZER_KINDS,
+                        params_reference, read_params)
 from mmc.presets import add_pool_entry, apply_preset, pool_entry_for, remove_pool_entry
-from mmc.report import parameter_text, write_report
-from mmc.routing import NGRAM_FEATURES_MAX, routing_study
 from mmc.store import SAMPLE_CHUNK, write_pool
-from mmc.sweep import DEFAULT_SWEEP, write_sweep
-from mmc.train import train_expert
 
 EPILOG_LOSSES = """example:
   mmc losses --model data/zoo/gpt2-m --data data/corpus --out data/losses/gpt2-m.zarr
@@ -48,6 +42,8 @@ def _optional_str(text: str) -> str | None:
 
 
 def _run_losses(args: argparse.Namespace) -> None:
+    from mmc.losses import write_losses
+
     dataset = write_losses(
         args.model, args.data, args.out, split=args.split, family=args.family or "", data=args.data_label or "",
         revision=args.revision,
@@ -113,6 +109,8 @@ EPILOG_COMBINE_SHARDS = """example:
 
 
 def _run_combine_shards(args: argparse.Namespace) -> None:
+    from mmc.losses import combine_shards
+
     dataset = combine_shards(args.shards, args.out)
     print(f"wrote {args.out}: {len(args.shards)} shards, {dataset.sizes['sample']} samples, "
           f"{float(dataset.nll.sum()):.1f} nats")
@@ -139,7 +137,6 @@ EPILOG_IMPORT = """examples:
 
 
 def _run_import(args: argparse.Namespace) -> None:
-
     dataset = import_losses(args.source, args.data, args.out, format=args.format, split=args.split, model=args.model,
                             family=args.family, data=args.data_label, n_params=args.n_params,
                             n_params_nonembedding=args.n_params_nonembedding)
@@ -182,7 +179,6 @@ EPILOG_EXPORT = """examples:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-
     table = export_losses(args.store, args.out)
     print(f"wrote {args.out}: {len(table)} rows ({table['model'].nunique()} models)")
 
@@ -204,6 +200,8 @@ EPILOG_CONVERT_GGUF = """example:
 
 
 def _run_convert_gguf(args: argparse.Namespace) -> None:
+    from mmc.losses import convert_gguf
+
     summary = convert_gguf(args.gguf, args.out)
     print(f"wrote {args.out}: {args.gguf} ({summary['gguf_quantization']}, sha256 {summary['gguf_sha256']}) "
           "dequantized to float32")
@@ -339,7 +337,9 @@ EPILOG_ZOO = """example:
 
 
 def _run_zoo_train(args: argparse.Namespace) -> None:
-    summary = zoo.train_zoo_member(
+    from mmc.zoo import train_zoo_member
+
+    summary = train_zoo_member(
         args.corpus, args.out, args.log, domains=args.domains, family=args.family, tokenizer_kind=args.tokenizer,
         vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
         context=args.context, train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr,
@@ -389,6 +389,8 @@ EPILOG_EXPERTS = """example:
 
 
 def _run_experts_train(args: argparse.Namespace) -> None:
+    from mmc.train import train_expert
+
     summary = train_expert(
         args.base, args.corpus, args.domain, args.out, args.log, revision=args.revision, context=args.context,
         train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -495,6 +497,8 @@ EPILOG_FIT = """example:
 
 
 def _run_fit(args: argparse.Namespace) -> None:
+    from mmc.report import parameter_text
+
     metrics = fit_collaboration(args.pool, args.oracle, args.out, args.plots, bootstrap=args.bootstrap, seed=args.seed,
                                 holdout_fraction=args.holdout_fraction, sample_chunk=args.sample_chunk, x=args.x,
                                 scheduler=args.scheduler)
@@ -541,6 +545,8 @@ EPILOG_ROUTE = """example:
 
 
 def _run_route(args: argparse.Namespace) -> None:
+    from mmc.routing import NGRAM_FEATURES_MAX, routing_study
+
     check_number("--test-fraction", args.test_fraction, 0, 1, low_open=True, high_open=True)
     check_number("--bootstrap", args.bootstrap, 0, integer=True)
     check_number("--seed", args.seed, 0, integer=True)
@@ -597,6 +603,8 @@ EPILOG_MERGE = """examples:
 
 
 def _run_merge(args: argparse.Namespace) -> None:
+    from mmc.merging import merge_models
+
     spec = MergeSpec(args.method, **{name: getattr(args, name) for name in SETTINGS})
     summary = merge_models(args.base, args.experts, spec, args.out, dtype=args.dtype,
                            mergekit_yaml=args.emit_mergekit_config, allow_pickle=args.allow_pickle)
@@ -640,6 +648,8 @@ EPILOG_REPORT = """example:
 
 
 def _run_report(args: argparse.Namespace) -> None:
+    from mmc.report import write_report
+
     figures = write_report(args.laws, args.law_plots, args.oracle, args.out, merge_law_path=args.merge_law,
                            merge_plots=args.merge_plots, plan_path=args.plan, routing_dir=args.routing,
                            routing_path=args.routing_metrics)
@@ -672,6 +682,8 @@ EPILOG_MERGE_SWEEP = """example:
 
 
 def _run_merge_sweep(args: argparse.Namespace) -> None:
+    from mmc.sweep import write_sweep
+
     store = write_sweep(args.base, args.experts_dir, args.domains, args.data, args.out, args.methods, seed=args.seed,
                         max_subsets_per_k=args.max_subsets_per_k, docs_per_domain=args.docs_per_domain,
                         batch_tokens=args.batch_tokens, device=args.device, allow_pickle=args.allow_pickle)
@@ -848,8 +860,6 @@ POOL_SETTINGS = {  # per-model engine settings: only those given are written; th
 
 
 def _run_pool_add(args: argparse.Namespace) -> None:
-
-
     settings = {name: getattr(args, name) for name in (flag[2:].replace("-", "_") for flag in POOL_SETTINGS)}
     slug, entry = pool_entry_for(args.model, args.family, args.data, args.revision, root=Path(args.params).parent,
                                  **settings)
@@ -859,7 +869,6 @@ def _run_pool_add(args: argparse.Namespace) -> None:
 
 
 def _run_pool_remove(args: argparse.Namespace) -> None:
-
     remove_pool_entry(args.params, args.name)
     print(f"removed {args.name} from the pool of {args.params}")
 
@@ -947,10 +956,12 @@ def cli_reference() -> str:
 
 
 def _quiet_libraries_off_terminal() -> None:
-    """Library progress bars only on a terminal: DVC logs and CI output stay readable."""
+    """Library progress bars (datasets', transformers' and the hub's) only on a terminal: DVC logs and CI output stay
+    readable. Set through the libraries' environment switches, read when a command imports them; one set by the
+    user stands."""
     if not sys.stderr.isatty():
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:

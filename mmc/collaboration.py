@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy import stats
-from scipy.optimize import least_squares
 
 from mmc import MMCError, check_number
 from mmc.laws import EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_ready, too_few_members
@@ -309,6 +307,8 @@ def _joint_residuals(theta: np.ndarray, points: dict, shape: str) -> np.ndarray:
 
 
 def _fit_joint(points: dict, shape: str, starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    from scipy.optimize import least_squares
+
     size = 4 if shape == "shared_exponent" else 5
     low = np.full(size, -np.inf)
     high = np.full(size, np.inf)
@@ -340,6 +340,8 @@ def _joint_fit(points: dict, replicates: dict | None) -> dict:
     n = sum(len(y) for _, y in points.values())
 
     def test(rss_restricted: float, rss_full: float, dof: int) -> dict:
+        from scipy import stats
+
         statistic = (rss_restricted - rss_full) / max(rss_full / dof, 1e-300)
         return {"f_statistic": float(statistic), "p_value": float(stats.f.sf(statistic, 1, dof))}
 

@@ -22,9 +22,8 @@ import sys
 import sysconfig
 import tokenize
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import datasets
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -35,6 +34,9 @@ from tqdm.auto import tqdm
 import mmc
 from mmc import MMCError, check_name
 from mmc.store import atomic_path, check_outputs
+
+if TYPE_CHECKING:
+    import datasets
 
 REQUIRED_COLUMNS = ("sample_id", "text")
 
@@ -54,6 +56,8 @@ def fingerprint(sample_ids: list[str], texts: list[str]) -> str:
 
 def load_samples(data_dir: str | Path, split: str = "eval") -> datasets.Dataset:
     """Load an evaluation set saved with `save_to_disk`: a Dataset, or a DatasetDict and a split name."""
+    import datasets
+
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise MMCError(f"dataset '{data_dir}' does not exist; build it with `mmc corpus` or `save_to_disk`")
@@ -88,6 +92,13 @@ def load_samples(data_dir: str | Path, split: str = "eval") -> datasets.Dataset:
         raise MMCError(f"dataset '{data_dir}' has {empty} empty text(s): a loss of 0 nats over 0 tokens means "
                        f"nothing; drop them (`mmc corpus` does)")
     return loaded
+
+
+def sample_bytes(samples) -> np.ndarray:
+    """The UTF-8 length of every sample's text: the `n_bytes` column where the dataset has one."""
+    if "n_bytes" in samples.column_names:
+        return np.asarray(samples["n_bytes"], dtype=np.int64)
+    return np.fromiter((len(t.encode("utf-8")) for t in samples["text"]), dtype=np.int64, count=len(samples))
 
 
 def _non_string(column: pa.ChunkedArray) -> str | None:
@@ -257,6 +268,8 @@ def hf_records(
     `split` takes the `datasets` slicing syntax (`train[:10000]`) to read part of a big dataset. Without
     `domain_field`, every record's domain is the dataset's name (its last path component).
     """
+    import datasets
+
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as error:
@@ -476,6 +489,8 @@ def build_corpus(
     stdlib) would otherwise get a handful of eval files, and its eval loss would describe those files alone.
     The price is that an eval chunk's neighbours in the same file may be in train.
     """
+    import datasets
+
     if max_chars < 1:
         raise MMCError(f"--max-chars must be at least 1 (got {max_chars})")
     if not 0 < eval_fraction < 1:
@@ -524,6 +539,8 @@ def build_corpus(
 
 
 def _split_dataset(split: pd.DataFrame) -> datasets.Dataset:
+    import datasets
+
     texts = pa.array(split.text.tolist(), pa.string())
     table = pa.table({
         "sample_id": pa.array(split.sample_id.tolist(), pa.string()),

@@ -29,9 +29,9 @@ import xarray as xr
 
 import mmc
 from mmc import MMCError, check_number
-from mmc.corpus import fingerprint, load_samples
-from mmc.losses import loss_dataset, sample_bytes
-from mmc.store import PARQUET_KIND_KEY, atomic_path, check_outputs, check_pool, open_store, write_store
+from mmc.corpus import fingerprint, load_samples, sample_bytes
+from mmc.store import (PARQUET_KIND_KEY, atomic_path, check_outputs, check_pool, loss_dataset, open_store,
+                       write_store)
 
 FORMATS = ("auto", "lm-eval", "table")
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}

@@ -30,8 +30,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
-from scipy.optimize import minimize
 
 from mmc import MMCError, check_number
 
@@ -440,6 +438,8 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
 def _scipy_polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray,
                   delta: float | None) -> tuple[np.ndarray, float]:
     """A last L-BFGS-B polish of one θ on the exact objective (its kinks handled by the line search)."""
+    from scipy.optimize import minimize
+
     def objective(values: np.ndarray) -> tuple[float, np.ndarray]:
         prediction, jac = design.log_predict(values[None])
         rho, psi, _ = _rho(prediction[0] - target, delta)
@@ -506,6 +506,8 @@ def _profile(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np
     interval that reaches the end of the range on one side is open there: the parameter is not identified, and
     only the other side is reported.
     """
+    from scipy import stats
+
     n_params = len(theta)
     prediction, _ = design.log_predict(theta[None], jacobian=False)
     residuals = prediction[0] - target

@@ -42,14 +42,15 @@ from tqdm.auto import tqdm
 
 import mmc
 from mmc import MMCError, check_number
-from mmc.corpus import fingerprint, load_samples
-from mmc.params import HUB_ID, is_gguf
+from mmc.corpus import fingerprint, load_samples, sample_bytes
+from mmc.params import BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, HUB_ID, is_gguf
 from mmc.store import (
     Partial,
     atomic_path,
     check_losses,
     check_outputs,
     files_signature,
+    loss_dataset,
     open_store,
     partial_path,
     remove_output,
@@ -59,13 +60,9 @@ from mmc.store import (
 HEAD_CHUNK_ELEMENTS = 2**26  # logits per head chunk: 256 MiB in fp32
 CONTEXT_CONFIG_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 DEFAULT_CONTEXT = 2048  # as lm-eval, when neither config nor tokenizer says
-BATCH_TOKENS = 16384  # padded tokens per scoring batch on an accelerator
-CPU_BATCH_TOKENS = 512  # padded tokens per scoring batch on a CPU (`batch_budget`)
 MAX_PADDING = 0.1  # share of a batch's positions that may be padding
 TIED_HEAD_TOLERANCE = 0.5  # a head this close to the embedding (relative distance) is a copy of it (`tied_embeddings`)
-FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
 SHARD_ATTR = "shard"  # a shard store's attr: JSON of its index, the shard count and the batch schedule
-HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
 GGUF_MAGIC = b"GGUF"
 GGUF_HEADER_BYTES = 24  # magic, version (uint32), tensor count and metadata field count (uint64 each)
 HASH_CHUNK_BYTES = 2**24
@@ -714,26 +711,6 @@ def compute_losses(
         coords={"window": mine, **coords},
         attrs={**attrs, SHARD_ATTR: json.dumps({"index": index, "count": count, **schedule})},
     )
-
-
-def loss_dataset(nll: np.ndarray, n_tokens: np.ndarray, n_bytes: np.ndarray, coords: dict, attrs: dict) -> xr.Dataset:
-    """A loss store's content, from a whole run or from its shards."""
-    return xr.Dataset(
-        {
-            "nll": ("sample", nll.astype(np.float64), {"units": "nats", "long_name": "total negative log-likelihood"}),
-            "n_tokens": ("sample", n_tokens),
-            "n_bytes": ("sample", n_bytes),
-        },
-        coords=coords,
-        attrs=attrs,
-    )
-
-
-def sample_bytes(samples) -> np.ndarray:
-    """The UTF-8 length of every sample's text: the `n_bytes` column where the dataset has one."""
-    if "n_bytes" in samples.column_names:
-        return np.asarray(samples["n_bytes"], dtype=np.int64)
-    return np.fromiter((len(t.encode("utf-8")) for t in samples["text"]), dtype=np.int64, count=len(samples))
 
 
 def write_losses(model: str, data_dir: str | Path, out: str | Path, *, shards: int = 1, **options) -> xr.Dataset:

@@ -28,6 +28,11 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # a Hugging Face hub mo
 ZOO_DIR = "data/zoo"  # where dvc.yaml's zoo stages write their members
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# the scoring engine's defaults (`mmc losses`), here so that the command line reads them without importing torch
+BATCH_TOKENS = 16384  # padded tokens per scoring batch on an accelerator
+CPU_BATCH_TOKENS = 512  # padded tokens per scoring batch on a CPU (`mmc.losses.batch_budget`)
+FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
+HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
 
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps")]
 Dtype = Literal[DTYPES]

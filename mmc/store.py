@@ -475,6 +475,20 @@ def write_tables(tables: Mapping[str, pd.DataFrame], folder: str | Path) -> None
             table.to_csv(tmp / f"{name}.csv", index=False)
 
 
+def loss_dataset(nll: np.ndarray, n_tokens: np.ndarray, n_bytes: np.ndarray, coords: dict, attrs: dict) -> xr.Dataset:
+    """A loss store's content (per-sample nll in nats, n_tokens, n_bytes): from a scoring run, its shards or
+    losses imported from elsewhere."""
+    return xr.Dataset(
+        {
+            "nll": ("sample", nll.astype(np.float64), {"units": "nats", "long_name": "total negative log-likelihood"}),
+            "n_tokens": ("sample", n_tokens),
+            "n_bytes": ("sample", n_bytes),
+        },
+        coords=coords,
+        attrs=attrs,
+    )
+
+
 def write_store(dataset: xr.Dataset, path: str | Path, kind: str) -> None:
     """Write `dataset` as a Zarr v3 store: one chunk per variable (a handful of files for DVC), or its dask
     chunks where a variable is dask-backed (written chunk by chunk, so memory holds one chunk at a time)."""

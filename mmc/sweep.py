@@ -18,13 +18,11 @@ from tqdm.auto import tqdm
 
 import mmc
 from mmc import MMCError, check_name, check_number
-from mmc.corpus import fingerprint, load_samples
-from mmc.losses import count_parameters, load_model, sample_bytes, score_texts
-from mmc.merging import METHODS, MergeSpec, check_expert_base, copy_into, merge, stack_experts
+from mmc.corpus import fingerprint, load_samples, sample_bytes
+from mmc.losses import count_parameters, load_model, score_texts
+from mmc.merge_methods import METHODS, MergeSpec
+from mmc.merging import check_expert_base, copy_into, merge, stack_experts
 from mmc.store import check_outputs, write_store
-
-DEFAULT_SWEEP = ("average", "task_arithmetic", "ties", "dare")  # the four methods of arXiv 2509.24244
-
 
 
 def expert_subsets(n_experts: int, max_subsets_per_k: int, seed: int) -> list[tuple[int, ...]]:

@@ -9,7 +9,7 @@ import sys
 
 from common import params, run
 
-from mmc.merging import merge_specs
+from mmc.merge_methods import merge_specs
 from mmc.params import write_check
 
 out, = sys.argv[1:]

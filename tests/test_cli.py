@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 
 from conftest import ROOT
 from mmc.cli import build_parser, cli_reference, leaf_parsers
@@ -29,3 +32,25 @@ def test_the_cli_reference_in_the_docs_is_the_parsers():
         "docs/reference/cli.md is out of date: regenerate it with the command at its top"
     for command in leaf_parsers(build_parser()):
         assert f"\n## {command}\n" in page.read_text(encoding="utf-8")
+
+
+MODEL_LIBRARIES = ("torch", "transformers", "datasets", "peft", "lm_eval", "mergekit")
+# the modules of every command and stage that neither scores, trains nor merges models
+LIGHT_MODULES = ("mmc.cli", "mmc.catalog", "mmc.collaboration", "mmc.corpus", "mmc.interchange", "mmc.laws",
+                 "mmc.merge_law", "mmc.merge_methods", "mmc.oracle", "mmc.params", "mmc.presets", "mmc.report",
+                 "mmc.routing", "mmc.store")
+
+
+def modules_loaded_by(code: str) -> set[str]:
+    """The top-level modules a fresh Python process has loaded after running `code` in the project root."""
+    script = code + "\nimport json, sys\nprint(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_commands_that_neither_score_train_nor_merge_start_without_the_model_libraries():
+    """Fitting, planning, routing, reporting and checking load no torch, transformers or datasets: each such command
+    and stage starts in about a second."""
+    assert not modules_loaded_by(f"import {', '.join(LIGHT_MODULES)}") & set(MODEL_LIBRARIES)
+    checked = modules_loaded_by("from mmc.cli import main\nassert main(['params', '--params', 'params.yaml']) == 0")
+    assert not checked & {*MODEL_LIBRARIES, "sklearn", "scipy", "matplotlib"}

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from mmc import MMCError
-from mmc.merging import METHODS, SPARSIFIERS, MergeSpec, mask_seed, merge, merge_state_dicts, mergekit_config, \
-    stack_experts
+from mmc.merge_methods import METHODS, MergeSpec, mergekit_config
+from mmc.merging import SPARSIFIERS, mask_seed, merge, merge_state_dicts, stack_experts
 
 mergekit_registry = pytest.importorskip("mergekit.merge_methods.registry",
                                         reason="mergekit is a test dependency: pip install -e '.[test]'")

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from conftest import build_tiny_model, load, make_experts
 from mmc import MMCError
 from mmc.cli import main
-from mmc.merging import (METHODS, SETTINGS, MergeSpec, mergekit_config, copy_into, mask_seed, merge, merge_state_dicts,
-                         stack_experts)
+from mmc.merge_methods import COMBINER_NAMES, METHODS, SETTINGS, SPARSIFIER_NAMES, MergeSpec, mergekit_config
+from mmc.merging import COMBINERS, SPARSIFIERS, copy_into, mask_seed, merge, merge_state_dicts, stack_experts
 
 # merges that must give back a single expert exactly
 IDENTITY_SPECS = [MergeSpec("average"), MergeSpec("task_arithmetic", lambda_=1.0), MergeSpec("ties", density=1.0),
@@ -297,8 +297,6 @@ def test_cli_writes_a_loadable_model_and_a_config_mergekit_runs(families, tmp_pa
 def test_breadcrumbs_sparsifier_equals_mergekit_tensor_for_tensor(shape, density, gamma):
     """Model Breadcrumbs' mask (drop the top gamma, keep the next density) is mergekit's, entry for entry."""
     sparsify = pytest.importorskip("mergekit.sparsify", reason="mergekit is a test dependency")
-    from mmc.merging import SPARSIFIERS
-
     generator = torch.Generator().manual_seed(len(shape))
     tau = torch.randn(3, *shape, generator=generator, dtype=torch.float64)
     ours = SPARSIFIERS["magnitude_outliers"](tau, MergeSpec("breadcrumbs", density=density, gamma=gamma), "abc", "w")
@@ -336,6 +334,12 @@ def test_every_method_comes_from_its_table_row(families, tmp_path, capsys):
     assert MergeSpec.parse("dare", seed=4).seed == 4
     with pytest.raises(MMCError, match="name=number"):
         MergeSpec.parse("ties:density")
+
+
+def test_every_named_sparsifier_and_combiner_has_its_tensor_function():
+    """mmc.merge_methods declares methods by the names of mmc.merging's tensor functions: one for each name."""
+    assert set(SPARSIFIERS) == set(SPARSIFIER_NAMES)
+    assert set(COMBINERS) == set(COMBINER_NAMES)
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [

@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT, make_project, sh, stage_order
 from mmc import MMCError
 from mmc.cli import main
-from mmc.merging import merge_specs
+from mmc.merge_methods import merge_specs
 from mmc.params import check_params, params_reference
 
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
