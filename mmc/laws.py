@@ -260,36 +260,38 @@ class _Design:
         self.n_points = len(next(iter(inputs.values())))
 
     def log_terms(self, theta: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """(M, n, T) centred log of every term, and the shifted inputs (M, n) of the terms that have one."""
-        out = np.empty((len(theta), self.n_points, len(self.law.terms)))
+        """(T, M, n) centred log of every term, and the shifted inputs (M, n) of the terms that have one. Terms
+        lead the layout: a reduction over them is an elementwise operation on contiguous (M, n) slices."""
+        out = np.empty((len(self.law.terms), len(theta), self.n_points))
         shifted = {}
         for t, term in enumerate(self.law.terms):
-            out[:, :, t] = theta[:, self.index[term.scale], None]
+            out[t] = theta[:, self.index[term.scale], None]
             for name, exponent in term.powers:
-                out[:, :, t] -= theta[:, self.index[exponent], None] * self.logs[name]
+                out[t] -= theta[:, self.index[exponent], None] * self.logs[name]
             if term.shift:
                 name, offset = term.shift
                 shifted[t] = self.shifts[name] + theta[:, self.index[offset], None]
-                out[:, :, t] -= np.log(shifted[t])
+                out[t] -= np.log(shifted[t])
         return out, shifted
 
     def log_predict(self, theta: np.ndarray, jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Centred log L_pred (M, n) and its Jacobian (M, n, P): a softmax-weighted sum over the terms."""
+        """Centred log L_pred (M, n) and its Jacobian (M, P, n): a softmax-weighted sum over the terms. Points
+        are the last axis of both, so the normal equations are batched (P, n) @ (n, P) products."""
         terms, shifted = self.log_terms(theta)
-        peak = terms.max(axis=2, keepdims=True)
+        peak = terms.max(axis=0)
         weights = np.exp(terms - peak)
-        total = weights.sum(axis=2)
-        prediction = peak[:, :, 0] + np.log(total)
+        total = weights.sum(axis=0)
+        prediction = peak + np.log(total)
         if not jacobian:
             return prediction, None
-        weights /= total[:, :, None]
-        jac = np.zeros((*prediction.shape, len(self.law.params)))
+        weights /= total
+        jac = np.zeros((len(theta), len(self.law.params), self.n_points))
         for t, term in enumerate(self.law.terms):
-            jac[:, :, self.index[term.scale]] = weights[:, :, t]
+            jac[:, self.index[term.scale]] = weights[t]
             for name, exponent in term.powers:
-                jac[:, :, self.index[exponent]] = -weights[:, :, t] * self.logs[name]
+                jac[:, self.index[exponent]] = -weights[t] * self.logs[name]
             if term.shift:
-                jac[:, :, self.index[term.shift[1]]] = -weights[:, :, t] / shifted[t]
+                jac[:, self.index[term.shift[1]]] = -weights[t] / shifted[t]
         return prediction, jac
 
     def candidates(self, density: int) -> np.ndarray:
@@ -313,10 +315,10 @@ class _Design:
         theta = np.zeros((len(nonlinear), len(self.law.params)))
         theta[:, self.nonlinear] = nonlinear
         terms, _ = self.log_terms(theta)
-        features = np.exp(terms)  # (G, n, T): each term with scale 1
+        features = np.exp(terms)  # (T, G, n): each term with scale 1
         loss = np.exp(target)  # (B, n) centred losses
-        n_terms = features.shape[2]
-        by_term = [np.ascontiguousarray(features[:, :, t].T) for t in range(n_terms)]  # (n, G) each
+        n_terms = len(features)
+        by_term = [np.ascontiguousarray(feature.T) for feature in features]  # (n, G) each
         a = np.empty((len(target), len(nonlinear), n_terms, n_terms))
         for t, u in itertools.combinations_with_replacement(range(n_terms), 2):
             a[..., t, u] = a[..., u, t] = (weights / loss**2) @ (by_term[t] * by_term[u])
@@ -411,11 +413,11 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
         _, psi, irls = _rho(residuals, delta)
         if tie is not None:  # chain rule: moving a coefficient's parameter moves θ_j with it
             moved = np.isin(rows, tied_rows)
-            jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=2) * \
-                coefficients[rows[moved], None, :]
-        jac = jac * free[rows, None, :]
-        hessian = np.einsum("mn,mnp,mnq->mpq", weights[rows] * irls, jac, jac)
-        gradient = np.einsum("mn,mnp->mp", weights[rows] * psi, jac)
+            jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=1) * \
+                coefficients[rows[moved], :, None]
+        jac *= free[rows, :, None]
+        hessian = jac @ (jac * (weights[rows] * irls)[:, None, :]).transpose(0, 2, 1)
+        gradient = (jac @ (weights[rows] * psi)[:, :, None])[..., 0]
         diagonal = np.einsum("mpp->mp", hessian)
         scaled = hessian + damping[rows, None, None] * (diagonal[:, :, None] * eye + 1e-12 * eye)
         scaled += np.where(free[rows], 0.0, 1.0)[:, :, None] * eye  # held parameters: a unit pivot, zero step
@@ -447,7 +449,7 @@ def _scipy_polish(design: _Design, theta: np.ndarray, target: np.ndarray, weight
     def objective(values: np.ndarray) -> tuple[float, np.ndarray]:
         prediction, jac = design.log_predict(values[None])
         rho, psi, _ = _rho(prediction[0] - target, delta)
-        return float((weights * rho).sum()), jac[0].T @ (weights * psi)
+        return float((weights * rho).sum()), jac[0] @ (weights * psi)
 
     scale = max(objective(theta)[0], 1e-300)
     result = minimize(lambda values: tuple(np.asarray(part) / scale for part in objective(values)), theta, jac=True,
@@ -467,7 +469,7 @@ def _refine(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
     def evaluate(values: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
         prediction, jac = design.log_predict(values[None])
         rho, psi, irls = _rho(prediction[0] - target, delta)
-        return float((weights * rho).sum()), jac[0].T, weights * psi, weights * irls
+        return float((weights * rho).sum()), jac[0], weights * psi, weights * irls
 
     start = value = evaluate(theta)[0]
     refined = theta
