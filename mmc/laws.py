@@ -9,17 +9,19 @@ log L_obs), ρ Huber's loss with threshold δ (default: 1.345 × the MAD scale o
    every candidate of a dense grid over the nonlinear parameters they are solved inside (non-negative least
    squares of the relative residuals, active sets enumerated), vectorised over candidates and data sets;
 2. polish: the best candidates are refined on the exact objective by a batched Levenberg–Marquardt with IRLS
-   weights, the best of them by L-BFGS-B;
+   weights, the best of them by L-BFGS-B and then Gauss–Newton steps until the step vanishes (the optimum to
+   rounding: data that differ in the tenth digit give parameters that agree to about the ninth);
 3. what is determined: a profile interval per parameter (the others re-optimised along it; threshold from
    the robust drop-in-dispersion test) flags each parameter identified or not; bootstrap refits start from the
    grid, never from the estimate, so a flat direction shows as a wide interval, not a zero-width one.
 
 Internally losses and inputs are centred on their geometric means (well conditioned whatever the units);
-reported parameters are in the caller's units, unrounded. Exactly tied losses are one measurement reported at
-several inputs (an ensemble whose added members win no sample has its best member's loss, bit for bit): a tied
+reported parameters are in the caller's units, unrounded. Points that are one measurement by construction (an
+ensemble whose added members win no sample has its best member's loss, bit for bit) are passed as a group: a
 group counts as one point, in the objective, the noise scale, the profile's degrees of freedom and the point
-bootstrap, so duplicates can neither pull the curve nor shrink its intervals. A fit needs at least parameters
-+ 2 distinct losses.
+bootstrap, so copies can neither pull the curve nor shrink its intervals. Only the caller knows a construction:
+equal losses alone are never merged (rounded data hold many equal losses that are separate measurements). A fit
+needs at least parameters + 2 measurements.
 """
 
 from __future__ import annotations
@@ -149,11 +151,13 @@ def get_law(law: str | Law) -> Law:
 class Fit:
     law: Law
     params: dict[str, float]
-    objective: float  # Σ w·ρ(log L_pred − log L_obs) at the optimum (ρ: Huber_δ, or r²/2 for least squares)
+    # Σ w·ρ(log L_pred − log L_obs) at the optimum (ρ: Huber_δ, or r²/2 for least squares), w the caller's weights
+    # (1 per point by default) divided by the size of the point's group: without groups, unit weight per point
+    objective: float
     r2_log: float
     rmse_log: float
     n_points: int
-    n_distinct_losses: int  # tied losses count once (see the module docstring)
+    n_measurements: int  # points with positive weight, a group counted once (see the module docstring)
     huber_delta: float | None  # None: least squares in log space
     n_candidates: int  # grid candidates the scales were solved for
     polished_objectives: np.ndarray = field(repr=False)  # objectives the best candidates were polished to
@@ -203,7 +207,7 @@ class Fit:
             "r2_log": self.r2_log,
             "rmse_log": self.rmse_log,
             "n_points": self.n_points,
-            "n_distinct_losses": self.n_distinct_losses,
+            "n_measurements": self.n_measurements,
             "n_candidates": self.n_candidates,
             "same_optimum": self.same_optimum,
             "n_bootstrap": self.n_bootstrap,
@@ -212,14 +216,16 @@ class Fit:
 
 
 @dataclass(frozen=True)
-class _Ties:
-    """Groups of exactly tied losses, numbered in order of first appearance (no ties: group i is point i)."""
+class _Groups:
+    """Points that are one measurement, numbered in order of first appearance (no labels: group i is point i)."""
     group: np.ndarray  # (points,) the group of each point
     size: np.ndarray  # (groups,) points in each group
 
     @classmethod
-    def of(cls, loss: np.ndarray) -> _Ties:
-        _, first, inverse, counts = np.unique(loss, return_index=True, return_inverse=True, return_counts=True)
+    def of(cls, labels: np.ndarray | None, n_points: int) -> _Groups:
+        if labels is None:
+            return cls(np.arange(n_points), np.ones(n_points, dtype=np.intp))
+        _, first, inverse, counts = np.unique(labels, return_index=True, return_inverse=True, return_counts=True)
         order = np.argsort(first)
         rank = np.empty(len(first), dtype=np.intp)
         rank[order] = np.arange(len(first))
@@ -527,15 +533,15 @@ def _natural(design: _Design, theta: np.ndarray) -> np.ndarray:
     return natural
 
 
-def _auto_delta(design: _Design, target: np.ndarray, weights: np.ndarray, ties: _Ties,
+def _auto_delta(design: _Design, target: np.ndarray, weights: np.ndarray, groups: _Groups,
                 grid: tuple[np.ndarray, np.ndarray]) -> float:
     """Huber's δ = 1.345 × a robust scale (MAD) of the log residuals of a least-squares fit: 95% of least
-    squares' efficiency under Gaussian noise, bounded influence of outliers. One residual per tied group (their
-    mean), so a cluster of duplicates, fitted exactly, cannot drive the scale to 0."""
+    squares' efficiency under Gaussian noise, bounded influence of outliers. One residual per group (their mean),
+    so a cluster of copies of one measurement, fitted exactly, cannot drive the scale to 0."""
     theta, _ = _fit_batch(design, target[None], weights[None], None, GRID_DENSITY, POLISH_KEEP, grid)
     theta, _ = _refine(design, theta[0], target, weights, None)
     residuals = (design.log_predict(theta[None], jacobian=False)[0] - target)[0]
-    residuals = (np.bincount(ties.group, residuals) / ties.size)[ties.used(weights)]
+    residuals = (np.bincount(groups.group, residuals) / groups.size)[groups.used(weights)]
     scale = 1.4826 * np.median(np.abs(residuals - np.median(residuals)))
     return float(max(1.345 * scale, 1e-6))  # exact data: residuals ~0, any δ this small is least squares
 
@@ -605,7 +611,8 @@ def _profile(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np
 
 def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, *,
             weights: np.ndarray | None = None, huber_delta: float | str | None = "auto", bootstrap: int = 0,
-            seed: int = 0, replicates: np.ndarray | None = None, profile: bool = True) -> Fit:
+            seed: int = 0, replicates: np.ndarray | None = None, groups: np.ndarray | None = None,
+            profile: bool = True) -> Fit:
     """Fit `law` to (inputs, loss): the scales solved inside a dense grid over the exponents and offsets, the best
     candidates polished on the full objective; profile intervals and identification for every parameter;
     optionally `bootstrap` refits for percentile intervals.
@@ -615,18 +622,22 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     squares. The default bootstrap resamples the points (multiplicity weights); `replicates` (resamples, points)
     gives resampled losses at the same inputs instead (NaN: the point is missing from that resample). Every
     resample is refitted from the grid, not from the estimate; resamples with too few points are left out.
+
+    `groups` (an integer label per point) marks points that are one measurement by construction (equal losses): a
+    group weighs as one point (each of its points w / group size) and the point bootstrap
+    draws it whole. None (default): every point is its own measurement, equal losses or not.
     """
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
     weights = np.ones(len(loss)) if weights is None else np.asarray(weights, dtype=np.float64)
     if weights.shape != loss.shape or not np.isfinite(weights).all() or (weights < 0).any():
         raise MMCError(f"law {law.name}: weights must be one non-negative finite number per point")
-    ties = _Ties.of(loss)
-    weights = weights / ties.size[ties.group]  # a tied group weighs as one point
-    n_distinct = int(ties.used(weights).sum())
-    if n_distinct < len(law.params) + 2:
-        raise MMCError(f"law {law.name}: {len(loss)} points hold {n_distinct} distinct losses (tied losses are one "
-                       f"measurement), too few for {len(law.params)} parameters (a fit needs at least "
+    grouping = _Groups.of(_check_groups(law, groups, loss), len(loss))
+    weights = weights / grouping.size[grouping.group]  # a group weighs as one point
+    n_measurements = int(grouping.used(weights).sum())
+    if n_measurements < len(law.params) + 2:
+        raise MMCError(f"law {law.name}: {len(loss)} points hold {n_measurements} measurements (a group of points is "
+                       f"one), too few for {len(law.params)} parameters (a fit needs at least "
                        f"{len(law.params) + 2}: parameters + 2)")
     log_loss = np.log(loss)
     power_inputs = {name for term in law.terms for name, _ in term.powers}
@@ -634,7 +645,7 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     design = _Design(law, inputs, centre)
     target = log_loss - centre.log_loss
     grid = design.solve_scales(design.candidates(GRID_DENSITY), target[None], weights[None])
-    delta = _auto_delta(design, target, weights, ties, grid) if huber_delta == "auto" else huber_delta
+    delta = _auto_delta(design, target, weights, grouping, grid) if huber_delta == "auto" else huber_delta
     if delta is not None:
         check_number("huber_delta", delta, 0, low_open=True)
     theta, polished = _fit_batch(design, target[None], weights[None], delta, GRID_DENSITY, POLISH_KEEP, grid)
@@ -646,26 +657,26 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
         law=law, params=dict(zip(law.params, _natural(design, theta).tolist())), objective=objective,
         r2_log=1.0 - float((residuals**2).sum()) / total_variance if total_variance > 0 else math.nan,
         rmse_log=float(np.sqrt((residuals**2).mean())), n_points=len(loss),
-        n_distinct_losses=n_distinct, huber_delta=delta,
+        n_measurements=n_measurements, huber_delta=delta,
         n_candidates=len(design.candidates(GRID_DENSITY)), polished_objectives=np.sort(polished[0])[:3],
     )
     if profile:
-        fit.profile = _profile(design, theta, target, weights, delta, n_distinct)
+        fit.profile = _profile(design, theta, target, weights, delta, n_measurements)
     if bootstrap > 0 or replicates is not None:
-        _bootstrap(fit, design, target, weights, ties, delta, bootstrap, seed, replicates, theta)
+        _bootstrap(fit, design, target, weights, grouping, delta, bootstrap, seed, replicates, theta)
     return fit
 
 
-def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarray, ties: _Ties,
+def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarray, groups: _Groups,
                delta: float | None, n_resamples: int, seed: int, replicates: np.ndarray | None,
                estimate: np.ndarray) -> None:
     """Percentile intervals from refits of resamples, all at once: each polished by LM from the best candidate
     of the grid and from the estimate, the better kept (never from the estimate alone: a flat direction shows).
-    Point resampling draws distinct measurements (a tied group is drawn whole)."""
+    Point resampling draws measurements (a group is drawn whole)."""
     if replicates is None:
         rng = np.random.default_rng(seed)
-        n_groups = len(ties.size)
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_resamples)[:, ties.group]
+        n_groups = len(groups.size)
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_resamples)[:, groups.group]
         targets, resampled = np.repeat(target[None], n_resamples, axis=0), counts * weights
     else:
         replicates = np.asarray(replicates, dtype=np.float64)
@@ -673,7 +684,7 @@ def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarra
         with np.errstate(divide="ignore", invalid="ignore"):
             targets = np.where(missing, 0.0, np.log(np.where(missing, 1.0, replicates)) - design.centre.log_loss)
         resampled = np.where(missing, 0.0, weights)
-    usable = ties.used(resampled).sum(axis=1) >= len(fit.law.params) + 2
+    usable = groups.used(resampled).sum(axis=1) >= len(fit.law.params) + 2
     estimates = []
     for rows in np.array_split(np.flatnonzero(usable), max(1, int(np.ceil(usable.sum() / BOOTSTRAP_BLOCK)))):
         if len(rows):
@@ -714,6 +725,20 @@ def _check_data(law: Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray
     return checked, loss
 
 
+def _check_groups(law: Law, groups: np.ndarray | None, loss: np.ndarray) -> np.ndarray | None:
+    """The group labels, checked: one integer per point, the points of a group holding one loss, as a construction
+    makes them (a group of different losses is a caller's mistake, not a measurement)."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if groups.shape != loss.shape or not np.issubdtype(groups.dtype, np.integer):
+        raise MMCError(f"law {law.name}: groups must be one integer label per point")
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    if (loss != loss[first[inverse]]).any():
+        raise MMCError(f"law {law.name}: the points of a group must hold the same loss (a group is one measurement)")
+    return groups
+
+
 @dataclass
 class HoldoutCheck:
     fit: Fit
@@ -743,8 +768,10 @@ class HoldoutCheck:
 
 
 def holdout_check(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, split_on: str,
-                  n_holdout: int = 1, *, huber_delta: float | str | None = "auto") -> HoldoutCheck:
-    """Fit on the points with the smaller values of `split_on`; predict those at its `n_holdout` largest values."""
+                  n_holdout: int = 1, *, huber_delta: float | str | None = "auto",
+                  groups: np.ndarray | None = None) -> HoldoutCheck:
+    """Fit on the points with the smaller values of `split_on`; predict those at its `n_holdout` largest values
+    (`groups` as in `fit_law`)."""
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
     if split_on not in law.inputs:
@@ -753,13 +780,15 @@ def holdout_check(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.nda
     if not 1 <= n_holdout < len(distinct):
         raise MMCError(f"law {law.name}: cannot hold out {n_holdout} of {len(distinct)} distinct {split_on} values")
     return predict_held_out(law, inputs, loss, inputs[split_on] >= distinct[-n_holdout], split_on,
-                            huber_delta=huber_delta)
+                            huber_delta=huber_delta, groups=groups)
 
 
 def predict_held_out(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, held: np.ndarray,
-                     split_on: str, *, huber_delta: float | str | None = "auto") -> HoldoutCheck:
+                     split_on: str, *, huber_delta: float | str | None = "auto",
+                     groups: np.ndarray | None = None) -> HoldoutCheck:
     """Fit on the points where `held` is False and predict those where it is True (`split_on` names the input
-    whose held-out values are reported). Too few points left to fit is an MMCError (callers report it skipped)."""
+    whose held-out values are reported; `groups` as in `fit_law`). Too few points left to fit is an MMCError
+    (callers report it skipped)."""
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
     held = np.asarray(held, dtype=bool)
@@ -769,7 +798,8 @@ def predict_held_out(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.
         raise MMCError(f"skipped: {(~held).sum()} points left to fit {len(law.params)} parameters (at least "
                        f"{len(law.params) + 2} needed)")
     fit = fit_law(law, {name: values[~held] for name, values in inputs.items()}, loss[~held],
-                  huber_delta=huber_delta, profile=False)
+                  huber_delta=huber_delta, groups=None if groups is None else np.asarray(groups)[~held],
+                  profile=False)
     return HoldoutCheck(fit=fit, split_on=split_on, held_out=np.unique(inputs[split_on][held]).tolist(),
                         observed=loss[held], predicted=fit.predict(**{name: values[held] for name, values in inputs.items()}))
 
