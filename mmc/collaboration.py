@@ -18,7 +18,8 @@ import xarray as xr
 
 from mmc import MMCError, check_number
 from mmc.laws import EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_ready, too_few_members
-from mmc.oracle import bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles
+from mmc.oracle import (bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles,
+                        winner_groups)
 from mmc.store import (SAMPLE_CHUNK, check_outputs, check_pool, dask_scheduler, open_store, write_json,
                        write_tables)
 
@@ -60,16 +61,18 @@ def _series_points(table: pd.DataFrame) -> dict[str, np.ndarray]:
     return series
 
 
-def _fit_series(x: np.ndarray, y: np.ndarray, replicates: np.ndarray | None, seed: int) -> Fit:
-    """The collaboration law on one point set (x, y); `replicates` (points, resamples) give the bootstrap fits."""
-    return fit_law(COLLABORATION_LAW, {"x": x}, y, seed=seed, replicates=None if replicates is None else replicates.T)
+def _fit_series(x: np.ndarray, y: np.ndarray, replicates: np.ndarray | None, seed: int, groups: np.ndarray) -> Fit:
+    """The collaboration law on one point set (x, y); `replicates` (points, resamples) give the bootstrap fits;
+    `groups` label the points that are one measurement (the same winners)."""
+    return fit_law(COLLABORATION_LAW, {"x": x}, y, seed=seed, replicates=None if replicates is None else replicates.T,
+                   groups=groups)
 
 
-def _holdout(x: np.ndarray, y: np.ndarray, fraction: float) -> dict:
+def _holdout(x: np.ndarray, y: np.ndarray, fraction: float, groups: np.ndarray) -> dict:
     """Fit on the smaller budgets, predict the largest `fraction` of the distinct budgets (at least one)."""
     n_holdout = max(1, round(fraction * len(np.unique(x))))
     try:
-        return holdout_check(COLLABORATION_LAW, {"x": x}, y, "x", n_holdout=n_holdout).to_dict()
+        return holdout_check(COLLABORATION_LAW, {"x": x}, y, "x", n_holdout=n_holdout, groups=groups).to_dict()
     except MMCError as error:
         return {"skipped": str(error).removeprefix("skipped: ")}
 
@@ -98,6 +101,9 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
     the largest `holdout_fraction` of each series' distinct budgets. `x` is "total" or "nonembedding" parameters
     (the headline comparisons are also given under the other). `halves` (ensembles, 2), each ensemble's loss on
     two halves of the samples, give the cross-fitted frontiers: chosen on one half, scored on the other.
+    Ensembles with the same winners (the members their oracle loss comes from: an ensemble whose added members
+    win no sample has its best member's loss) are one measurement, fitted as one point. A Pareto frontier holds
+    no two of them (its losses fall strictly), nor does a cross-fitted one (chosen on a half, where they tie too).
     Returns the metrics (fits, held-out checks, the paper's two comparisons; JSON-ready, NaN as None), the
     fitted points and the fitted curves with bootstrap bands, both tidy for `dvc plots`.
     """
@@ -106,6 +112,7 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
     if replicates is not None and replicates.shape[0] != len(table):
         raise MMCError(f"{replicates.shape[0]} rows of bootstrap replicates for {len(table)} ensembles")
     params, bpb = table[X_COLUMNS[x]].to_numpy(np.float64), table.oracle_bpb.to_numpy(np.float64)
+    groups = winner_groups(table)
     fits, points, curves, fitted = {}, [], [], {}
     too_few_models = too_few_members(COLLABORATION_LAW, int(table.k.eq(1).sum()), len(table))
     for name, rows in _series_points(table).items():
@@ -114,12 +121,12 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
             fits[name] = {"skipped": too_few_models}
             continue
         try:
-            fit = _fit_series(xs, y, None if replicates is None else replicates[rows], seed)
+            fit = _fit_series(xs, y, None if replicates is None else replicates[rows], seed, groups[rows])
         except MMCError as error:
             fits[name] = {"skipped": str(error)}
             continue
         fitted[name] = fit
-        fits[name] = {**fit.to_dict(), "holdout": _holdout(xs, y, holdout_fraction)}
+        fits[name] = {**fit.to_dict(), "holdout": _holdout(xs, y, holdout_fraction, groups[rows])}
         points.append(pd.DataFrame({"series": name, "total_params": xs, "bpb": y}))
         curves.append(_curve(name, fit, xs, grid_points))
     if not any("params" in fit for fit in fits.values()):  # a small pool: the data determine no law, and say so

@@ -9,17 +9,19 @@ log L_obs), ρ Huber's loss with threshold δ (default: 1.345 × the MAD scale o
    every candidate of a dense grid over the nonlinear parameters they are solved inside (non-negative least
    squares of the relative residuals, active sets enumerated), vectorised over candidates and data sets;
 2. polish: the best candidates are refined on the exact objective by a batched Levenberg–Marquardt with IRLS
-   weights, the best of them by L-BFGS-B;
+   weights, the best of them by L-BFGS-B and then Gauss–Newton steps until the step vanishes (the optimum to
+   rounding: data that differ in the tenth digit give parameters that agree to about the ninth);
 3. what is determined: a profile interval per parameter (the others re-optimised along it; threshold from
    the robust drop-in-dispersion test) flags each parameter identified or not; bootstrap refits start from the
    grid, never from the estimate, so a flat direction shows as a wide interval, not a zero-width one.
 
 Internally losses and inputs are centred on their geometric means (well conditioned whatever the units);
-reported parameters are in the caller's units, unrounded. Exactly tied losses are one measurement reported at
-several inputs (an ensemble whose added members win no sample has its best member's loss, bit for bit): a tied
+reported parameters are in the caller's units, unrounded. Points that are one measurement by construction (an
+ensemble whose added members win no sample has its best member's loss, bit for bit) are passed as a group: a
 group counts as one point, in the objective, the noise scale, the profile's degrees of freedom and the point
-bootstrap, so duplicates can neither pull the curve nor shrink its intervals. A fit needs at least parameters
-+ 2 distinct losses.
+bootstrap, so copies can neither pull the curve nor shrink its intervals. Only the caller knows a construction:
+equal losses alone are never merged (rounded data hold many equal losses that are separate measurements). A fit
+needs at least parameters + 2 measurements.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ BOOTSTRAP_POLISH = {"iterations": 60, "tolerance": 1e-9}  # a percentile needs n
 BOOTSTRAP_BLOCK = 250  # resamples refitted together (memory: block × candidates × terms²)
 PROFILE_TOLERANCE = 1e-10  # a profile compares objective rises with a threshold: ten digits are plenty
 PROFILE_POINTS = 60  # values per parameter along its profile (half each side, denser near the estimate)
+REFINE_ITERATIONS = 100  # Gauss–Newton steps at most after the polish (it converges in a few dozen)
+REFINE_STEP = 1e-13  # a step this small in θ (log-scales, exponents, offsets) is the optimum to rounding
+REFINE_ROUNDING = 1e-13  # a rise of the objective this small, relative, is rounding, not a worse point
+REFINE_HALVINGS = 30  # a step halved this often without lowering the objective: the optimum, to rounding
 
 
 @dataclass(frozen=True)
@@ -143,11 +149,13 @@ def get_law(law: str | Law) -> Law:
 class Fit:
     law: Law
     params: dict[str, float]
-    objective: float  # Σ w·ρ(log L_pred − log L_obs) at the optimum (ρ: Huber_δ, or r²/2 for least squares)
+    # Σ w·ρ(log L_pred − log L_obs) at the optimum (ρ: Huber_δ, or r²/2 for least squares), w the caller's weights
+    # (1 per point by default) divided by the size of the point's group: without groups, unit weight per point
+    objective: float
     r2_log: float
     rmse_log: float
     n_points: int
-    n_distinct_losses: int  # tied losses count once (see the module docstring)
+    n_measurements: int  # points with positive weight, a group counted once (see the module docstring)
     huber_delta: float | None  # None: least squares in log space
     n_candidates: int  # grid candidates the scales were solved for
     polished_objectives: np.ndarray = field(repr=False)  # objectives the best candidates were polished to
@@ -197,7 +205,7 @@ class Fit:
             "r2_log": self.r2_log,
             "rmse_log": self.rmse_log,
             "n_points": self.n_points,
-            "n_distinct_losses": self.n_distinct_losses,
+            "n_measurements": self.n_measurements,
             "n_candidates": self.n_candidates,
             "same_optimum": self.same_optimum,
             "n_bootstrap": self.n_bootstrap,
@@ -206,14 +214,16 @@ class Fit:
 
 
 @dataclass(frozen=True)
-class _Ties:
-    """Groups of exactly tied losses, numbered in order of first appearance (no ties: group i is point i)."""
+class _Groups:
+    """Points that are one measurement, numbered in order of first appearance (no labels: group i is point i)."""
     group: np.ndarray  # (points,) the group of each point
     size: np.ndarray  # (groups,) points in each group
 
     @classmethod
-    def of(cls, loss: np.ndarray) -> _Ties:
-        _, first, inverse, counts = np.unique(loss, return_index=True, return_inverse=True, return_counts=True)
+    def of(cls, labels: np.ndarray | None, n_points: int) -> _Groups:
+        if labels is None:
+            return cls(np.arange(n_points), np.ones(n_points, dtype=np.intp))
+        _, first, inverse, counts = np.unique(labels, return_index=True, return_inverse=True, return_counts=True)
         order = np.argsort(first)
         rank = np.empty(len(first), dtype=np.intp)
         rank[order] = np.arange(len(first))
@@ -254,36 +264,38 @@ class _Design:
         self.n_points = len(next(iter(inputs.values())))
 
     def log_terms(self, theta: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """(M, n, T) centred log of every term, and the shifted inputs (M, n) of the terms that have one."""
-        out = np.empty((len(theta), self.n_points, len(self.law.terms)))
+        """(T, M, n) centred log of every term, and the shifted inputs (M, n) of the terms that have one. Terms
+        lead the layout: a reduction over them is an elementwise operation on contiguous (M, n) slices."""
+        out = np.empty((len(self.law.terms), len(theta), self.n_points))
         shifted = {}
         for t, term in enumerate(self.law.terms):
-            out[:, :, t] = theta[:, self.index[term.scale], None]
+            out[t] = theta[:, self.index[term.scale], None]
             for name, exponent in term.powers:
-                out[:, :, t] -= theta[:, self.index[exponent], None] * self.logs[name]
+                out[t] -= theta[:, self.index[exponent], None] * self.logs[name]
             if term.shift:
                 name, offset = term.shift
                 shifted[t] = self.shifts[name] + theta[:, self.index[offset], None]
-                out[:, :, t] -= np.log(shifted[t])
+                out[t] -= np.log(shifted[t])
         return out, shifted
 
     def log_predict(self, theta: np.ndarray, jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Centred log L_pred (M, n) and its Jacobian (M, n, P): a softmax-weighted sum over the terms."""
+        """Centred log L_pred (M, n) and its Jacobian (M, P, n): a softmax-weighted sum over the terms. Points
+        are the last axis of both, so the normal equations are batched (P, n) @ (n, P) products."""
         terms, shifted = self.log_terms(theta)
-        peak = terms.max(axis=2, keepdims=True)
+        peak = terms.max(axis=0)
         weights = np.exp(terms - peak)
-        total = weights.sum(axis=2)
-        prediction = peak[:, :, 0] + np.log(total)
+        total = weights.sum(axis=0)
+        prediction = peak + np.log(total)
         if not jacobian:
             return prediction, None
-        weights /= total[:, :, None]
-        jac = np.zeros((*prediction.shape, len(self.law.params)))
+        weights /= total
+        jac = np.zeros((len(theta), len(self.law.params), self.n_points))
         for t, term in enumerate(self.law.terms):
-            jac[:, :, self.index[term.scale]] = weights[:, :, t]
+            jac[:, self.index[term.scale]] = weights[t]
             for name, exponent in term.powers:
-                jac[:, :, self.index[exponent]] = -weights[:, :, t] * self.logs[name]
+                jac[:, self.index[exponent]] = -weights[t] * self.logs[name]
             if term.shift:
-                jac[:, :, self.index[term.shift[1]]] = -weights[:, :, t] / shifted[t]
+                jac[:, self.index[term.shift[1]]] = -weights[t] / shifted[t]
         return prediction, jac
 
     def candidates(self, density: int) -> np.ndarray:
@@ -307,10 +319,10 @@ class _Design:
         theta = np.zeros((len(nonlinear), len(self.law.params)))
         theta[:, self.nonlinear] = nonlinear
         terms, _ = self.log_terms(theta)
-        features = np.exp(terms)  # (G, n, T): each term with scale 1
+        features = np.exp(terms)  # (T, G, n): each term with scale 1
         loss = np.exp(target)  # (B, n) centred losses
-        n_terms = features.shape[2]
-        by_term = [np.ascontiguousarray(features[:, :, t].T) for t in range(n_terms)]  # (n, G) each
+        n_terms = len(features)
+        by_term = [np.ascontiguousarray(feature.T) for feature in features]  # (n, G) each
         a = np.empty((len(target), len(nonlinear), n_terms, n_terms))
         for t, u in itertools.combinations_with_replacement(range(n_terms), 2):
             a[..., t, u] = a[..., u, t] = (weights / loss**2) @ (by_term[t] * by_term[u])
@@ -405,11 +417,11 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
         _, psi, irls = _rho(residuals, delta)
         if tie is not None:  # chain rule: moving a coefficient's parameter moves θ_j with it
             moved = np.isin(rows, tied_rows)
-            jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=2) * \
-                coefficients[rows[moved], None, :]
-        jac = jac * free[rows, None, :]
-        hessian = np.einsum("mn,mnp,mnq->mpq", weights[rows] * irls, jac, jac)
-        gradient = np.einsum("mn,mnp->mp", weights[rows] * psi, jac)
+            jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=1) * \
+                coefficients[rows[moved], :, None]
+        jac *= free[rows, :, None]
+        hessian = jac @ (jac * (weights[rows] * irls)[:, None, :]).transpose(0, 2, 1)
+        gradient = (jac @ (weights[rows] * psi)[:, :, None])[..., 0]
         diagonal = np.einsum("mpp->mp", hessian)
         scaled = hessian + damping[rows, None, None] * (diagonal[:, :, None] * eye + 1e-12 * eye)
         scaled += np.where(free[rows], 0.0, 1.0)[:, :, None] * eye  # held parameters: a unit pivot, zero step
@@ -443,13 +455,50 @@ def _scipy_polish(design: _Design, theta: np.ndarray, target: np.ndarray, weight
     def objective(values: np.ndarray) -> tuple[float, np.ndarray]:
         prediction, jac = design.log_predict(values[None])
         rho, psi, _ = _rho(prediction[0] - target, delta)
-        return float((weights * rho).sum()), jac[0].T @ (weights * psi)
+        return float((weights * rho).sum()), jac[0] @ (weights * psi)
 
     scale = max(objective(theta)[0], 1e-300)
     result = minimize(lambda values: tuple(np.asarray(part) / scale for part in objective(values)), theta, jac=True,
                       method="L-BFGS-B", bounds=list(zip(design.lower, design.upper)), options={"maxiter": 2000})
     value = objective(result.x)[0]
     return (result.x, value) if value < objective(theta)[0] else (theta, objective(theta)[0])
+
+
+def _refine(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray, delta: float | None,
+            iterations: int = REFINE_ITERATIONS) -> tuple[np.ndarray, float]:
+    """Gauss–Newton steps with IRLS weights (Huber: ψ(r)/r) from a polished θ until the step vanishes.
+
+    A fixed point solves the normal equations Σ w ψ(r) ∂r/∂θ = 0 to rounding, so fits of data that differ in the
+    tenth digit agree to about that digit: the quasi-Newton polish before it stops at a relative change of the
+    objective, which leaves the parameters of a flat valley several digits short. A parameter at a bound that
+    the gradient pushes outward stays there; a step that raises the objective beyond rounding is halved."""
+    def evaluate(values: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        prediction, jac = design.log_predict(values[None])
+        rho, psi, irls = _rho(prediction[0] - target, delta)
+        return float((weights * rho).sum()), jac[0], weights * psi, weights * irls
+
+    start = value = evaluate(theta)[0]
+    refined = theta
+    _, jac, psi, irls = evaluate(theta)
+    for _ in range(iterations):
+        gradient = jac @ psi
+        free = ~(((refined <= design.lower) & (gradient > 0)) | ((refined >= design.upper) & (gradient < 0)))
+        hessian = (jac[free] * irls) @ jac[free].T
+        step = np.zeros_like(refined)
+        step[free] = -np.linalg.lstsq(hessian, gradient[free], rcond=None)[0]
+        for _ in range(REFINE_HALVINGS):
+            trial = np.clip(refined + step, design.lower, design.upper)
+            trial_value, trial_jac, trial_psi, trial_irls = evaluate(trial)
+            if trial_value <= value + REFINE_ROUNDING * abs(value):
+                break
+            step /= 2
+        else:
+            break
+        moved = float(np.abs(trial - refined).max())
+        refined, value, jac, psi, irls = trial, trial_value, trial_jac, trial_psi, trial_irls
+        if moved <= REFINE_STEP:
+            break
+    return (refined, value) if value <= start + REFINE_ROUNDING * abs(start) else (theta, start)
 
 
 def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | None, density: int,
@@ -484,14 +533,15 @@ def _natural(design: _Design, theta: np.ndarray) -> np.ndarray:
     return natural
 
 
-def _auto_delta(design: _Design, target: np.ndarray, weights: np.ndarray, ties: _Ties,
+def _auto_delta(design: _Design, target: np.ndarray, weights: np.ndarray, groups: _Groups,
                 grid: tuple[np.ndarray, np.ndarray]) -> float:
     """Huber's δ = 1.345 × a robust scale (MAD) of the log residuals of a least-squares fit: 95% of least
-    squares' efficiency under Gaussian noise, bounded influence of outliers. One residual per tied group (their
-    mean), so a cluster of duplicates, fitted exactly, cannot drive the scale to 0."""
+    squares' efficiency under Gaussian noise, bounded influence of outliers. One residual per group (their mean),
+    so a cluster of copies of one measurement, fitted exactly, cannot drive the scale to 0."""
     theta, _ = _fit_batch(design, target[None], weights[None], None, GRID_DENSITY, POLISH_KEEP, grid)
-    residuals = (design.log_predict(theta, jacobian=False)[0] - target)[0]
-    residuals = (np.bincount(ties.group, residuals) / ties.size)[ties.used(weights)]
+    theta, _ = _refine(design, theta[0], target, weights, None)
+    residuals = (design.log_predict(theta[None], jacobian=False)[0] - target)[0]
+    residuals = (np.bincount(groups.group, residuals) / groups.size)[groups.used(weights)]
     scale = 1.4826 * np.median(np.abs(residuals - np.median(residuals)))
     return float(max(1.345 * scale, 1e-6))  # exact data: residuals ~0, any δ this small is least squares
 
@@ -563,7 +613,8 @@ def _profile(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np
 
 def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, *,
             weights: np.ndarray | None = None, huber_delta: float | str | None = "auto", bootstrap: int = 0,
-            seed: int = 0, replicates: np.ndarray | None = None, profile: bool = True) -> Fit:
+            seed: int = 0, replicates: np.ndarray | None = None, groups: np.ndarray | None = None,
+            profile: bool = True) -> Fit:
     """Fit `law` to (inputs, loss): the scales solved inside a dense grid over the exponents and offsets, the best
     candidates polished on the full objective; profile intervals and identification for every parameter;
     optionally `bootstrap` refits for percentile intervals.
@@ -573,18 +624,22 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     squares. The default bootstrap resamples the points (multiplicity weights); `replicates` (resamples, points)
     gives resampled losses at the same inputs instead (NaN: the point is missing from that resample). Every
     resample is refitted from the grid, not from the estimate; resamples with too few points are left out.
+
+    `groups` (an integer label per point) marks points that are one measurement by construction (equal losses): a
+    group weighs as one point (each of its points w / group size) and the point bootstrap
+    draws it whole. None (default): every point is its own measurement, equal losses or not.
     """
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
     weights = np.ones(len(loss)) if weights is None else np.asarray(weights, dtype=np.float64)
     if weights.shape != loss.shape or not np.isfinite(weights).all() or (weights < 0).any():
         raise MMCError(f"law {law.name}: weights must be one non-negative finite number per point")
-    ties = _Ties.of(loss)
-    weights = weights / ties.size[ties.group]  # a tied group weighs as one point
-    n_distinct = int(ties.used(weights).sum())
-    if n_distinct < len(law.params) + 2:
-        raise MMCError(f"law {law.name}: {len(loss)} points hold {n_distinct} distinct losses (tied losses are one "
-                       f"measurement), too few for {len(law.params)} parameters (a fit needs at least "
+    grouping = _Groups.of(_check_groups(law, groups, loss), len(loss))
+    weights = weights / grouping.size[grouping.group]  # a group weighs as one point
+    n_measurements = int(grouping.used(weights).sum())
+    if n_measurements < len(law.params) + 2:
+        raise MMCError(f"law {law.name}: {len(loss)} points hold {n_measurements} measurements (a group of points is "
+                       f"one), too few for {len(law.params)} parameters (a fit needs at least "
                        f"{len(law.params) + 2}: parameters + 2)")
     log_loss = np.log(loss)
     power_inputs = {name for term in law.terms for name, _ in term.powers}
@@ -592,37 +647,38 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     design = _Design(law, inputs, centre)
     target = log_loss - centre.log_loss
     grid = design.solve_scales(design.candidates(GRID_DENSITY), target[None], weights[None])
-    delta = _auto_delta(design, target, weights, ties, grid) if huber_delta == "auto" else huber_delta
+    delta = _auto_delta(design, target, weights, grouping, grid) if huber_delta == "auto" else huber_delta
     if delta is not None:
         check_number("huber_delta", delta, 0, low_open=True)
     theta, polished = _fit_batch(design, target[None], weights[None], delta, GRID_DENSITY, POLISH_KEEP, grid)
-    theta, objective = _scipy_polish(design, theta[0], target, weights, delta)
+    theta, _ = _scipy_polish(design, theta[0], target, weights, delta)
+    theta, objective = _refine(design, theta, target, weights, delta)
     residuals = design.log_predict(theta[None], jacobian=False)[0][0] - target
     total_variance = float(((target - target.mean()) ** 2).sum())
     fit = Fit(
         law=law, params=dict(zip(law.params, _natural(design, theta).tolist())), objective=objective,
         r2_log=1.0 - float((residuals**2).sum()) / total_variance if total_variance > 0 else math.nan,
         rmse_log=float(np.sqrt((residuals**2).mean())), n_points=len(loss),
-        n_distinct_losses=n_distinct, huber_delta=delta,
+        n_measurements=n_measurements, huber_delta=delta,
         n_candidates=len(design.candidates(GRID_DENSITY)), polished_objectives=np.sort(polished[0])[:3],
     )
     if profile:
-        fit.profile = _profile(design, theta, target, weights, delta, n_distinct)
+        fit.profile = _profile(design, theta, target, weights, delta, n_measurements)
     if bootstrap > 0 or replicates is not None:
-        _bootstrap(fit, design, target, weights, ties, delta, bootstrap, seed, replicates, theta)
+        _bootstrap(fit, design, target, weights, grouping, delta, bootstrap, seed, replicates, theta)
     return fit
 
 
-def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarray, ties: _Ties,
+def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarray, groups: _Groups,
                delta: float | None, n_resamples: int, seed: int, replicates: np.ndarray | None,
                estimate: np.ndarray) -> None:
     """Percentile intervals from refits of resamples, all at once: each polished by LM from the best candidate
     of the grid and from the estimate, the better kept (never from the estimate alone: a flat direction shows).
-    Point resampling draws distinct measurements (a tied group is drawn whole)."""
+    Point resampling draws measurements (a group is drawn whole)."""
     if replicates is None:
         rng = np.random.default_rng(seed)
-        n_groups = len(ties.size)
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_resamples)[:, ties.group]
+        n_groups = len(groups.size)
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_resamples)[:, groups.group]
         targets, resampled = np.repeat(target[None], n_resamples, axis=0), counts * weights
     else:
         replicates = np.asarray(replicates, dtype=np.float64)
@@ -630,7 +686,7 @@ def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarra
         with np.errstate(divide="ignore", invalid="ignore"):
             targets = np.where(missing, 0.0, np.log(np.where(missing, 1.0, replicates)) - design.centre.log_loss)
         resampled = np.where(missing, 0.0, weights)
-    usable = ties.used(resampled).sum(axis=1) >= len(fit.law.params) + 2
+    usable = groups.used(resampled).sum(axis=1) >= len(fit.law.params) + 2
     estimates = []
     for rows in np.array_split(np.flatnonzero(usable), max(1, int(np.ceil(usable.sum() / BOOTSTRAP_BLOCK)))):
         if len(rows):
@@ -671,6 +727,20 @@ def _check_data(law: Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray
     return checked, loss
 
 
+def _check_groups(law: Law, groups: np.ndarray | None, loss: np.ndarray) -> np.ndarray | None:
+    """The group labels, checked: one integer per point, the points of a group holding one loss, as a construction
+    makes them (a group of different losses is a caller's mistake, not a measurement)."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if groups.shape != loss.shape or not np.issubdtype(groups.dtype, np.integer):
+        raise MMCError(f"law {law.name}: groups must be one integer label per point")
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    if (loss != loss[first[inverse]]).any():
+        raise MMCError(f"law {law.name}: the points of a group must hold the same loss (a group is one measurement)")
+    return groups
+
+
 @dataclass
 class HoldoutCheck:
     fit: Fit
@@ -700,8 +770,10 @@ class HoldoutCheck:
 
 
 def holdout_check(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, split_on: str,
-                  n_holdout: int = 1, *, huber_delta: float | str | None = "auto") -> HoldoutCheck:
-    """Fit on the points with the smaller values of `split_on`; predict those at its `n_holdout` largest values."""
+                  n_holdout: int = 1, *, huber_delta: float | str | None = "auto",
+                  groups: np.ndarray | None = None) -> HoldoutCheck:
+    """Fit on the points with the smaller values of `split_on`; predict those at its `n_holdout` largest values
+    (`groups` as in `fit_law`)."""
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
     if split_on not in law.inputs:
@@ -710,13 +782,15 @@ def holdout_check(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.nda
     if not 1 <= n_holdout < len(distinct):
         raise MMCError(f"law {law.name}: cannot hold out {n_holdout} of {len(distinct)} distinct {split_on} values")
     return predict_held_out(law, inputs, loss, inputs[split_on] >= distinct[-n_holdout], split_on,
-                            huber_delta=huber_delta)
+                            huber_delta=huber_delta, groups=groups)
 
 
 def predict_held_out(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, held: np.ndarray,
-                     split_on: str, *, huber_delta: float | str | None = "auto") -> HoldoutCheck:
+                     split_on: str, *, huber_delta: float | str | None = "auto",
+                     groups: np.ndarray | None = None) -> HoldoutCheck:
     """Fit on the points where `held` is False and predict those where it is True (`split_on` names the input
-    whose held-out values are reported). Too few points left to fit is an MMCError (callers report it skipped)."""
+    whose held-out values are reported; `groups` as in `fit_law`). Too few points left to fit is an MMCError
+    (callers report it skipped)."""
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
     held = np.asarray(held, dtype=bool)
@@ -726,7 +800,8 @@ def predict_held_out(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.
         raise MMCError(f"skipped: {(~held).sum()} points left to fit {len(law.params)} parameters (at least "
                        f"{len(law.params) + 2} needed)")
     fit = fit_law(law, {name: values[~held] for name, values in inputs.items()}, loss[~held],
-                  huber_delta=huber_delta, profile=False)
+                  huber_delta=huber_delta, groups=None if groups is None else np.asarray(groups)[~held],
+                  profile=False)
     return HoldoutCheck(fit=fit, split_on=split_on, held_out=np.unique(inputs[split_on][held]).tolist(),
                         observed=loss[held], predicted=fit.predict(**{name: values[held] for name, values in inputs.items()}))
 

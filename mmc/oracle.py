@@ -305,12 +305,15 @@ def _sample_blocks(nll: xr.DataArray, sample_chunk: int) -> Iterator[tuple[int, 
 
 
 class _EnsembleMinima:
-    """Σ over samples of min_{m∈S} nll[m, s] for every ensemble S, without a loop over ensembles per sample.
+    """Σ over samples of min_{m∈S} nll[m, s] for every ensemble S, without a loop over ensembles per sample, and
+    its winners: the members that are that minimum on some sample.
 
     Per block of samples, each model's rank on each sample is computed once (one sort); an ensemble's minimum
     is then the loss at its members' smallest rank: an elementwise minimum over member rows of the small
     integer rank matrix, for a block of ensembles at a time (padded to one size by repeating a member), then
-    one gather from the sorted losses. Ensembles are processed in order of size, so padding wastes little.
+    one gather from the sorted losses (and one from the sort order for the winner). Ensembles are processed in
+    order of size, so padding wastes little. Ranks break a sample's equal losses one way for every ensemble, so
+    two ensembles with the same winners have the same minimum on every sample: the same oracle loss, bit for bit.
     """
 
     def __init__(self, ensembles: Sequence[Ensemble], n_models: int) -> None:
@@ -327,23 +330,25 @@ class _EnsembleMinima:
                                 for i in self.by_size], dtype=np.intp)
         self.sorted_sizes = sizes[self.by_size]
         self.sorted_sums = np.zeros(len(ensembles))
+        self.sorted_winners = np.zeros((len(ensembles), n_models), dtype=bool)
         self.model_sums = np.zeros(n_models)
 
     def update(self, chunk: _Chunk) -> None:
-        for start, stop, first, last, minima in self.block_minima(chunk):
-            self.sorted_sums[first:last] += minima.sum(axis=1)
+        for start, stop, first, last, best in self.block_best(chunk):
+            self.sorted_sums[first:last] += np.take(chunk.ascending[start:stop], best).sum(axis=1)
+            self.sorted_winners[np.arange(first, last)[:, None], np.take(chunk.order[start:stop], best)] = True
             if first == 0:  # summed block by block like the minima, so a single's gain comes out exactly 0
                 self.model_sums += chunk.by_model[:, start:stop].sum(axis=1)
 
-    def block_minima(self, chunk: _Chunk) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
-        """(start, stop, first, last, minima): per-sample minima of ensembles [first, last) (in size order)
-        on samples [start, stop) of the chunk, one cache-sized block at a time."""
+    def block_best(self, chunk: _Chunk) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
+        """(start, stop, first, last, best): where the best member of each of the ensembles [first, last) (in size
+        order) is on each of the samples [start, stop) of the chunk, as flat positions into the rows [start, stop)
+        of `chunk.ascending` (its loss) and `chunk.order` (the model), one cache-sized block at a time."""
         ranks = chunk.ranks
         buffer = np.empty(ENSEMBLE_BLOCK * SAMPLE_BLOCK, dtype=ranks.dtype)
         for start in range(0, chunk.n_samples, SAMPLE_BLOCK):
             stop = min(start + SAMPLE_BLOCK, chunk.n_samples)
             block_ranks = np.ascontiguousarray(ranks[:, start:stop])
-            block_ascending = chunk.ascending[start:stop].ravel()  # small enough to stay in cache for the gather
             row_offsets = np.arange(stop - start) * chunk.n_models
             for first in range(0, len(self.padded), ENSEMBLE_BLOCK):
                 last = min(first + ENSEMBLE_BLOCK, len(self.padded))
@@ -354,15 +359,22 @@ class _EnsembleMinima:
                     # indices are valid: mode="clip" skips the bounds check that makes "raise" buffer its output
                     np.take(block_ranks, column, axis=0, out=member_ranks, mode="clip")
                     np.minimum(best_rank, member_ranks, out=best_rank)
-                index = best_rank.astype(np.intp)
-                index += row_offsets
-                yield start, stop, first, last, np.take(block_ascending, index)
+                best = best_rank.astype(np.intp)
+                best += row_offsets
+                yield start, stop, first, last, best
 
     @property
     def sums(self) -> np.ndarray:
         sums = np.empty_like(self.sorted_sums)
         sums[self.by_size] = self.sorted_sums
         return sums
+
+    @property
+    def winners(self) -> np.ndarray:
+        """(ensembles, models): whether the model is its ensemble's minimum on some sample."""
+        winners = np.empty_like(self.sorted_winners)
+        winners[self.by_size] = self.sorted_winners
+        return winners
 
 
 def poisson_weights(seed: int, start: int, stop: int, n_bootstrap: int) -> np.ndarray:
@@ -401,11 +413,11 @@ class _BootstrapMinima(_EnsembleMinima):
 
     def update(self, chunk: _Chunk) -> None:
         weights = None
-        for start, stop, first, last, minima in self.block_minima(chunk):
+        for start, stop, first, last, best in self.block_best(chunk):
             if first == 0:  # the first block of ensembles on new samples
                 weights = self.weights(chunk.offset + start, chunk.offset + stop)
                 self.boot_bytes += chunk.n_bytes[start:stop] @ weights
-            self.sorted_boot_sums[first:last] += minima @ weights
+            self.sorted_boot_sums[first:last] += np.take(chunk.ascending[start:stop], best) @ weights
 
     @property
     def boot_sums(self) -> np.ndarray:
@@ -470,6 +482,8 @@ def _ensemble_frame(models: _Models, ensembles: Sequence[Ensemble], minima: _Ens
         "best_member": models.names[best_member],
         "best_member_nll": model_nll[best_member],
         "gain": model_nll[best_member] - oracle_nll,
+        # the members the oracle loss comes from: ensembles with the same winners have the same loss by construction
+        "winners": [models.names[row].tolist() for row in minima.winners],
     })
 
 
@@ -607,7 +621,7 @@ def _weighted_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_co
 
 
 OUTPUT_CSVS = ("ensembles", "expected_curves", "pareto", "attribution", "attribution_by_domain")
-LIST_COLUMNS = ("members", "families")  # lists of names: native lists in parquet, JSON arrays in the CSVs
+LIST_COLUMNS = ("members", "families", "winners")  # lists of names: native lists in parquet, JSON arrays in CSVs
 
 
 def write_oracle_outputs(results: dict[str, pd.DataFrame], out_dir: str | Path) -> Path:
@@ -641,8 +655,17 @@ def read_ensembles(out_dir: str | Path) -> pd.DataFrame:
     except OSError as error:  # a connection refused, reset or timed out
         raise MMCError(f"oracle folder '{out_dir}' cannot be reached: {one_line(error)}") from None
     for column in LIST_COLUMNS:
-        table[column] = [list(names) for names in table[column]]
+        if column in table:  # winners: absent from tables written before the oracle wrote it
+            table[column] = [list(names) for names in table[column]]
     return table
+
+
+def winner_groups(table: pd.DataFrame) -> np.ndarray:
+    """An integer label per ensemble of the table, one for each set of winners: ensembles whose oracle loss comes
+    from the same members are one measurement by construction (`mmc.laws.fit_law`'s groups)."""
+    if "winners" not in table:
+        raise MMCError("the oracle table has no winners column (written by an older mmc): rerun `mmc oracle`")
+    return pd.factorize(table["winners"].map(tuple))[0]
 
 
 def oracle_study(pool_path: str | Path, out: str | Path, *, max_subsets_per_k: int, seed: int,

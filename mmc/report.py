@@ -340,8 +340,8 @@ def _fmt(value, ci=None) -> str:
 
 
 def _points(fit: dict) -> str:
-    distinct = fit["n_distinct_losses"]
-    return f"{fit['n_points']}" + (f" ({distinct} distinct)" if distinct < fit["n_points"] else "")
+    measurements = fit["n_measurements"]
+    return f"{fit['n_points']}" + (f" ({measurements} measurements)" if measurements < fit["n_points"] else "")
 
 
 def parameter_text(fit: dict, name: str) -> str:
@@ -368,8 +368,9 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
              f"(the other parameters re-optimised along each one); bootstrap intervals from "
              f"{laws['bootstrap']['resamples']} resamples of the {laws['bootstrap']['over']} are in metrics/laws.json. "
              "A parameter whose profile interval reaches a bound or never closes is *not determined* by the data. "
-             "Exactly tied losses (an ensemble whose added members win no document has its best member's loss) are one "
-             "measurement and count once; *points* gives the distinct losses in brackets where they are fewer.",
+             "Ensembles whose oracle loss comes from the same members (an ensemble whose added members win no document "
+             "has its best member's loss) are one measurement and count once; *points* gives the measurements in "
+             "brackets where they are fewer.",
              "", "## Single-model and multi-model scaling", ""]
     lines += [f"![{name}]({name})" for name in ("scaling.png", "kinds.png") if name in figures]
     lines += ["", "| series | points | E (floor) | A | alpha | R² (log) | held-out max rel. error |",

@@ -535,6 +535,8 @@ def _routing_metrics(table: pd.DataFrame, replicates: dict, ensembles: pd.DataFr
         try:
             if too_few_models:
                 raise MMCError(too_few_models)
+            # no groups: ensembles that are one measurement by construction (the same winners, or the same member
+            # routed to on every document) tie on the training documents, and a frontier's losses fall strictly there
             fit = fit_law(ROUTING_LAW, {"x": x}, y, replicates=replicates[strategy][chosen].T if bootstrap else None)
         except MMCError as error:
             laws[name] = {"skipped": str(error)}

@@ -137,12 +137,14 @@ def expected_table(pool: xr.Dataset, ensembles: list[oracle.Ensemble]) -> pd.Dat
         members = list(ensemble.members)
         minimum = nll[members].min(axis=0)
         member_means = nll[members].mean(axis=1)
+        winners = np.unique(np.array(members)[nll[members].argmin(axis=0)])  # distinct losses: one best per sample
         rows.append({"oracle_nll": minimum.mean(),
                      "oracle_bpb": minimum.sum() / (pool["n_bytes"].values.sum() * math.log(2)),
                      "total_params": int(pool["n_params"].values[members].sum()),
                      "best_member": str(pool["model"].values[members][member_means.argmin()]),
                      "best_member_nll": member_means.min(),
-                     "gain": member_means.min() - minimum.mean()})
+                     "gain": member_means.min() - minimum.mean(),
+                     "winners": pool["model"].values[winners].tolist()})
     return pd.DataFrame(rows)
 
 
@@ -164,6 +166,7 @@ def test_ensemble_table_equals_brute_force(backing, tmp_path, monkeypatch):
         np.testing.assert_allclose(table[column], expected[column], rtol=1e-12, atol=1e-12)
     assert (table["total_params"] == expected["total_params"]).all()
     assert (table["best_member"] == expected["best_member"]).all()
+    assert table["winners"].tolist() == expected["winners"].tolist()
     assert (table.loc[table["kind"] == "single", "gain"] == 0).all()
     assert (table["gain"] >= 0).all()
     row = table.iloc[-1]
@@ -176,6 +179,25 @@ def test_ensemble_table_with_ties_and_wide_rank_types():
     ensembles = oracle.enumerate_ensembles(pool["family"].values, max_subsets_per_k=2, seed=5)
     table = oracle.run_oracle(pool, max_subsets_per_k=2, seed=5)["ensembles"]
     np.testing.assert_allclose(table["oracle_nll"], expected_table(pool, ensembles)["oracle_nll"], rtol=1e-12)
+
+
+def test_ensembles_with_the_same_winners_have_one_loss_bit_for_bit():
+    """Winners are the members an ensemble's oracle loss comes from, one per sample even where members tie (losses
+    1, 2 or 3): their minimum is the ensemble's on every sample, and ensembles with the same winners (an ensemble
+    whose added members win nothing, and its best member) have the same oracle loss exactly: one measurement."""
+    pool = make_pool(n_models=6, n_samples=12, ties=True)
+    table = oracle.run_oracle(pool, max_subsets_per_k=100, seed=0, sample_chunk=5)["ensembles"]
+    nll = pool["nll"].to_pandas()
+    for members, winners in zip(table.members, table.winners):
+        assert set(winners) <= set(members)
+        np.testing.assert_array_equal(nll.loc[winners].min(axis=0), nll.loc[members].min(axis=0))
+    groups = oracle.winner_groups(table)
+    assert len(set(groups)) < len(table)  # with 3 loss values on 12 samples, many ensembles share their winners
+    for group in set(groups):
+        assert table.oracle_bpb[groups == group].nunique() == 1
+    assert (groups[table.kind == "single"] == np.arange(6)).all()
+    with pytest.raises(MMCError, match="rerun `mmc oracle`"):
+        oracle.winner_groups(table.drop(columns="winners"))
 
 
 def test_oracle_rejects_bad_input():
@@ -268,7 +290,8 @@ def test_run_oracle_writes_outputs_atomically(tmp_path):
         ".mmc-output", "attribution.csv", "attribution_by_domain.csv", "ensembles.csv", "ensembles.parquet",
         "expected_curves.csv", "pareto.csv"]
     pd.testing.assert_frame_equal(oracle.read_ensembles(out), table)
-    assert pd.read_csv(out / "ensembles.csv")["members"].map(json.loads).tolist() == table["members"].tolist()
+    for column in ("members", "winners"):
+        assert pd.read_csv(out / "ensembles.csv")[column].map(json.loads).tolist() == table[column].tolist()
     np.testing.assert_array_equal(pd.read_csv(out / "ensembles.csv")["oracle_nll"], table["oracle_nll"])
     assert [path.name for path in tmp_path.iterdir()] == ["oracle"]  # no temporary left behind
 
