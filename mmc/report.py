@@ -462,7 +462,7 @@ def merging_markdown(merge_law: dict) -> str:
                "held-out k, max rel. error: " + " / ".join(BASELINE_LABELS.values()), "forecast from k ∈ {1,2,4}"]
     lines = ["R² within bases is the headline: one mean per base, with no dependence on k, already explains the "
              "differences between base sizes, so the overall R² says little about the law in k. The held-out check fits "
-             "on k ≤ K − h and predicts the largest k; two baselines predict the same points (the lowest error in bold).",
+             "on k ≤ K − h and predicts the h largest k; two baselines predict the same points (the lowest error in bold).",
              "", "| method | loss | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
     for method, by_target in merge_law["fits"].items():
         for target, fit in by_target.items():
@@ -470,7 +470,8 @@ def merging_markdown(merge_law: dict) -> str:
                 lines.append(f"| {_md(method)} | {target} | skipped: {_skipped(fit)} |" + " |" * (len(columns) - 1))
                 continue
             cells = [parameter_text(fit, name) for name in names]
-            cells += [_fmt(fit.get("within_base_r2_log")),
+            within = fit.get("within_base_r2_log")  # outputs of older code hold it per base only
+            cells += [_fmt(within if isinstance(within, float) else None),
                       f"{_fmt(fit.get('base_means_r2_log'))} / {_fmt(fit['r2_log'])}"]
             if law == MERGING_LAW:
                 cells.append(_amplitude_text(fit))
