@@ -151,6 +151,8 @@ def fit_merging_law(curves: pd.DataFrame, target: str, replicates: np.ndarray | 
     `replicates` (resamples, rows of `curves`) are the `target` column recomputed on bootstrap resamples of the
     eval samples (they give the 95% intervals). Two held-out checks: `holdout` fits on k <= K - holdout_k and predicts the rest; `forecast`
     fits on the merges at k in `forecast_from` alone (the paper's {1, 2, 4}) and predicts every other k.
+    The law is judged against what needs none: R² within bases (`within_base_r2`), the held-out error beside two
+    baselines' (`baselines`), and `amplitude_grows_with_n` only where the data determine it (`amplitude_growth`).
     """
     present = curves[target].notna().to_numpy()
     curves = curves[present]
@@ -266,7 +268,7 @@ def baselines(k: np.ndarray, sizes: np.ndarray, loss: np.ndarray, held: np.ndarr
     for name, predicted in predictions.items():
         relative = np.abs(predicted[held] / loss[held] - 1.0)
         errors[name] = ({"max_abs_relative_error": float(relative.max()), "mean_abs_relative_error": float(relative.mean())}
-                        if np.isfinite(relative).all() else {"skipped": "a base has fewer than two training k"})
+                        if np.isfinite(relative).all() else {"skipped": "a base has too few training k to predict from"})
     scored = {name: error["max_abs_relative_error"] for name, error in errors.items() if "skipped" not in error}
     return {"held_out_k": np.unique(k[held]).tolist(), **errors, "lowest_max_error": min(scored, key=scored.get)}
 
