@@ -28,6 +28,7 @@ ONE_BASE_LAW = "merging_one_base"  # what the law reduces to when every merge sh
 FORECAST_FROM_K = (1, 2, 4)  # the paper forecasts the whole curve from merges at these k
 GAIN_FRACTIONS = (0.8, 0.9)  # the paper's "k reaching 80% / 90% of the total gain"
 LOSSES = ("in_domain", "cross_domain")
+AT_BOUND_TOLERANCE = 1e-3  # a parameter this close to a bound (relative to the bounds' range) sits at it
 
 
 def merge_points(store: xr.Dataset, weights: np.ndarray | None = None) -> pd.DataFrame:
@@ -150,6 +151,8 @@ def fit_merging_law(curves: pd.DataFrame, target: str, replicates: np.ndarray | 
     `replicates` (resamples, rows of `curves`) are the `target` column recomputed on bootstrap resamples of the
     eval samples (they give the 95% intervals). Two held-out checks: `holdout` fits on k <= K - holdout_k and predicts the rest; `forecast`
     fits on the merges at k in `forecast_from` alone (the paper's {1, 2, 4}) and predicts every other k.
+    The law is judged against what needs none: R² within bases (`within_base_r2`), the held-out error beside two
+    baselines' (`baselines`), and `amplitude_grows_with_n` only where the data determine it (`amplitude_growth`).
     """
     present = curves[target].notna().to_numpy()
     curves = curves[present]
@@ -164,10 +167,16 @@ def fit_merging_law(curves: pd.DataFrame, target: str, replicates: np.ndarray | 
     result = fit.to_dict()
     if fit.bootstrap_params is not None:  # the plan's intervals: each answer computed for every resample's law
         result["bootstrap_params"] = fit.bootstrap_params.tolist()
+    sizes, k = curves.n_params.to_numpy(np.float64), curves.k.to_numpy(np.float64)
     residual = np.log(fit.predict(**inputs)) - np.log(loss)
-    result["within_base_r2_log"] = _within_base_r2(curves.n_params.to_numpy(), np.log(loss), residual)
+    result.update(within_base_r2(sizes, np.log(loss), residual))
     if not one_base:
-        result["amplitude_grows_with_n"] = bool(fit.params["gamma"] < 0)
+        _, amplitudes = per_base_c_plus_a_over_k(sizes, k, loss, np.ones(len(loss), dtype=bool))
+        result["per_base_amplitude"] = _by_base(sizes, amplitudes)
+        grows, reason = amplitude_growth(result, amplitudes)
+        result["amplitude_grows_with_n"] = grows
+        if reason:
+            result["amplitude_grows_with_n_reason"] = reason
     checks = {"holdout": lambda: holdout_check(law, inputs, loss, "k", n_holdout=holdout_k),
               "forecast": lambda: predict_held_out(law, inputs, loss, ~np.isin(inputs["k"], forecast_from), "k")}
     if not one_base and len(np.unique(inputs["N"])) >= 4:  # a base size held out: fit on the others, predict it
@@ -180,49 +189,119 @@ def fit_merging_law(curves: pd.DataFrame, target: str, replicates: np.ndarray | 
     if "skipped" in result["holdout"]:
         result["baselines"] = {"skipped": "no held-out check to compare with"}
     else:
-        result["baselines"] = _baselines(curves.k.to_numpy(np.float64), curves.n_params.to_numpy(np.float64), loss,
-                                         holdout_k)
+        result["baselines"] = baselines(k, sizes, loss, k >= np.unique(k)[-holdout_k], result["holdout"])
     return result
 
 
-def _within_base_r2(sizes: np.ndarray, log_loss: np.ndarray, residual: np.ndarray) -> dict:
-    """R² in log space within each base size: how much of the loss's variation over k (and methods) the law
-    explains once the base's level is given (the floor term alone fits the differences between bases)."""
-    out = {}
-    for size in np.unique(sizes):
-        rows = sizes == size
-        spread = float(((log_loss[rows] - log_loss[rows].mean()) ** 2).sum())
-        out[str(int(size))] = 1.0 - float((residual[rows] ** 2).sum()) / spread if spread > 0 else None
-    return out
+def _base_index(sizes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each point's base (an index into the sorted distinct sizes) and the number of bases."""
+    distinct, index = np.unique(sizes, return_inverse=True)
+    return index, len(distinct)
+
+
+def _by_base(sizes: np.ndarray, values: np.ndarray) -> dict[str, float | None]:
+    """One value per base (sorted by size) keyed by its parameter count, NaN as None."""
+    return {str(int(size)): (None if np.isnan(value) else float(value)) for size, value in zip(np.unique(sizes), values)}
+
+
+def within_base_r2(sizes: np.ndarray, log_loss: np.ndarray, residual: np.ndarray) -> dict:
+    """How much of the variation the law explains beyond what one mean per base already explains, in log space.
+
+    The floor term alone fits the differences between base sizes, so the overall R² is high whatever the law
+    says about k. `within_base_r2_log` (the headline) is 1 − SS(residuals) / SS(deviations from each base's own
+    mean), pooled over bases; `within_base_r2_log_by_base` the same per base (None where a base's losses do not
+    vary); `base_means_r2_log` the R² that one mean per base, with no k dependence, already gets.
+    """
+    base, n_bases = _base_index(sizes)
+    counts = np.bincount(base, minlength=n_bases)
+    deviation = log_loss - (np.bincount(base, log_loss, n_bases) / counts)[base]
+    spread_by_base = np.bincount(base, deviation**2, n_bases)
+    residual_by_base = np.bincount(base, residual**2, n_bases)
+    total = float(((log_loss - log_loss.mean()) ** 2).sum())
+    spread = float(spread_by_base.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        by_base = np.where(spread_by_base > 0, 1.0 - residual_by_base / spread_by_base, np.nan)
+    return {
+        "within_base_r2_log": 1.0 - float(residual_by_base.sum()) / spread if spread > 0 else None,
+        "within_base_r2_log_by_base": _by_base(sizes, by_base),
+        "base_means_r2_log": 1.0 - spread / total if total > 0 else None,
+    }
+
+
+def per_base_c_plus_a_over_k(sizes: np.ndarray, k: np.ndarray, loss: np.ndarray, train: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares c and a of loss = c + a/k for each base (sorted by size) on its `train` points; NaN for a
+    base whose training points hold fewer than two distinct k."""
+    base, n_bases = _base_index(sizes)
+    base, x, y = base[train], 1.0 / k[train], loss[train]
+    distinct_k = np.bincount(np.unique(np.column_stack([base, k[train]]), axis=0)[:, 0].astype(np.intp),
+                             minlength=n_bases)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        counts = np.bincount(base, minlength=n_bases)
+        mean_x, mean_y = np.bincount(base, x, n_bases) / counts, np.bincount(base, y, n_bases) / counts
+        dx = x - mean_x[base]
+        slope = np.where(distinct_k >= 2, np.bincount(base, dx * (y - mean_y[base]), n_bases)
+                         / np.bincount(base, dx**2, n_bases), np.nan)
+    return mean_y - slope * mean_x, slope
+
+
+def _carry_forward(sizes: np.ndarray, k: np.ndarray, loss: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Each point predicted by its base's mean loss at the largest training k (NaN for a base with none)."""
+    base, n_bases = _base_index(sizes)
+    last = np.full(n_bases, -np.inf)
+    np.maximum.at(last, base[train], k[train])
+    at_last = train & (k == last[base])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.bincount(base[at_last], loss[at_last], n_bases) / np.bincount(base[at_last], minlength=n_bases))[base]
+
+
+def baselines(k: np.ndarray, sizes: np.ndarray, loss: np.ndarray, held: np.ndarray, law_check: dict) -> dict:
+    """The law's held-out errors beside two simple baselines' on the same held-out points: per base c + a/k
+    (least squares on the base's training k) and carrying each base's loss at its last training k forward.
+    `lowest_max_error` names which of the three has the lowest maximum error (a baseline that cannot predict
+    every held-out point, a base with fewer than two training k, takes no part)."""
+    c, a = per_base_c_plus_a_over_k(sizes, k, loss, ~held)
+    base, _ = _base_index(sizes)
+    predictions = {"per_base_c_plus_a_over_k": c[base] + a[base] / k, "carry_last_k_forward":
+                   _carry_forward(sizes, k, loss, ~held)}
+    errors = {"law": {name: law_check[name] for name in ("max_abs_relative_error", "mean_abs_relative_error")}}
+    for name, predicted in predictions.items():
+        relative = np.abs(predicted[held] / loss[held] - 1.0)
+        errors[name] = ({"max_abs_relative_error": float(relative.max()), "mean_abs_relative_error": float(relative.mean())}
+                        if np.isfinite(relative).all() else {"skipped": "a base has too few training k to predict from"})
+    scored = {name: error["max_abs_relative_error"] for name, error in errors.items() if "skipped" not in error}
+    return {"held_out_k": np.unique(k[held]).tolist(), **errors, "lowest_max_error": min(scored, key=scored.get)}
+
+
+def at_bound(law: str, name: str, value: float) -> bool:
+    """Whether a fitted parameter sits at one of its law's bounds (within 0.1% of the bounds' range, or of
+    the value for an unbounded side)."""
+    low, high = LAWS[law].bounds[name]
+    width = high - low if math.isfinite(high - low) else abs(value)
+    return bool(abs(value - low) <= AT_BOUND_TOLERANCE * width or abs(value - high) <= AT_BOUND_TOLERANCE * width)
+
+
+def amplitude_growth(fit: dict, per_base_amplitudes: np.ndarray) -> tuple[bool | None, str | None]:
+    """Whether the merging amplitude A0·N^-γ grows with N (γ < 0), or None and why the data do not say: γ at a
+    bound, A0 or γ not identified, γ's profile interval holding 0, or the per-base amplitudes (a of c + a/k per
+    base) of both signs, so that the loss falls with k at some bases and rises at others."""
+    gamma = fit["params"]["gamma"]
+    reasons = []
+    if at_bound(fit["law"], "gamma", gamma):
+        reasons.append(f"gamma at its bound ({gamma:.4g})")
+    reasons += [f"{name} not identified" for name in ("A0", "gamma") if not fit["identified"][name]]
+    low, high = fit["profile_ci95"].get("gamma", (None, None))
+    if low is not None and high is not None and low <= 0 <= high:
+        reasons.append(f"gamma's profile interval [{low:.3g}, {high:.3g}] holds 0")
+    signs = np.sign(per_base_amplitudes[np.isfinite(per_base_amplitudes)])
+    if len(np.unique(signs)) > 1 or (signs == 0).any():
+        reasons.append("the per-base amplitudes (a of c + a/k per base) are not all of one sign")
+    return (None, "; ".join(reasons)) if reasons else (bool(gamma < 0), None)
 
 
 def _held_out_base(inputs: dict[str, np.ndarray], loss: np.ndarray):
     """Fit on every base size but the largest and predict it: the forecast in N that planning relies on."""
     return predict_held_out(MERGING_LAW, inputs, loss, inputs["N"] == inputs["N"].max(), "N")
-
-
-def _baselines(k: np.ndarray, sizes: np.ndarray, loss: np.ndarray, holdout_k: int) -> dict:
-    """Simple baselines on the same held-out k as the law's check: per base c + a/k (two parameters per base,
-    least squares on the smaller k) and carrying each base's last observed loss forward."""
-    held = k >= np.unique(k)[-holdout_k]
-    per_base, carried = np.full(len(loss), np.nan), np.full(len(loss), np.nan)
-    for size in np.unique(sizes):
-        rows = sizes == size
-        train = rows & ~held
-        if train.sum() >= 2 and len(np.unique(k[train])) >= 2:
-            design = np.column_stack([np.ones(train.sum()), 1.0 / k[train]])
-            coefficients = np.linalg.lstsq(design, loss[train], rcond=None)[0]
-            per_base[rows & held] = coefficients[0] + coefficients[1] / k[rows & held]
-        if train.any():
-            last = k[train].max()
-            carried[rows & held] = loss[train & (k == last)].mean()
-
-    def errors(predicted: np.ndarray) -> dict:
-        relative = np.abs(predicted[held] / loss[held] - 1.0)
-        return {"max_abs_relative_error": float(np.nanmax(relative)), "mean_abs_relative_error": float(np.nanmean(relative))}
-
-    return {"held_out_k": np.unique(k[held]).tolist(), "per_base_c_plus_a_over_k": errors(per_base),
-            "carry_last_k_forward": errors(carried)}
 
 
 def plan_merging(params: Mapping[str, float], n_params: float, *, target: float | None = None,
@@ -312,6 +391,7 @@ def plan_from_law(law_path: str | Path, *, method: str = "joint", loss: str = "i
                           budget=budget, sizes=sizes) for row in fit.get("bootstrap_params", [])]
     _mark_extrapolation(plan, draws, max_k=len(law.get("expert_domains", [])) or None,
                         max_n=max(law["bases"]["n_params"]))
+    _mark_resting_on_b(plan, fit)
     plan.update(method=method, loss=loss, law=str(path))
     if out:
         write_json(plan, out, "merge plan")
@@ -348,11 +428,40 @@ def _mark_extrapolation(plan: dict, draws: list[dict], *, max_k: int | None, max
         option["extrapolation"] = bool(option["extrapolation"] or option["n_params"] > max_n)
 
 
+def b_determination(fit: dict) -> dict:
+    """What the data say about the offset b of a fitted merging law: its estimate, profile interval (None on an
+    open side), whether it is identified or sits at a bound, the share of bootstrap refits at a bound, and
+    `determined` (identified and not at a bound; a fit that does not record identification determines nothing)."""
+    law = fit.get("law", MERGING_LAW)
+    estimate = fit["params"]["b"]
+    identified = fit.get("identified", {}).get("b")
+    draws = np.array(fit.get("bootstrap_params", []), dtype=float).reshape(-1, len(LAWS[law].params))
+    at_bounds = [at_bound(law, "b", value) for value in draws[:, LAWS[law].params.index("b")]]
+    return {"estimate": estimate, "profile_ci95": fit.get("profile_ci95", {}).get("b"), "identified": identified,
+            "at_bound": at_bound(law, "b", estimate),
+            "share_of_resamples_at_bound": float(np.mean(at_bounds)) if at_bounds else None,
+            "determined": bool(identified) and not at_bound(law, "b", estimate)}
+
+
+def _mark_resting_on_b(plan: dict, fit: dict) -> None:
+    """Record what the data say about b (`plan["b"]`) and mark every answer computed through b: the k for a
+    target, the stop rule, the k reaching a fraction of the gain (a function of b alone) and the budget's options;
+    `rests_on_undetermined_b` is true where b is not determined. An unreachable target rests on the floor alone."""
+    plan["b"] = b_determination(fit)
+    undetermined = not plan["b"]["determined"]
+    answers = [plan["stop"], *plan["gain_fractions"], *plan.get("budget", {}).get("options", [])]
+    if plan.get("target", {}).get("k") is not None:
+        answers.append(plan["target"])
+    for answer in answers:
+        answer["rests_on_undetermined_b"] = undetermined
+
+
 def plan_text(plan: dict) -> str:
     """The planning answers as lines for a terminal."""
     lines = [f"plan for {plan['method']} ({plan['loss']} loss, bits per byte) at N = {plan['n_params']:,.0f}: "
              + ", ".join(f"{label} {plan[key]:.4f}{interval_text(plan.get(f'{key}_ci95'))}" for label, key in
                          (("floor", "floor"), ("A(N)", "amplitude"), ("one expert", "predicted_at_k1")))]
+    lines += [f"  {b_text(plan)}"] if b_text(plan) else []
     if "target" in plan:
         answer = plan["target"]
         lines.append(f"  (a) target {answer['target']}: " + (f"k = {answer['k']} (predicted {answer['predicted']:.4f})"
@@ -381,7 +490,25 @@ def interval_text(interval: list | None) -> str:
 
 
 def beyond_text(answer: dict) -> str:
-    """' (extrapolated; 95% interval [a, b])' for an answer beyond the observed range."""
+    """' (extrapolated; rests on b, not determined; 95% interval [a, b])': what qualifies an answer."""
     interval = interval_text(answer.get("ci95"))
-    parts = (["extrapolated"] if answer.get("extrapolation") else []) + ([f"95% interval{interval}"] if interval else [])
+    parts = (["extrapolated"] if answer.get("extrapolation") else []) \
+        + (["rests on b, not determined"] if answer.get("rests_on_undetermined_b") else []) \
+        + ([f"95% interval{interval}"] if interval else [])
     return f" ({'; '.join(parts)})" if parts else ""
+
+
+def b_text(plan: dict) -> str:
+    """A sentence on what the data say about b where they do not determine it ('' where they do, or without a
+    record of it)."""
+    b = plan.get("b")
+    if not b or b["determined"]:
+        return ""
+    low, high = b["profile_ci95"] or (None, None)
+    details = [f"profile interval [{'open' if low is None else f'{low:.3g}'}, {'open' if high is None else f'{high:.3g}'}]"
+               if b["profile_ci95"] else "no profile interval recorded"]
+    details += ["at its bound"] if b["at_bound"] else []
+    if b["share_of_resamples_at_bound"] is not None:
+        details.append(f"{b['share_of_resamples_at_bound']:.0%} of the bootstrap refits at a bound")
+    return (f"b = {b['estimate']:.4g} is not determined by the data ({'; '.join(details)}): every answer marked "
+            "'rests on b' depends on it, and the k reaching a fraction of the gain is a function of b alone.")

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 
 from mmc import MMCError  # noqa: E402
 from mmc.laws import LAWS  # noqa: E402
-from mmc.merge_law import MERGING_LAW, beyond_text, interval_text  # noqa: E402
+from mmc.merge_law import MERGING_LAW, b_text, beyond_text, interval_text  # noqa: E402
 from mmc.oracle import pareto_indices, read_ensembles  # noqa: E402
 from mmc.store import atomic_path, check_outputs  # noqa: E402
 
@@ -433,27 +433,8 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     if attribution_by_domain is not None:
         lines += ["", domain_attribution_markdown(attribution_by_domain)]
     if merge_law:
-        fitted = [fit for by_target in merge_law["fits"].values() for fit in by_target.values() if "params" in fit]
-        names = LAWS[fitted[0].get("law", MERGING_LAW)].params if fitted else LAWS[MERGING_LAW].params
         lines += ["", "## Model merging", "", f"Law: {_md(merge_law.get('law', MERGING_LAW))}.", "",
-                  "![merging](merging.png)", "", "![spread](merging_spread.png)", "",
-                  "| method | loss | " + " | ".join(_md(name.replace("_star", "*")) for name in names) + " | R² (log) | held-out max rel. "
-                  "error: law (k ≤ K−h / k ∈ {1,2,4}) | baselines on the same held-out k: c + a/k / last k carried "
-                  "forward |", "|" + "---|" * (len(names) + 5)]
-        for method, by_target in merge_law["fits"].items():
-            for target, fit in by_target.items():
-                if "params" not in fit:
-                    lines.append(f"| {_md(method)} | {target} | skipped: {_skipped(fit)} |" + " |" * (len(names) + 2))
-                    continue
-                checks = [fit.get(check, {}) for check in ("holdout", "forecast")]
-                baselines = fit.get("baselines", {})
-                lines.append(f"| {_md(method)} | {target} | " + " | ".join(parameter_text(fit, n) for n in names)
-                             + f" | {fit['r2_log']:.3f} | " + " / ".join(
-                                 "skipped" if "skipped" in check else _fmt(check.get("max_abs_relative_error"))
-                                 for check in checks) + " | " + (
-                                 "skipped" if "skipped" in baselines else " / ".join(
-                                     _fmt(baselines.get(name, {}).get("max_abs_relative_error"))
-                                     for name in ("per_base_c_plus_a_over_k", "carry_last_k_forward"))) + " |")
+                  "![merging](merging.png)", "", "![spread](merging_spread.png)", "", merging_markdown(merge_law)]
     elif not_run_merging:
         lines += ["", "## Model merging", "", "The merging study did not run in this project (params "
                   "`studies.merging: []`, `merging.bases: []`): no experts, merges or merging law."]
@@ -463,6 +444,62 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     if plan:
         lines += ["", "## Planning", "", plan_markdown(plan)]
     return "\n".join(lines) + "\n"
+
+
+BASELINE_LABELS = {"law": "law", "per_base_c_plus_a_over_k": "c + a/k per base",
+                   "carry_last_k_forward": "last k carried forward"}
+
+
+def merging_markdown(merge_law: dict) -> str:
+    """The merging law's table, judged against what needs no law: R² within each base (the headline: one mean per
+    base already explains the differences between bases, its R² beside), whether the amplitude grows with N
+    ("not determined" with the reason where the data do not say), and the held-out error beside two baselines'
+    on the same held-out k (the lowest in bold)."""
+    fitted = [fit for by_target in merge_law["fits"].values() for fit in by_target.values() if "params" in fit]
+    law = fitted[0].get("law", MERGING_LAW) if fitted else MERGING_LAW
+    names = LAWS[law].params
+    columns = [*(_md(name.replace("_star", "*")) for name in names), "R² within bases (log)",
+               "R² of one mean per base / overall", *(["amplitude grows with N"] if law == MERGING_LAW else []),
+               "held-out k, max rel. error: " + " / ".join(BASELINE_LABELS.values()), "forecast from k ∈ {1,2,4}"]
+    lines = ["R² within bases is the headline: one mean per base, with no dependence on k, already explains the "
+             "differences between base sizes, so the overall R² says little about the law in k. The held-out check fits "
+             "on k ≤ K − h and predicts the h largest k; two baselines predict the same points (the lowest error in bold).",
+             "", "| method | loss | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
+    for method, by_target in merge_law["fits"].items():
+        for target, fit in by_target.items():
+            if "params" not in fit:
+                lines.append(f"| {_md(method)} | {target} | skipped: {_skipped(fit)} |" + " |" * (len(columns) - 1))
+                continue
+            cells = [parameter_text(fit, name) for name in names]
+            within = fit.get("within_base_r2_log")  # outputs of older code hold it per base only
+            cells += [_fmt(within if isinstance(within, float) else None),
+                      f"{_fmt(fit.get('base_means_r2_log'))} / {_fmt(fit['r2_log'])}"]
+            if law == MERGING_LAW:
+                cells.append(_amplitude_text(fit))
+            cells += [_held_out_text(fit), _check_text(fit.get("forecast", {}))]
+            lines.append(f"| {_md(method)} | {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _amplitude_text(fit: dict) -> str:
+    grows = fit.get("amplitude_grows_with_n")
+    if grows is None:
+        return f"not determined ({_md(fit.get('amplitude_grows_with_n_reason', 'not recorded'))})"
+    return "yes" if grows else "no"
+
+
+def _check_text(check: dict) -> str:
+    return "skipped" if "skipped" in check else _fmt(check.get("max_abs_relative_error"))
+
+
+def _held_out_text(fit: dict) -> str:
+    """The law's held-out error / the per-base baseline's / carry-forward's, the lowest in bold."""
+    baselines = fit.get("baselines", {})
+    if "skipped" in baselines:
+        return "skipped"
+    errors = {**{name: baselines.get(name, {}) for name in BASELINE_LABELS}, "law": fit.get("holdout", {})}
+    return " / ".join(f"**{_check_text(errors[name])}**" if name == baselines.get("lowest_max_error")
+                      else _check_text(errors[name]) for name in BASELINE_LABELS)
 
 
 def domain_attribution_markdown(by_domain: pd.DataFrame) -> str:
@@ -526,7 +563,8 @@ def plan_markdown(plan: dict) -> str:
     rows = [f"Law: {plan.get('method', '')} fit of the {plan.get('loss', '').replace('_', '-')} loss, at base size "
             f"N = {plan['n_params']:,.0f}: floor {plan['floor']:.4f}{interval_text(plan.get('floor_ci95'))}, one expert "
             f"{plan['predicted_at_k1']:.4f}{interval_text(plan.get('predicted_at_k1_ci95'))} bits per byte (95% "
-            "intervals over the bootstrap resamples' laws).", "", "| question | answer |", "|---|---|"]
+            "intervals over the bootstrap resamples' laws)." + (f" {b_text(plan)}" if b_text(plan) else ""),
+            "", "| question | answer |", "|---|---|"]
     if "target" in plan:
         target = plan["target"]
         answer = (f"k = {target['k']} (predicted {target['predicted']:.4f})" if target["k"]

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import xarray as xr
 
+from conftest import ROOT
 from mmc import MMCError
 from mmc.cli import main
 from mmc.laws import get_law
 from mmc.losses import compute_losses
-from mmc.merge_law import fit_merge_laws, fit_merging_law, merge_points, plan_from_law, plan_merging, plan_text
+from mmc.merge_law import baselines, fit_merge_laws, fit_merging_law, merge_points, plan_from_law, plan_merging, plan_text
 from mmc.merging import MergeSpec
 from mmc.sweep import expert_subsets, merge_sweep
 from mmc.store import write_store
@@ -213,28 +214,109 @@ def test_gamma_may_be_negative_and_the_amplitude_is_said_to_grow_with_n():
     truth = {**TRUE_LAW, "gamma": -0.2, "A0": 0.5}  # the amplitude grows with N, as the default study's average
     result = fit_merging_law(law_curves(truth), "in_domain_bpb_mean")
     assert result["params"]["gamma"] == pytest.approx(-0.2, abs=1e-3) and result["amplitude_grows_with_n"] is True
+    assert result["within_base_r2_log"] > 0.999999 and "amplitude_grows_with_n_reason" not in result
+    assert all(a > 0 for a in result["per_base_amplitude"].values())
     assert fit_merging_law(law_curves(TRUE_LAW), "in_domain_bpb_mean")["amplitude_grows_with_n"] is False
+
+
+def k_independent_curves(pattern: np.ndarray, size: float = 0.002) -> pd.DataFrame:
+    """Merge curves whose loss depends on the base size alone: a floor per base, times exp(size · pattern)
+    (pattern: (k, base), no trend in k)."""
+    curves = law_curves(TRUE_LAW)
+    floor = TRUE_LAW["L_star"] + TRUE_LAW["B"] * curves.n_params ** -TRUE_LAW["beta"]
+    return curves.assign(in_domain_bpb_mean=floor * np.exp(size * pattern.ravel()))
+
+
+@pytest.mark.parametrize("pattern", ["alternating in k, phase by base", "random"])
+def test_curves_without_k_dependence_get_no_within_base_r2_and_no_amplitude_flag(pattern):
+    """One mean per base explains such curves almost wholly (overall R² > 0.99): the law's R² within bases, its
+    headline, says that it explains nothing about k, and whether the amplitude grows with N is not determined."""
+    k, base = np.meshgrid(np.arange(1, 7), np.arange(4), indexing="ij")
+    values = (-1.0) ** (k + base) if pattern != "random" else np.random.default_rng(0).normal(size=k.shape)
+    result = fit_merging_law(k_independent_curves(values), "in_domain_bpb_mean")
+    assert result["r2_log"] > 0.99 and result["base_means_r2_log"] > 0.99
+    assert result["within_base_r2_log"] <= 0.05
+    assert result["amplitude_grows_with_n"] is None and "not identified" in result["amplitude_grows_with_n_reason"]
+
+
+def test_loss_rising_with_k_at_the_largest_bases_claims_no_amplitude_growth():
+    """The default study's TIES cross-domain: the loss falls with k at the small bases and rises at the two largest;
+    the fit switches the k term off (A0 tiny, γ at its bound), so no claim about the amplitude is made."""
+    curves = law_curves(TRUE_LAW)
+    floor = TRUE_LAW["L_star"] + TRUE_LAW["B"] * curves.n_params ** -TRUE_LAW["beta"]
+    amplitude = curves.n_params.map({1e4: 0.006, 4e4: 0.002, 1.6e5: -0.0005, 6.4e5: -0.014})
+    result = fit_merging_law(curves.assign(in_domain_bpb_mean=floor + amplitude / curves.k), "in_domain_bpb_mean")
+    assert result["per_base_amplitude"] == pytest.approx({"10000": 0.006, "40000": 0.002, "160000": -0.0005,
+                                                          "640000": -0.014}, rel=1e-9)
+    assert result["amplitude_grows_with_n"] is None
+    assert "the per-base amplitudes (a of c + a/k per base) are not all of one sign" in \
+        result["amplitude_grows_with_n_reason"]
+
+
+def test_the_default_studys_ties_cross_domain_fit_claims_no_amplitude_growth():
+    """The committed default study's curves: TIES's cross-domain loss rises with k at the two largest bases, and
+    the law, refitted on them, says the growth of the amplitude with N is not determined (the metrics of older code
+    said it grows); the per-base baseline beats the law on the held-out k."""
+    curves = pd.read_csv(ROOT / "plots" / "merging" / "curves.csv")
+    result = fit_merging_law(curves[curves.method == "ties"], "cross_domain_bpb_mean")
+    assert result["amplitude_grows_with_n"] is None
+    assert "not all of one sign" in result["amplitude_grows_with_n_reason"]
+    amplitudes = list(result["per_base_amplitude"].values())
+    assert amplitudes[0] > 0 > amplitudes[-1]
+    assert result["within_base_r2_log"] < 0 < 0.99 < result["base_means_r2_log"]
+    assert result["baselines"]["lowest_max_error"] != "law"
 
 
 def test_within_base_r2_baselines_and_the_held_out_base_size():
     curves = law_curves(TRUE_LAW)
     result = fit_merging_law(curves, "in_domain_bpb_mean", holdout_k=2)
-    assert result["within_base_r2_log"] == pytest.approx({"10000": 1.0, "40000": 1.0, "160000": 1.0, "640000": 1.0},
-                                                        abs=1e-8)
+    assert result["within_base_r2_log"] == pytest.approx(1.0, abs=1e-8)
+    assert result["within_base_r2_log_by_base"] == pytest.approx(
+        {"10000": 1.0, "40000": 1.0, "160000": 1.0, "640000": 1.0}, abs=1e-8)
+    # one mean per base: 1 − SS(deviations from each base's mean) / SS(deviations from the overall mean), by hand
+    log_loss = np.log(curves.in_domain_bpb_mean)
+    within = ((log_loss - log_loss.groupby(curves.n_params).transform("mean")) ** 2).sum()
+    assert result["base_means_r2_log"] == pytest.approx(1 - within / ((log_loss - log_loss.mean()) ** 2).sum(), rel=1e-12)
     assert result["held_out_base"]["held_out"] == [640000.0] and result["held_out_base"]["max_abs_relative_error"] < 1e-5
     baselines = result["baselines"]
     assert baselines["held_out_k"] == [5.0, 6.0]
+    assert baselines["law"]["max_abs_relative_error"] == result["holdout"]["max_abs_relative_error"]
     # c + a/k is the law at b = 0: here b = 0.5, so it is close but not exact; carrying k = 4 forward overestimates
     k4 = curves[curves.k == 4].set_index("n_params").in_domain_bpb_mean
     held = curves[curves.k >= 5]
     carried = np.abs(k4.loc[held.n_params].to_numpy() / held.in_domain_bpb_mean.to_numpy() - 1)
     assert baselines["carry_last_k_forward"]["max_abs_relative_error"] == pytest.approx(carried.max(), rel=1e-12)
+    assert baselines["carry_last_k_forward"]["mean_abs_relative_error"] == pytest.approx(carried.mean(), rel=1e-12)
     assert result["holdout"]["max_abs_relative_error"] < baselines["per_base_c_plus_a_over_k"]["max_abs_relative_error"]
-    # data that are exactly c + a/k per base: that baseline's error is 0
-    exact = law_curves({**TRUE_LAW, "b": 0.0}, sizes=(1e4, 4e4, 1.6e5))
-    assert fit_merging_law(exact, "in_domain_bpb_mean")["baselines"]["per_base_c_plus_a_over_k"][
-        "max_abs_relative_error"] == pytest.approx(0.0, abs=1e-12)
-    assert "held_out_base" not in fit_merging_law(exact, "in_domain_bpb_mean")  # three bases: none held out
+    assert baselines["lowest_max_error"] == "law"
+    # data that are exactly c + a/k per base (the same c and a whatever the law says): that baseline's error is 0
+    exact = law_curves(TRUE_LAW, sizes=(1e4, 4e4, 1.6e5))
+    exact["in_domain_bpb_mean"] = exact.n_params.map({1e4: 2.0, 4e4: 1.8, 1.6e5: 1.7}) \
+        + exact.n_params.map({1e4: 0.3, 4e4: 0.5, 1.6e5: 0.6}) / exact.k
+    exact_result = fit_merging_law(exact, "in_domain_bpb_mean")
+    per_base = exact_result["baselines"]["per_base_c_plus_a_over_k"]
+    assert per_base["max_abs_relative_error"] == pytest.approx(0.0, abs=1e-12)
+    assert exact_result["baselines"]["lowest_max_error"] == "per_base_c_plus_a_over_k"
+    assert "held_out_base" not in exact_result  # three bases: none held out
+
+
+def test_baselines_on_points_of_several_methods_per_base_and_k():
+    """A joint fit's curves hold one row per method at each (base, k): the per-base baseline is one least-squares
+    c + a/k through all of them, the carried loss the mean over methods at the last training k."""
+    rows = [(n, method, k, 1.0 + shift + 0.4 / k) for n in (1e4, 4e4) for method, shift in (("a", 0.0), ("b", 0.2))
+            for k in range(1, 6)]
+    curves = pd.DataFrame(rows, columns=["n_params", "method", "k", "loss"])
+    k, sizes, loss = curves.k.to_numpy(float), curves.n_params.to_numpy(float), curves.loss.to_numpy()
+    result = baselines(k, sizes, loss, k == 5, {"max_abs_relative_error": 0.5, "mean_abs_relative_error": 0.25})
+    # the least-squares line through both methods is their mean, 1.1 + 0.4/k (1.18 at k = 5, where the methods
+    # have 1.08 and 1.28); carried forward: their mean at k = 4, 1.2
+    assert result["per_base_c_plus_a_over_k"]["max_abs_relative_error"] == pytest.approx(0.1 / 1.08, rel=1e-12)
+    assert result["carry_last_k_forward"]["max_abs_relative_error"] == pytest.approx(0.12 / 1.08, rel=1e-12)
+    assert result["law"] == {"max_abs_relative_error": 0.5, "mean_abs_relative_error": 0.25}
+    assert result["lowest_max_error"] == "per_base_c_plus_a_over_k"
+    one_training_k = baselines(k, sizes, loss, k >= 2, {"max_abs_relative_error": 0.5, "mean_abs_relative_error": 0.25})
+    assert "skipped" in one_training_k["per_base_c_plus_a_over_k"]
+    assert one_training_k["lowest_max_error"] in {"law", "carry_last_k_forward"}
 
 
 def test_the_plan_marks_extrapolation_with_intervals(tmp_path):
@@ -265,6 +347,32 @@ def test_the_plan_marks_extrapolation_with_intervals(tmp_path):
     assert "floor " in plan_text(plan) and f"[{plan['floor_ci95'][0]:.4g}, " in plan_text(plan)
     larger = plan_from_law(tmp_path / "law.json", n_params=1e7)
     assert larger["observed"]["n_params_extrapolated"] and larger["stop"]["extrapolation"]
+    assert plan["b"]["determined"] and plan["b"]["identified"] and not plan["b"]["at_bound"]
+    assert not any(row["rests_on_undetermined_b"] for row in [plan["stop"], *fractions.values()])
+
+
+def test_the_plan_marks_answers_that_rest_on_an_undetermined_b(tmp_path, capsys):
+    """b at its upper bound, its profile interval open above (the default study's TIES cross-domain): every answer
+    computed through b says it rests on it, and the plan says what the data do say about b."""
+    b_at_bound = {**PLAN_LAW, "b": 50.0}
+    draws = [[*PLAN_LAW.values()][:5] + [b] for b in (50.0, 49.99, 30.0, 50.0)]
+    fit = {"law": "merging", "params": b_at_bound, "identified": {name: name != "b" for name in PLAN_LAW},
+           "profile_ci95": {"b": [15.8, None]}, "bootstrap_params": draws}
+    (tmp_path / "law.json").write_text(json.dumps({"fits": {"joint": {"in_domain": fit}},
+                                                   "bases": {"n_params": [25, 100]}}))
+    plan = plan_from_law(tmp_path / "law.json", target=1.3, budget_multiple=4)
+    assert plan["b"] == {"estimate": 50.0, "profile_ci95": [15.8, None], "identified": False, "at_bound": True,
+                         "share_of_resamples_at_bound": 0.75, "determined": False}
+    answers = [plan["target"], plan["stop"], *plan["gain_fractions"], *plan["budget"]["options"]]
+    assert all(answer["rests_on_undetermined_b"] for answer in answers)
+    # the k reaching 80% of the gain is a function of b alone: (1 + b) / (1 − 0.8) − b = 5 + 4b
+    assert plan["gain_fractions"][0]["k"] == 5 + 4 * 50
+    text = plan_text(plan)
+    assert "b = 50 is not determined by the data (profile interval [15.8, open]; at its bound; 75% of the bootstrap " \
+           "refits at a bound)" in text and "rests on b, not determined" in text
+    with np.errstate(invalid="ignore"):  # no resample reaches it either: its interval is [inf, unreachable]
+        unreachable = plan_from_law(tmp_path / "law.json", target=1.0)["target"]
+    assert unreachable["k"] is None and "rests_on_undetermined_b" not in unreachable  # the floor alone says so
 
 
 def test_one_base_size_fits_c_plus_a_over_k_plus_b_and_plans_only_at_that_size(tmp_path):
