@@ -17,7 +17,7 @@ from mmc import MMCError, check_number, did_you_mean
 SPARSIFIER_NAMES = ("none", "magnitude", "random", "magnitude_outliers", "magnitude_prune")
 RANDOM_SPARSIFIERS = ("random", "magnitude_prune")  # seeded per expert and tensor; they read `seed`
 COMBINER_NAMES = ("linear", "task_arithmetic", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce",
-                  "nearswap")
+                  "nearswap", "ram")
 DEFAULT_SWEEP = ("average", "task_arithmetic", "ties", "dare")  # the four methods of arXiv 2509.24244
 
 
@@ -60,6 +60,11 @@ SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
             low_open=True, mergekit="select_topk"),
     Setting("threshold", 1e-4, 0.0, math.inf, "distance below which an entry takes the second expert's value; "
             "farther entries move by threshold/distance of the way (nearswap's t)", mergekit="t"),
+    Setting("min_change", 1e-5, 0.0, math.inf, "smallest |task vector entry| that counts as a change (RAM)",
+            mergekit="epsilon"),
+    Setting("boost_rate", 0.1, 0.0, math.inf, "RAM+: each expert's unique changes are scaled by 1 + boost_rate * "
+            "min(its shared/unique ratio, boost_cap)", mergekit="r"),
+    Setting("boost_cap", 0.2, 0.0, math.inf, "RAM+: the cap of the shared/unique ratio in the boost", mergekit="alpha"),
     Setting("seed", 0, 0, 2**63 - 1, "seed of the random drop masks", integer=True),
 )}
 
@@ -178,6 +183,12 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("nearswap", "nearswap", ("threshold",), "nearswap",
            "two experts: the first, with entries within --threshold of the second's swapped for the second's",
            k_min=2, k_max=2, mergekit_base="first expert", mergekit_weight=False),
+    Method("ram", "ram", ("min_change",), "ram",
+           "entries changed (|task vector| > --min_change) by one expert keep its change, by several their mean",
+           mergekit_weight=False),
+    Method("ramplus_tl", "ram", ("min_change", "boost_rate", "boost_cap"), "ramplus_tl",
+           "RAM, each expert's unique changes scaled by 1 + boost_rate * min(shared/unique, boost_cap)",
+           mergekit_weight=False),
 )}
 
 

@@ -24,12 +24,17 @@ With base weights θ0, experts θ1..θk and task vectors τi = θi − θ0, per 
 - `sce` (any k): keep the `select_topk` share of entries where the τi vary most, weight each τi by its mean
   square, and take the weighted mean of the entries that agree with the elected sign.
 - `nearswap` (k = 2): from θ1, each entry moves towards θ2 by min(1, threshold / |θ1 − θ2|) of the way.
+- `ram` (any k): entries with |τi| > min_change count as changes; an entry changed by one expert keeps its
+  change, one changed by several takes their mean. `ramplus_tl` scales each expert's unique changes by
+  1 + boost_rate · min(its shared/unique count ratio, boost_cap) (Reinforced Agent Merging, tensor-local).
 
 One expert (k = 1) gives the expert itself for the averages and spherical means and, for the sparsifying
 methods, its own sparsified task vector (times λ); SCE with select_topk < 1 gives the base (one expert does
 not vary). Each method is declared once in `mmc.merge_methods.METHODS`: its combiner, settings (SETTINGS), k
 range and mergekit equivalent, from which the CLI, the validation and `mergekit_config` read. mergekit's passthrough (layer
-stacking) and arcee_fusion (one fine-tune filtered into its own base) do not merge k experts of one base.
+stacking) does not merge experts of one base; arcee_fusion (one fine-tune filtered into its own base) is left
+out: its importance, a KL divergence of nearly equal softmaxes, decides which entries survive and is computed by
+mergekit in the merge dtype (float32), where it is too ill-conditioned to match.
 
 Only floating-point tensors are merged; other tensors (integer or boolean buffers) are the base's.
 Tensors that share storage in the base's state dict (tied weights, e.g. GPT-2's `lm_head` and `wte`) are
@@ -360,9 +365,28 @@ def _nearswap(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names:
     return weight * second + (1 - weight) * first
 
 
+def _ram(base: torch.Tensor, experts: torch.Tensor, spec: MergeSpec, names: Sequence[str],
+         tensor: str) -> torch.Tensor:
+    """Reinforced Agent Merging: entries with |τi| > min_change are changes; an entry changed by one expert keeps
+    it (RAM+: times that expert's boost 1 + boost_rate · min(shared/unique, boost_cap), its counts of entries
+    it shares with others and changes alone; the ratio is shared/min_change where it changes none alone), an
+    entry changed by several takes the mean of their changes."""
+    tau = (experts - base).reshape(len(experts), -1)
+    changed = tau.abs() > spec.min_change
+    count = changed.sum(0)
+    unique, shared = changed & (count == 1), changed & (count > 1)
+    boost = torch.ones(len(tau), dtype=tau.dtype)
+    if "boost_rate" in METHODS[spec.method].settings:
+        ratio = shared.sum(1) / unique.sum(1).clamp(min=spec.min_change)  # float32, as mergekit's
+        boost = (1 + spec.boost_rate * ratio.clamp(0, spec.boost_cap)).to(tau.dtype)
+    merged = (tau * (unique * boost[:, None] + shared.to(tau.dtype) / count.clamp(min=1))).sum(0)
+    return base + merged.reshape(base.shape)
+
+
 COMBINERS: dict[str, Callable[[torch.Tensor, torch.Tensor, MergeSpec, Sequence[str], str], torch.Tensor]] = {
     "linear": _linear, "task_arithmetic": _task_arithmetic, "slerp": _slerp, "nuslerp": _nuslerp,
     "multislerp": _multislerp, "karcher": _karcher, "model_stock": _model_stock, "sce": _sce, "nearswap": _nearswap,
+    "ram": _ram,
 }
 
 

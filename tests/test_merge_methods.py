@@ -79,15 +79,16 @@ DETERMINISTIC = [
     MergeSpec("breadcrumbs_ties", density=0.4, gamma=0.1, lambda_=1.2),
     MergeSpec("slerp", t=0.3), MergeSpec("nuslerp"), MergeSpec("multislerp"), MergeSpec("karcher"),
     MergeSpec("model_stock"), MergeSpec("sce"), MergeSpec("sce", select_topk=0.45), MergeSpec("sce", select_topk=1.0),
-    MergeSpec("nearswap", threshold=0.05),
+    MergeSpec("nearswap", threshold=0.05), MergeSpec("ram"), MergeSpec("ram", min_change=0.05),
+    MergeSpec("ramplus_tl"), MergeSpec("ramplus_tl", min_change=0.05, boost_rate=0.5, boost_cap=0.6),
 ]
 
 
 def test_every_method_of_mergekit_that_merges_experts_of_one_base_is_declared():
-    """mergekit's registry, less passthrough (layer stacking), arcee_fusion (one model into its base), and RAM
-    (not yet in mmc); dare and average are mmc's names for dare_linear and linear."""
+    """mergekit's registry, less passthrough (layer stacking) and arcee_fusion (one model filtered into its base,
+    by a float32-ill-conditioned importance); dare and average are mmc's names for dare_linear and linear."""
     declared = {method.mergekit for method in METHODS.values()}
-    left_out = {"passthrough", "arcee_fusion", "ram", "ramplus_tl"}
+    left_out = {"passthrough", "arcee_fusion"}
     assert {method.spec.name for method in mergekit_registry.registered_methods()} == declared | left_out
 
 
@@ -135,11 +136,17 @@ def test_geometric_methods_on_exact_cases():
     sce = ours(MergeSpec("sce", select_topk=1.0), base, torch.stack([torch.tensor([0.5, -0.5]).double(),
                                                                     torch.tensor([1.0, 1.0]).double()]))
     torch.testing.assert_close(sce, torch.tensor([0.2 * 0.5 + 0.8 * 1.0, 1.0]).double())
+    # RAM: the first entry changed by both (their mean), the second by neither, the third by the first alone (its
+    # change; RAM+ boosts it by 1 + 0.1 * min(1 shared / 1 unique, 0.2) = 1.02)
+    tau = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]]).double()
+    torch.testing.assert_close(ours(MergeSpec("ram"), torch.zeros(3).double(), tau), torch.tensor([2.0, 0, 2]).double())
+    torch.testing.assert_close(ours(MergeSpec("ramplus_tl"), torch.zeros(3).double(), tau),
+                               torch.tensor([2.0, 0, 2.04]).double())
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_one_expert_gives_the_method_s_transform_of_its_task_vector(name):
-    """k = 1: the expert itself for the averages and geometric means (λ = 1, density 1, drop 0), DELLA's and the
+    """k = 1: the expert itself for the averages, geometric means and RAM (λ = 1, density 1, drop 0), DELLA's and the
     trims' sparse task vector; SCE with select_topk < 1 keeps no entry (one expert does not vary), so the base;
     methods defined for two or more experts refuse one in a single line."""
     method = METHODS[name]

@@ -72,6 +72,9 @@ PARITY = [
     ("model_stock", [], "model_stock", {}),
     ("sce", ["--select_topk", "1"], "sce", {"select_topk": 1.0}),  # the variance top-k: per tensor, in the other file
     ("nearswap", ["--threshold", "0.01"], "nearswap", {"t": 0.01}),
+    ("ram", ["--min_change", "0.001"], "ram", {"epsilon": 0.001}),
+    ("ramplus_tl", ["--min_change", "0.001", "--boost_rate", "0.5", "--boost_cap", "0.6"], "ramplus_tl",
+     {"epsilon": 0.001, "r": 0.5, "alpha": 0.6}),
 ]
 
 
