@@ -104,6 +104,12 @@ def test_tiny_merging_law_and_plan(tiny_repo):
         by_k = curves[method]
         assert list(by_k.index) == methods_k[method] and np.isfinite(by_k).all(), (method, by_k.to_dict())
     assert curves["average"].iloc[-1] < curves["average"].iloc[0], curves["average"].to_dict()
+    # the default study's six methods (the tiny preset keeps them), each with its law's row in the report, per loss
+    assert len(params["methods"]) >= 6
+    summary = (repo / "reports" / "README.md").read_text()
+    for method in params["methods"]:
+        for target in ("in_domain", "cross_domain"):
+            assert f"| {method} | {target} | " in summary, (method, target)
     plan = json.loads((repo / "metrics" / "plan.json").read_text())
     assert {"floor", "stop", "gain_fractions", "budget"} <= set(plan)
 
