@@ -11,7 +11,7 @@ import xarray as xr
 from conftest import loss_store, synthetic_pool
 from mmc import MMCError, collaboration, store
 from mmc.cli import main
-from mmc.collaboration import _joint_fit, design_cells, matched_heterogeneity
+from mmc.collaboration import WILD_BOOTSTRAP, JointPoints, _joint_fit, design_cells, matched_heterogeneity
 from mmc.store import assemble_pool, open_store, write_store
 
 FAMILIES = ("alpha", "beta", "gamma")
@@ -108,8 +108,8 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
     alpha = laws["fits"]["single/alpha"]["params"]
     assert 0.15 < alpha["alpha"] < 0.6 and 0.8 < alpha["E"] < 1.3
     comparisons = laws["comparisons"]
-    assert set(comparisons) == {"floor", "heterogeneous_vs_homogeneous", "matched_budgets", "joint_fit",
-                                "with_nonembedding_parameters"}
+    assert set(comparisons) == {"floor", "heterogeneous_vs_homogeneous", "matched_budgets", "matched_frontiers",
+                                "joint_fit", "with_nonembedding_parameters"}
     assert set(comparisons["floor"]) >= {"single", "single_ci95", "multi", "multi_ci95", "multi_minus_single"}
     assert set(comparisons["heterogeneous_vs_homogeneous"]) >= {
         "alpha_heterogeneous", "alpha_heterogeneous_ci95", "alpha_homogeneous", "alpha_homogeneous_not_determined",
@@ -185,20 +185,25 @@ def test_fit_skips_the_series_with_too_few_points(tmp_path):
 
 def test_the_joint_fit_tells_a_shared_floor_from_separate_exponents():
     """Frontiers with one floor and different exponents: separate floors are not supported, separate exponents
-    are; with different floors, the shared-floor fit is rejected."""
+    are (the calibrated p at its smallest, 1 / (draws + 1)); with different floors, the shared-floor fit is
+    rejected."""
     rng = np.random.default_rng(0)
     x = np.geomspace(1e4, 1e7, 8)
 
     def frontier(e, a, alpha):
         return x, (e + a * x ** -alpha) * rng.lognormal(0, 0.002, len(x))
 
-    same_floor = _joint_fit({"single": frontier(1.5, 40, 0.3), "multi": frontier(1.5, 40, 0.45)}, None)
+    same_floor = _joint_fit(JointPoints.of(frontier(1.5, 40, 0.3), frontier(1.5, 40, 0.45)))
     assert same_floor["separate_floors_supported"]["p_value"] > 0.05
-    assert same_floor["separate_exponents_supported"]["p_value"] < 1e-3
+    assert same_floor["separate_exponents_supported"]["p_value"] == 1 / (WILD_BOOTSTRAP + 1)
+    assert same_floor["separate_exponents_supported"]["p_value_uncalibrated"] < 1e-3
     assert same_floor["shared_floor"]["E"] == pytest.approx(1.5, rel=0.02)
     assert same_floor["shared_floor"]["alpha_multi_minus_single"] == pytest.approx(0.15, abs=0.02)
-    other_floor = _joint_fit({"single": frontier(1.5, 40, 0.3), "multi": frontier(1.0, 40, 0.3)}, None)
-    assert other_floor["separate_floors_supported"]["p_value"] < 1e-3
+    low, high = same_floor["shared_floor"]["alpha_multi_minus_single_ci95_wild"]
+    assert 0 < low < 0.15 < high
+    assert same_floor["reading"].startswith("the calibrated test rejects one exponent")
+    other_floor = _joint_fit(JointPoints.of(frontier(1.5, 40, 0.3), frontier(1.0, 40, 0.3)))
+    assert other_floor["separate_floors_supported"]["p_value"] == 1 / (WILD_BOOTSTRAP + 1)
 
 
 def test_fit_reports_matched_budgets_the_joint_test_and_cross_fitted_frontiers(tmp_path):
@@ -209,11 +214,16 @@ def test_fit_reports_matched_budgets_the_joint_test_and_cross_fitted_frontiers(t
     laws = json.loads((tmp_path / "l.json").read_text(), parse_constant=reject_constant)
     assert laws["x"].startswith("total_params_nonembedding")
     matched = laws["comparisons"]["matched_budgets"]
-    assert len(matched["total_params"]) == 5 and len(matched["multi_minus_single_ci95"]) == 5
-    for (low, high), value in zip(matched["multi_minus_single_ci95"], matched["multi_minus_single"]):
-        assert low <= high
+    assert len(matched["total_params"]) == 5
+    for block in ("data", "law"):
+        assert len(matched[block]["multi_minus_single_ci95"]) == 5
+        for low, high in matched[block]["multi_minus_single_ci95"]:
+            assert low <= high
+    assert len(matched["law"]["agrees_with_data"]) == 5
+    frontiers = laws["comparisons"]["matched_frontiers"]
+    assert frontiers["multi_lower"] + frontiers["equal"] + frontiers["multi_higher"] == len(frontiers["total_params"])
     joint = laws["comparisons"]["joint_fit"]
-    assert 0 <= joint["separate_floors_supported"]["p_value"] <= 1 and joint["shared_floor"]["n_bootstrap"] == 30
+    assert 0 < joint["separate_floors_supported"]["p_value"] <= 1 and joint["shared_floor"]["n_bootstrap"] == 30
     for name in ("E", "alpha_single", "alpha_multi", "alpha_multi_minus_single"):  # every shared-floor figure
         low, high = joint["shared_floor"][f"{name}_ci95"]
         assert low <= high, name
