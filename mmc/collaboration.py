@@ -149,7 +149,7 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
                             "(at least 1)"},
         "x": f"{X_COLUMNS[x]} ({x} parameters of the ensemble)",
         "fits": fits,
-        "comparisons": {**_comparisons(table, fits),
+        "comparisons": {**_comparisons(table, fits, params, fitted),
                         **_single_vs_multi(table, params, bpb, fitted, replicates, seed)},
     }
     other = "nonembedding" if x == "total" else "total"
@@ -160,8 +160,9 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
     return json_ready(metrics), points, curves
 
 
-def _comparisons(table: pd.DataFrame, fits: dict) -> dict:
-    """The paper's two comparisons: multi-model vs single-model floor; heterogeneous vs homogeneous scaling."""
+def _comparisons(table: pd.DataFrame, fits: dict, params: np.ndarray, fitted: dict[str, Fit]) -> dict:
+    """The paper's two comparisons: multi-model vs single-model floor; heterogeneous vs homogeneous scaling
+    (`params`: the budget each ensemble was fitted at; `fitted`: the fits, with their bootstrap draws)."""
     def param(series: str, name: str) -> float | None:
         return fits.get(series, {}).get("params", {}).get(name)
 
@@ -193,7 +194,7 @@ def _comparisons(table: pd.DataFrame, fits: dict) -> dict:
             "multi_minus_single": None if None in (floor_single, floor_multi) else floor_multi - floor_single,
             # floors of a 3-parameter law on a handful of points are often not identified (E at its bound):
             # the two laws' predictions at common budgets compare them where the data are
-            "predicted_bpb_at": _predictions_at_budgets(table, fits),
+            "predicted_bpb_at": _predictions_at_budgets(table, fits, params),
         },
         "heterogeneous_vs_homogeneous": {
             "alpha_heterogeneous": param("multi/heterogeneous", "alpha"),
@@ -201,6 +202,7 @@ def _comparisons(table: pd.DataFrame, fits: dict) -> dict:
             "alpha_homogeneous": homogeneous_alphas,  # families whose exponent the data determine
             "alpha_homogeneous_not_determined": sorted(set(homogeneous) - set(homogeneous_alphas)),
             "alpha_homogeneous_mean": float(np.mean(list(homogeneous_alphas.values()))) if homogeneous_alphas else None,
+            **_exponent_difference(fits, fitted, homogeneous),
             "mean_gain_bpb": {kind: float(group.gain_bpb.mean()) for kind, group in ensembles.groupby("kind")},
             "mean_gain_bpb_by_k": {int(k): {kind: float(value) for kind, value in row.dropna().items()}
                                    for k, row in by_k.iterrows()},
@@ -208,16 +210,51 @@ def _comparisons(table: pd.DataFrame, fits: dict) -> dict:
     }
 
 
-def _predictions_at_budgets(table: pd.DataFrame, fits: dict) -> dict:
-    """single/pareto and multi/pareto predictions at the largest single model's size and at the whole pool's."""
-    budgets = {"largest_single": float(table.total_params[table.kind == "single"].max()),
-               "whole_pool": float(table.total_params.max())}
+def _predictions_at_budgets(table: pd.DataFrame, fits: dict, params: np.ndarray) -> dict:
+    """single/pareto and multi/pareto predictions at the largest single model's size and at the whole pool's. A
+    prediction beyond a series' largest point (or below its smallest) is marked in `extrapolation` with the factor
+    (budget over the largest point, or smallest point over budget), and a series whose law has a parameter the
+    data do not determine is listed in `not_determined`: its prediction rests on a bound, not on the data."""
+    budgets = {"largest_single": float(params[(table.kind == "single").to_numpy()].max()),
+               "whole_pool": float(params.max())}
     law = LAWS[COLLABORATION_LAW]
-    return {name: {"total_params": x, **{series: float(law.predict(fits[series]["params"], x=x))
-                                         for series in ("single/pareto", "multi/pareto") if "params" in fits.get(series, {})}}
-            for name, x in budgets.items()}
+    series = {name: params[rows] for name, rows in _series_points(table).items()
+              if name in ("single/pareto", "multi/pareto") and "params" in fits.get(name, {})}
+    predictions = {}
+    for name, x in budgets.items():
+        factors = {s: max(x / xs.max(), xs.min() / x) for s, xs in series.items()}
+        predictions[name] = {"total_params": x, **{s: float(law.predict(fits[s]["params"], x=x)) for s in series},
+                             "extrapolation": {s: float(f) for s, f in factors.items() if f > 1},
+                             "not_determined": [s for s in series if not all(fits[s]["identified"].values())]}
+    return predictions
 
 
+def _exponent_difference(fits: dict, fitted: dict[str, Fit], homogeneous: dict[str, str]) -> dict:
+    """The heterogeneous exponent minus the mean of the per-family homogeneous ones, with a bootstrap interval
+    (the same document resamples for every fit, paired), where that mean summarises the families: every family's
+    exponent determined and their 95% profile intervals overlapping. Otherwise not a comparison, and why."""
+    exponents = {family: fits[series] for family, series in homogeneous.items()}
+    undetermined = sorted(family for family, fit in exponents.items() if not fit["identified"]["alpha"])
+    if "params" not in fits.get("multi/heterogeneous", {}) or not exponents:
+        return {"alpha_difference_note": "not a comparison: no heterogeneous or no homogeneous exponent fitted"}
+    if undetermined or not fits["multi/heterogeneous"]["identified"]["alpha"]:
+        return {"alpha_difference_note": "not a comparison: an exponent the data do not determine ("
+                                         + ", ".join(undetermined or ["heterogeneous"]) + ")"}
+    intervals = np.array([fit["profile_ci95"]["alpha"] for fit in exponents.values()], dtype=np.float64)
+    values = [fit["params"]["alpha"] for fit in exponents.values()]
+    if intervals[:, 0].max() > intervals[:, 1].min():
+        return {"alpha_difference_note": f"not a comparison: the per-family exponents differ ({min(values):.3g} to "
+                                         f"{max(values):.3g}, 95% profile intervals that do not all overlap), so "
+                                         f"their mean summarises none of them"}
+    difference = fits["multi/heterogeneous"]["params"]["alpha"] - float(np.mean(values))
+    result = {"alpha_heterogeneous_minus_homogeneous_mean": difference,
+              "alpha_difference_note": "the per-family exponents agree (overlapping 95% profile intervals)"}
+    column = LAWS[COLLABORATION_LAW].params.index("alpha")
+    draws = [fitted[series].bootstrap_params for series in ("multi/heterogeneous", *homogeneous.values())]
+    if all(d is not None for d in draws) and len({len(d) for d in draws}) == 1:  # the same resamples: paired
+        resampled = draws[0][:, column] - np.mean([d[:, column] for d in draws[1:]], axis=0)
+        result["alpha_heterogeneous_minus_homogeneous_mean_ci95"] = np.percentile(resampled, [2.5, 97.5]).tolist()
+    return result
 
 
 def fit_collaboration(pool_path: str | Path, oracle_dir: str | Path, out: str | Path, plots: str | Path, *,
@@ -609,7 +646,7 @@ def _joint_reading(joint: dict) -> str:
     p = joint["separate_exponents_supported"]["p_value"]
     documents = joint["shared_floor"].get("alpha_multi_minus_single_ci95")
     excludes = documents is not None and (documents[0] > 0 or documents[1] < 0)
-    if p < 0.05:
+    if p <= 0.05:
         return f"the calibrated test rejects one exponent for both frontiers (p = {p:.3g})"
     if excludes:
         return (f"the document-bootstrap interval of alpha_multi - alpha_single excludes 0, but the calibrated test "
@@ -715,8 +752,8 @@ def matched_heterogeneity(pool: xr.Dataset, n_bootstrap: int, seed: int, sample_
     resampled = {"documents": (np.zeros((n_bootstrap, len(cells)), dtype=np.intp), draws),
                  "models": (model_choice, np.zeros(n_bootstrap, dtype=np.intp)),
                  "documents_and_models": (model_choice, draws)}
-    intervals = {name: np.nanpercentile(gains(*args) @ difference, [2.5, 97.5], axis=0).T if n_bootstrap else None
-                 for name, args in resampled.items()}
+    differences = {name: gains(*args) @ difference for name, args in resampled.items()} if n_bootstrap else {}
+    intervals = {name: np.nanpercentile(draws_, [2.5, 97.5], axis=0).T for name, draws_ in differences.items()}
     totals = members.n_params.to_numpy()[replicate_table[cell_table, 0]]
     log_total = np.log(np.where(in_ensemble, totals, 0).sum(axis=1))
 
@@ -735,16 +772,38 @@ def matched_heterogeneity(pool: xr.Dataset, n_bootstrap: int, seed: int, sample_
                   "size_sets": int(ensembles.size_set[here & (ensembles.k == k)].nunique()),
                   "total_params_ratio": float(np.exp(log_total @ difference[:, group]))}
         for name, interval in intervals.items():
-            if interval is not None and not (name == "models" and not replicated):
+            if not (name == "models" and not replicated):
                 result[f"ci95_{name}"] = interval[group].tolist()
         entry["by_k"][int(k)] = result
     return {
+        "ratios": _difference_ratios(keys, (point @ difference)[0], differences.get("documents")),
         "compared": "gain = best member's bpb - the ensemble's oracle bpb; heterogeneous and homogeneous ensembles "
                     "of the same k sizes (one member per size) within one training-data label: matched in k and in "
                     "size composition (total_params_ratio: heterogeneous over homogeneous, geometric mean)",
         "by_data": by_data,
         "uncertainty": _uncertainty(by_data, members, member_bpb, n_replicates, replicates),
     }
+
+
+def _difference_ratios(keys: pd.Index, point: np.ndarray, draws: np.ndarray | None) -> list[dict]:
+    """For every two data labels with the same k, the ratio of their heterogeneous-minus-homogeneous differences
+    (the first label in sorted order over the second; e.g. how much of the gain with own data remains with shared
+    data), with a 95% percentile interval over the same document resamples (`draws`: (resamples, groups)). A
+    denominator whose interval reaches 0 gives no interval: the ratio is then unbounded."""
+    groups = {(data or "unlabelled", int(k)): group for group, (data, k) in enumerate(keys)}
+    ratios = []
+    for (first, k), (second, other_k) in combinations(sorted(groups), 2):
+        if k != other_k:
+            continue
+        top, bottom = groups[(first, k)], groups[(second, k)]
+        entry = {"k": k, "numerator": first, "denominator": second, "ratio": float(point[top] / point[bottom])
+                 if point[bottom] != 0 else None, "ci95_documents": None}
+        if draws is not None:
+            low, high = np.nanpercentile(draws[:, bottom], [2.5, 97.5])
+            if low > 0 or high < 0:
+                entry["ci95_documents"] = np.nanpercentile(draws[:, top] / draws[:, bottom], [2.5, 97.5]).tolist()
+        ratios.append(entry)
+    return ratios
 
 
 def _uncertainty(by_data: dict, members: pd.DataFrame, member_bpb: np.ndarray, n_replicates: np.ndarray,

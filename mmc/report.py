@@ -354,6 +354,17 @@ def parameter_text(fit: dict, name: str) -> str:
     return f"not determined{bound}"
 
 
+def _prediction_text(row: dict, series: str) -> str:
+    """A law's prediction at a budget, marked where it extrapolates or rests on parameters the data do not
+    determine."""
+    if series not in row:
+        return "–"
+    marks = ([f"extrapolated {row['extrapolation'][series]:.3g}× beyond its points"]
+             if series in row.get("extrapolation", {}) else [])
+    marks += ["its law not determined by the data"] if series in row.get("not_determined", []) else []
+    return _fmt(row[series]) + (f" ({'; '.join(marks)})" if marks else "")
+
+
 def _frontier_comparison_lines(comparisons: dict) -> list[str]:
     """Single vs multi where both have data, the frontiers first: the step frontiers' difference at matched
     budgets beside the laws', a law difference that claims what the frontiers do not marked as the law's alone;
@@ -384,7 +395,7 @@ def _frontier_comparison_lines(comparisons: dict) -> list[str]:
                   f"a point, the multi frontier is lower at {frontiers['multi_lower']}, equal at "
                   f"{frontiers['equal']} (the same model on both) and higher at {frontiers['multi_higher']}."]
     joint = comparisons.get("joint_fit", {})
-    if "shared_floor" in joint:
+    if "points" in joint:  # metrics written before the calibrated tests have none: nothing uncalibrated is shown
         shared = joint["shared_floor"]
         floors, exponents = joint["separate_floors_supported"], joint["separate_exponents_supported"]
         documents = shared.get("alpha_multi_minus_single_ci95")
@@ -446,14 +457,19 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
               "Predicted at common budgets:", ""]
     for name, row in floor["predicted_bpb_at"].items():
         lines.append(f"- {name.replace('_', ' ')} ({row['total_params']:.3g} parameters): single "
-                     f"{_fmt(row.get('single/pareto'))}, multi {_fmt(row.get('multi/pareto'))} bits per byte")
+                     f"{_prediction_text(row, 'single/pareto')}, multi {_prediction_text(row, 'multi/pareto')} "
+                     "bits per byte")
     lines += _frontier_comparison_lines(laws["comparisons"])
     hetero = laws["fits"].get("multi/heterogeneous", {})
+    difference = kinds.get("alpha_heterogeneous_minus_homogeneous_mean")
     lines += ["", "**Heterogeneous vs homogeneous.** exponent "
               + (parameter_text(hetero, "alpha") if "params" in hetero else "–")
               + f" vs {_fmt(kinds['alpha_homogeneous_mean'])} (mean over families"
               + (f"; not determined for {', '.join(map(_md, kinds['alpha_homogeneous_not_determined']))}"
-                 if kinds["alpha_homogeneous_not_determined"] else "") + "); mean oracle gain over the best member: "
+                 if kinds["alpha_homogeneous_not_determined"] else "") + "); "
+              + (f"difference {_fmt(difference, kinds.get('alpha_heterogeneous_minus_homogeneous_mean_ci95'))}; "
+                 if difference is not None else f"{_md(kinds.get('alpha_difference_note', ''))}; ")
+              + "mean oracle gain over the best member: "
               + ", ".join(f"{kind} {gain:.4f}" for kind, gain in kinds["mean_gain_bpb"].items()) + " bits per byte "
               "(all ensembles, whatever their sizes and data).", ""]
     if "by_data" in kinds.get("matched", {}):
@@ -575,6 +591,11 @@ def matched_markdown(matched: dict) -> str:
             rows.append(f"| {_md(data)} | {k} | {row['size_sets']} | {row['heterogeneous_gain_bpb']:.4f} | "
                         f"{row['homogeneous_gain_bpb']:.4f} | {row['heterogeneous_minus_homogeneous_gain_bpb']:.4f} | "
                         + " | ".join(intervals) + f" | {row['total_params_ratio']:.2f} |")
+    if matched.get("ratios"):
+        rows += ["", "Ratio of two labels' differences at the same k (95% interval over the same document resamples; "
+                 "none where the denominator's interval reaches 0): " + "; ".join(
+                     f"{_md(r['numerator'])} / {_md(r['denominator'])} at k = {r['k']}: {_fmt(r['ratio'])} "
+                     f"{_interval(r['ci95_documents'])}" for r in matched["ratios"]) + "."]
     uncertainty = matched["uncertainty"]
     widths = uncertainty["mean_ci95_width_bpb"]
     rows += ["", f"Mean interval width: over documents {_fmt(widths['documents'])}, over models "

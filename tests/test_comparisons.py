@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmc.collaboration import JointPoints, _joint_fit, _law_agrees_with_data, _single_vs_multi
+from mmc.collaboration import JointPoints, _joint_fit, _law_agrees_with_data, _single_vs_multi, matched_heterogeneity
+from mmc.report import _frontier_comparison_lines, _prediction_text, matched_markdown
+from test_pool_and_fit import factorial_pool
 
 
 def ensemble_table(rng: np.random.Generator, n_resamples: int = 50) -> tuple[pd.DataFrame, np.ndarray]:
@@ -113,3 +115,29 @@ def test_the_calibrated_tests_hold_their_level_on_400_null_studies():
     assert 0.03 <= rates["separate_exponents_supported"] <= 0.07
     assert 0.03 <= rates["wild_interval_excludes_0"] <= 0.07
     assert rates["separate_floors_supported"] <= 0.07
+
+
+def test_the_report_puts_the_frontiers_first_and_marks_the_laws_claims_they_do_not_show():
+    table, replicates = ensemble_table(np.random.default_rng(0))
+    params, bpb = table.total_params.to_numpy(float), table.oracle_bpb.to_numpy(float)
+    comparisons = _single_vs_multi(table, params, bpb, None, replicates, seed=0)
+    law = comparisons["matched_budgets"]["law"]
+    law["agrees_with_data"] = [True, False, True, True, True]
+    text = "\n".join(_frontier_comparison_lines(comparisons))
+    header = "| total parameters | single frontier | multi frontier | multi − single (data) | multi − single (laws) |"
+    assert header in text and text.count("(law only; the frontiers disagree)") == 1
+    assert f"{law['multi_minus_single'][1]:.4g} (law only; the frontiers disagree)" in text
+    assert "the same model" in text and "block-wild bootstrap of 199 draws" in text and "uncalibrated p" in text
+    row = {"total_params": 4e6, "single/pareto": 2.2, "multi/pareto": 2.1, "extrapolation": {"single/pareto": 16.0},
+           "not_determined": ["single/pareto"]}
+    assert _prediction_text(row, "single/pareto") == ("2.2 (extrapolated 16× beyond its points; its law not "
+                                                      "determined by the data)")
+    assert _prediction_text(row, "multi/pareto") == "2.1"
+
+
+def test_matched_heterogeneity_gives_the_ratio_of_two_labels_differences_with_an_interval():
+    """mix gains nothing from heterogeneity, own 0.25 nats per sample on every resample: the ratio is 0, exactly."""
+    result = matched_heterogeneity(factorial_pool(), 50, seed=3)
+    assert result["ratios"] == [{"k": 2, "numerator": "mix", "denominator": "own", "ratio": 0.0,
+                                 "ci95_documents": [0.0, 0.0]}]
+    assert "mix / own at k = 2: 0 [0.0000, 0.0000]" in matched_markdown(result)

@@ -131,6 +131,11 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
     assert gains["heterogeneous"] > 0.05 and gains["heterogeneous"] > 5 * gains["homogeneous"] >= 0
     at_pool = comparisons["floor"]["predicted_bpb_at"]["whole_pool"]
     assert at_pool["multi/pareto"] < at_pool["single/pareto"]
+    largest_single = comparisons["floor"]["predicted_bpb_at"]["largest_single"]["total_params"]
+    # the whole pool lies beyond every single model: the single-model law extrapolates there, by that factor
+    assert at_pool["extrapolation"]["single/pareto"] == pytest.approx(at_pool["total_params"] / largest_single)
+    assert "single/pareto" not in comparisons["floor"]["predicted_bpb_at"]["largest_single"]["extrapolation"]
+    assert "alpha_difference_note" in kinds  # a difference with an interval, or why the mean is not a comparison
     points = (tmp_path / "plots" / "points.csv").read_text().splitlines()
     assert points[0] == "series,total_params,bpb" and len(points) > 12
     curves = (tmp_path / "plots" / "curves.csv").read_text().splitlines()
