@@ -652,7 +652,8 @@ def _joint_reading(joint: dict) -> str:
         return (f"the document-bootstrap interval of alpha_multi - alpha_single excludes 0, but the calibrated test "
                 f"does not reject (p = {p:.3g}): the difference is within what the frontiers' correlated misfit to "
                 f"the law produces; the document interval holds that misfit fixed")
-    return f"neither the calibrated test (p = {p:.3g}) nor the document interval separates the exponents"
+    return f"the calibrated test does not reject one exponent for both frontiers (p = {p:.3g})" + (
+        ", nor does the document interval separate them" if documents is not None else "")
 
 
 def design_cells(pool: xr.Dataset) -> pd.DataFrame:
