@@ -629,8 +629,9 @@ def _joint_fit(points: JointPoints, *, seed: int = 0, n_draws: int = WILD_BOOTST
         "separate_exponents_supported": exponent_test,
     }
     if points.replicates is not None:
-        refits = np.array([_fit_joint(points, np.log(column), "shared_floor", [theta, *starts])[0]
-                           for column in points.replicates.T if np.isfinite(column).all() and (column > 0).all()])
+        usable = (np.isfinite(points.replicates) & (points.replicates > 0)).all(axis=0)
+        resampled = np.log(points.replicates[:, usable].T)
+        refits = _refit_batch(points, resampled, "shared_floor", np.tile(theta, (len(resampled), 1)))[0]
         if len(refits):
             draws = {"E": np.exp(refits[:, 0]), "alpha_single": refits[:, 2], "alpha_multi": refits[:, 4],
                      "alpha_multi_minus_single": refits[:, 4] - refits[:, 2]}
