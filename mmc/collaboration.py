@@ -188,12 +188,12 @@ def _comparisons(table: pd.DataFrame, fits: dict, params: np.ndarray, fitted: di
             "identified": determined,
             "note": "both floors are determined by the data" if all(determined.values()) else
                     "a floor the data do not determine (identified: false) is no basis for comparison: compare "
-                    "the predictions at matched budgets (predicted_bpb_at) instead",
+                    "the frontiers at matched budgets (matched_budgets.data) instead",
             "single": floor_single, "single_ci95": ci("single/pareto", "E"),
             "multi": floor_multi, "multi_ci95": ci("multi/pareto", "E"),
             "multi_minus_single": None if None in (floor_single, floor_multi) else floor_multi - floor_single,
-            # floors of a 3-parameter law on a handful of points are often not identified (E at its bound):
-            # the two laws' predictions at common budgets compare them where the data are
+            # floors of a 3-parameter law on a handful of points are often not identified (E at its bound); the
+            # laws' predictions at common budgets say where they extrapolate and when their laws are undetermined
             "predicted_bpb_at": _predictions_at_budgets(table, fits, params),
         },
         "heterogeneous_vs_homogeneous": {

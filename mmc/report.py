@@ -452,6 +452,7 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
     floor = laws["comparisons"]["floor"]
     kinds = laws["comparisons"]["heterogeneous_vs_homogeneous"]
     single, multi = laws["fits"].get("single/pareto", {}), laws["fits"].get("multi/pareto", {})
+    lines += _frontier_comparison_lines(laws["comparisons"])  # the frontiers first, the laws' floors after
     lines += ["", "**Floors.** single-model " + (parameter_text(single, "E") if "params" in single else "–") + ", multi-model "
               + (parameter_text(multi, "E") if "params" in multi else "–") + f". {floor.get('note', '').capitalize()}. "
               "Predicted at common budgets:", ""]
@@ -459,7 +460,6 @@ def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, pla
         lines.append(f"- {name.replace('_', ' ')} ({row['total_params']:.3g} parameters): single "
                      f"{_prediction_text(row, 'single/pareto')}, multi {_prediction_text(row, 'multi/pareto')} "
                      "bits per byte")
-    lines += _frontier_comparison_lines(laws["comparisons"])
     hetero = laws["fits"].get("multi/heterogeneous", {})
     difference = kinds.get("alpha_heterogeneous_minus_homogeneous_mean")
     lines += ["", "**Heterogeneous vs homogeneous.** exponent "
