@@ -194,7 +194,7 @@ def _comparisons(table: pd.DataFrame, fits: dict, params: np.ndarray, fitted: di
             "multi_minus_single": None if None in (floor_single, floor_multi) else floor_multi - floor_single,
             # floors of a 3-parameter law on a handful of points are often not identified (E at its bound); the
             # laws' predictions at common budgets say where they extrapolate and when their laws are undetermined
-            "predicted_bpb_at": _predictions_at_budgets(table, fits, params),
+            "predicted_bpb_at": _predictions_at_budgets(table, fits, params, fitted),
         },
         "heterogeneous_vs_homogeneous": {
             "alpha_heterogeneous": param("multi/heterogeneous", "alpha"),
@@ -210,11 +210,12 @@ def _comparisons(table: pd.DataFrame, fits: dict, params: np.ndarray, fitted: di
     }
 
 
-def _predictions_at_budgets(table: pd.DataFrame, fits: dict, params: np.ndarray) -> dict:
-    """single/pareto and multi/pareto predictions at the largest single model's size and at the whole pool's. A
-    prediction beyond a series' largest point (or below its smallest) is marked in `extrapolation` with the factor
-    (budget over the largest point, or smallest point over budget), and a series whose law has a parameter the
-    data do not determine is listed in `not_determined`: its prediction rests on a bound, not on the data."""
+def _predictions_at_budgets(table: pd.DataFrame, fits: dict, params: np.ndarray, fitted: dict[str, Fit]) -> dict:
+    """single/pareto and multi/pareto predictions at the largest single model's size and at the whole pool's, with
+    95% bootstrap intervals (`ci95`, where the fits were bootstrapped). A prediction beyond a series' largest
+    point (or below its smallest) is marked in `extrapolation` with the factor (budget over the largest point, or
+    smallest point over budget), and a series whose law has a parameter the data do not determine is listed in
+    `not_determined`: its prediction rests on a bound, not on the data."""
     budgets = {"largest_single": float(params[(table.kind == "single").to_numpy()].max()),
                "whole_pool": float(params.max())}
     law = LAWS[COLLABORATION_LAW]
@@ -226,6 +227,9 @@ def _predictions_at_budgets(table: pd.DataFrame, fits: dict, params: np.ndarray)
         predictions[name] = {"total_params": x, **{s: float(law.predict(fits[s]["params"], x=x)) for s in series},
                              "extrapolation": {s: float(f) for s, f in factors.items() if f > 1},
                              "not_determined": [s for s in series if not all(fits[s]["identified"].values())]}
+        bands = {s: fitted[s].band(x=np.array([x])) for s in series}
+        predictions[name]["ci95"] = {s: [float(band[0][0]), float(band[1][0])] for s, band in bands.items()
+                                     if band is not None}
     return predictions
 
 

@@ -362,7 +362,7 @@ def _prediction_text(row: dict, series: str) -> str:
     marks = ([f"extrapolated {row['extrapolation'][series]:.3g}× beyond its points"]
              if series in row.get("extrapolation", {}) else [])
     marks += ["its law not determined by the data"] if series in row.get("not_determined", []) else []
-    return _fmt(row[series]) + (f" ({'; '.join(marks)})" if marks else "")
+    return _fmt(row[series], row.get("ci95", {}).get(series)) + (f" ({'; '.join(marks)})" if marks else "")
 
 
 def _frontier_comparison_lines(comparisons: dict) -> list[str]:

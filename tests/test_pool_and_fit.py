@@ -135,6 +135,8 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
     # the whole pool lies beyond every single model: the single-model law extrapolates there, by that factor
     assert at_pool["extrapolation"]["single/pareto"] == pytest.approx(at_pool["total_params"] / largest_single)
     assert "single/pareto" not in comparisons["floor"]["predicted_bpb_at"]["largest_single"]["extrapolation"]
+    low, high = at_pool["ci95"]["multi/pareto"]
+    assert low <= at_pool["multi/pareto"] <= high
     assert "alpha_difference_note" in kinds  # a difference with an interval, or why the mean is not a comparison
     points = (tmp_path / "plots" / "points.csv").read_text().splitlines()
     assert points[0] == "series,total_params,bpb" and len(points) > 12
