@@ -2,7 +2,9 @@
 
 Reads the oracle's ensemble table (`mmc.oracle`), recomputes every ensemble's oracle loss on bootstrap
 resamples of the samples in one streaming pass over the pool, fits L = E + A·x^-alpha (`mmc.laws`) to each
-series, and makes the paper's comparisons: multi-model vs single-model floor, heterogeneous vs homogeneous.
+series, with intervals over documents (that bootstrap) and members (a jackknife over the pool's models, the
+ensembles re-enumerated without each), and makes the paper's comparisons: multi-model vs single-model floor,
+heterogeneous vs homogeneous.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def _holdout(x: np.ndarray, y: np.ndarray, fraction: float, groups: np.ndarray) 
 
 
 def _curve(name: str, fit: Fit, x: np.ndarray, grid_points: int) -> pd.DataFrame:
-    """The fitted law from the smallest budget to 4x the largest, with its 95% bootstrap band."""
+    """The fitted law from the smallest budget to 4x the largest, with its 95% bootstrap band (documents only)."""
     grid = np.geomspace(x.min(), x.max() * 4, grid_points)
     curve = pd.DataFrame({"series": name, "total_params": grid, "predicted_bpb": fit.predict(x=grid)})
     band = fit.band(x=grid)
@@ -115,8 +117,8 @@ def member_jackknife(table: pd.DataFrame, params: np.ndarray, bpb: np.ndarray, g
     law = LAWS[COLLABORATION_LAW]
     members, contains = _member_drops(table)
     refits: dict[str, list[list[float]]] = {name: [] for name in series}
-    if too_few_members(law, len(members) - 1, len(table)):
-        return {name: np.empty((0, len(law.params))) for name in series}
+    if too_few_members(law, len(members) - 1, len(table)):  # no drop leaves a pool that determines the law
+        contains = contains[:0]
     for without in contains:
         kept = np.flatnonzero(~without)
         for name, rows in _series_points(table.iloc[kept]).items():
@@ -145,8 +147,9 @@ def jackknife_se(refits: np.ndarray) -> np.ndarray | None:
 
 def combined_intervals(fit: Fit, members_se: np.ndarray | None) -> dict:
     """The interval shown, per parameter: estimate ± 1.96·sqrt(SE_documents² + SE_members²) on the fitted scale
-    (log for scales, so E and A stay positive), mapped back and clipped to the law's bounds. SE_documents is the span of the document bootstrap's
-    2.5th-97.5th percentiles on that scale over 3.92, SE_members the member jackknife's. Also each source alone:
+    (log for scales, so E and A stay positive), mapped back and clipped to the law's bounds. SE_documents is the
+    span of the document bootstrap's 2.5th-97.5th percentiles on that scale over 3.92, SE_members the member
+    jackknife's. Also each source alone:
     `ci95_documents` (the percentile interval), `ci95_members` (estimate ± 1.96·SE_members). A parameter not
     identified has None everywhere; a missing source leaves `ci95` None and `ci95_note` says which."""
     law, identified = fit.law, fit.identified
@@ -163,18 +166,18 @@ def combined_intervals(fit: Fit, members_se: np.ndarray | None) -> dict:
         def interval(se: float | None) -> list[float] | None:
             if se is None:
                 return None
-            return np.clip(law.from_fitted_scale(name, estimate + Z95 * np.array([-se, se])), *law.bounds[name]).tolist()
+            ends = law.from_fitted_scale(name, estimate + Z95 * np.array([-se, se]))
+            return np.clip(ends, *law.bounds[name]).tolist()
 
         intervals["ci95_members"][name] = interval(member_se)
         intervals["ci95"][name] = interval(None if None in (document_se, member_se) else math.hypot(document_se,
                                                                                                        member_se))
-    missing = [source for source, absent in (("documents: " + (fit.ci95_note or "no document bootstrap ran"),
-                                              documents is None or any(documents[n] is None and identified[n]
-                                                                       for n in law.params)),
-                                             ("members: no usable jackknife (fewer than 2 usable drops, or no "
-                                              "usable drop changed the series)", members_se is None))
-               if absent]
-    intervals["ci95_note"] = "; ".join(missing) if missing and any(identified.values()) else None
+    notes = []
+    if documents is None or any(documents[name] is None and identified[name] for name in law.params):
+        notes.append("documents: " + (fit.ci95_note or "no document bootstrap ran"))
+    if members_se is None:
+        notes.append("members: no usable jackknife (fewer than 2 usable drops, or no usable drop changed the series)")
+    intervals["ci95_note"] = "; ".join(notes) if notes and any(identified.values()) else None
     return intervals
 
 
@@ -192,8 +195,9 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
     """Fit the single-model and multi-model laws (L = E + A·x^-alpha on bits per byte, x = total parameters).
 
     `table` is the oracle's ensemble table; `replicates` (ensembles, resamples) its `oracle_bpb` recomputed on
-    bootstrap resamples of the samples (`mmc.oracle.bootstrap_ensembles`), which give the 95% intervals
-    (a resample that drew no sample, possible only on tiny pools, is NaN: left out and counted). A series with
+    bootstrap resamples of the samples (`mmc.oracle.bootstrap_ensembles`), the documents' part of the 95% intervals
+    (a resample that drew no sample, possible only on tiny pools, is NaN: left out and counted); the members' part
+    is `member_jackknife` on `table`, and each fit's `ci95` combines both (`combined_intervals`). A series with
     fewer points than the law has parameters + 2 gets {"skipped": why} instead of a fit, and so does every series of
     a pool with fewer members than that: its ensembles are built from those few models, not independent points
     (none fitted at all is a warning: the metrics still hold the data and say why no law is there). The held-out check predicts
@@ -204,7 +208,7 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
     win no sample has its best member's loss) are one measurement, fitted as one point. A Pareto frontier holds
     no two of them (its losses fall strictly), nor does a cross-fitted one (chosen on a half, where they tie too).
     Returns the metrics (fits, held-out checks, the paper's two comparisons; JSON-ready, NaN as None), the
-    fitted points and the fitted curves with bootstrap bands, both tidy for `dvc plots`.
+    fitted points and the fitted curves with bootstrap bands (documents only), both tidy for `dvc plots`.
     """
     if not 0 < holdout_fraction < 1:
         raise MMCError(f"holdout_fraction must be between 0 and 1 (got {holdout_fraction})")
