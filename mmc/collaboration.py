@@ -2,7 +2,9 @@
 
 Reads the oracle's ensemble table (`mmc.oracle`), recomputes every ensemble's oracle loss on bootstrap
 resamples of the samples in one streaming pass over the pool, fits L = E + A·x^-alpha (`mmc.laws`) to each
-series, and makes the paper's comparisons: multi-model vs single-model floor, heterogeneous vs homogeneous.
+series, with intervals over documents (that bootstrap) and members (a jackknife over the pool's models, the
+ensembles re-enumerated without each), and makes the paper's comparisons: multi-model vs single-model floor,
+heterogeneous vs homogeneous.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ MAX_MATCHED_PER_K = 20_000  # matched ensembles per (data label, k) at most: C(s
 HOLDOUT_FRACTION = 0.2  # default share of the largest budgets (distinct x) predicted by the held-out check
 POINT_COLUMNS = ["series", "total_params", "bpb"]
 CURVE_COLUMNS = ["series", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb"]
+Z95 = 1.96  # a 95% normal interval is estimate ± 1.96 standard errors
+PERCENTILE_SPAN_SE = 2 * Z95  # the 2.5th-97.5th percentile span of a normal, in standard errors: so a member SE
+# of 0 gives back the percentile interval's width
 
 
 def _series_points(table: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -80,7 +85,7 @@ def _holdout(x: np.ndarray, y: np.ndarray, fraction: float, groups: np.ndarray) 
 
 
 def _curve(name: str, fit: Fit, x: np.ndarray, grid_points: int) -> pd.DataFrame:
-    """The fitted law from the smallest budget to 4x the largest, with its 95% bootstrap band."""
+    """The fitted law from the smallest budget to 4x the largest, with its 95% bootstrap band (documents only)."""
     grid = np.geomspace(x.min(), x.max() * 4, grid_points)
     curve = pd.DataFrame({"series": name, "total_params": grid, "predicted_bpb": fit.predict(x=grid)})
     band = fit.band(x=grid)
@@ -89,14 +94,112 @@ def _curve(name: str, fit: Fit, x: np.ndarray, grid_points: int) -> pd.DataFrame
     return curve.reindex(columns=CURVE_COLUMNS)
 
 
+def _member_drops(table: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+    """The pool's members (the models of the k == 1 rows) and, for each, which ensembles contain it
+    (members, ensembles): the table without those rows is the enumeration of the pool without that member."""
+    members = table.members[table.k == 1].str[0].tolist()
+    sizes = table.members.str.len().to_numpy()
+    codes = pd.Index(members).get_indexer(np.concatenate(table.members.to_numpy()))
+    if (codes < 0).any():
+        raise MMCError("the ensemble table holds ensembles of models that have no k = 1 row: not one pool's table")
+    contains = np.zeros((len(members), len(table)), dtype=bool)
+    contains[codes, np.repeat(np.arange(len(table)), sizes)] = True
+    return members, contains
+
+
+def member_jackknife(table: pd.DataFrame, params: np.ndarray, bpb: np.ndarray, groups: np.ndarray,
+                     series: list[str]) -> dict[str, np.ndarray]:
+    """Each series' law refitted once per pool member left out, with the ensembles re-enumerated (every ensemble
+    holding that member removed, frontiers chosen again): (usable drops, law parameters) per series, on the scale
+    the law is fitted on (`Law.to_fitted_scale`). A drop that leaves a series unfittable (too few points, or a
+    pool too small for the law) is left out: the rows count the usable drops.
+
+    Documents are the same in every drop; what varies is which models the pool holds, the variation a
+    document bootstrap cannot see (points of one pool share members)."""
+    law = LAWS[COLLABORATION_LAW]
+    members, contains = _member_drops(table)
+    refits: dict[str, list[list[float]]] = {name: [] for name in series}
+    if too_few_members(law, len(members) - 1, len(table)):  # no drop leaves a pool that determines the law
+        contains = contains[:0]
+    for without in contains:
+        kept = np.flatnonzero(~without)
+        for name, rows in _series_points(table.iloc[kept]).items():
+            if name not in refits:
+                continue
+            chosen = kept[rows]
+            try:
+                fit = fit_law(COLLABORATION_LAW, {"x": params[chosen]}, bpb[chosen], groups=groups[chosen],
+                              profile=False)
+            except MMCError:  # too few points left in this series
+                continue
+            refits[name].append([float(law.to_fitted_scale(p, fit.params[p])) for p in law.params])
+    return {name: np.array(rows, dtype=np.float64).reshape(-1, len(law.params)) for name, rows in refits.items()}
+
+
+def jackknife_se(refits: np.ndarray) -> np.ndarray | None:
+    """Delete-one jackknife standard errors per parameter from (usable drops, params) refits:
+    sqrt((n − 1)/n · Σ(θ_(i) − mean)²), n the usable drops. None with fewer than 2, or where every usable refit is
+    the same fit: no usable drop changed the series (those that would, left it unfittable), so the members'
+    variation is unmeasured, not zero."""
+    n = len(refits)
+    if n < 2 or (refits == refits[0]).all():
+        return None
+    return np.sqrt((n - 1) / n * ((refits - refits.mean(axis=0)) ** 2).sum(axis=0))
+
+
+def combined_intervals(fit: Fit, members_se: np.ndarray | None) -> dict:
+    """The interval shown, per parameter: estimate ± 1.96·sqrt(SE_documents² + SE_members²) on the fitted scale
+    (log for scales, so E and A stay positive), mapped back and clipped to the law's bounds. SE_documents is the
+    span of the document bootstrap's 2.5th-97.5th percentiles on that scale over 3.92, SE_members the member
+    jackknife's. Also each source alone:
+    `ci95_documents` (the percentile interval), `ci95_members` (estimate ± 1.96·SE_members). A parameter not
+    identified has None everywhere; a missing source leaves `ci95` None and `ci95_note` says which."""
+    law, identified = fit.law, fit.identified
+    documents = fit.to_dict()["ci95"]
+    intervals: dict[str, dict] = {"ci95": {}, "ci95_documents": documents, "ci95_members": {}}
+    for j, name in enumerate(law.params):
+        estimate = law.to_fitted_scale(name, fit.params[name])
+        document_se = None
+        if documents is not None and documents[name] is not None:
+            low, high = np.percentile(law.to_fitted_scale(name, fit.bootstrap_params[:, j]), [2.5, 97.5])
+            document_se = (high - low) / PERCENTILE_SPAN_SE
+        member_se = None if members_se is None or not identified[name] else members_se[j]
+
+        def interval(se: float | None) -> list[float] | None:
+            if se is None:
+                return None
+            ends = law.from_fitted_scale(name, estimate + Z95 * np.array([-se, se]))
+            return np.clip(ends, *law.bounds[name]).tolist()
+
+        intervals["ci95_members"][name] = interval(member_se)
+        intervals["ci95"][name] = interval(None if None in (document_se, member_se) else math.hypot(document_se,
+                                                                                                       member_se))
+    notes = []
+    if documents is None or any(documents[name] is None and identified[name] for name in law.params):
+        notes.append("documents: " + (fit.ci95_note or "no document bootstrap ran"))
+    if members_se is None:
+        notes.append("members: no usable jackknife (fewer than 2 usable drops, or no usable drop changed the series)")
+    intervals["ci95_note"] = "; ".join(notes) if notes and any(identified.values()) else None
+    return intervals
+
+
+def _interval_fields(fit: Fit, refits: np.ndarray, n_members: int) -> dict:
+    """A series' interval entries in its metrics: the combined interval as `ci95` and what it resamples."""
+    return {**combined_intervals(fit, jackknife_se(refits)),
+            "jackknife": {"members": n_members, "refits": len(refits)},
+            "interval": f"documents (Poisson bootstrap, {fit.n_bootstrap_converged} usable resamples) and members "
+                        "(delete-one jackknife, ensembles re-enumerated)"}
+
+
 def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None, *, seed: int = 0,
                        holdout_fraction: float = HOLDOUT_FRACTION, grid_points: int = 50, x: str = "total",
                        halves: np.ndarray | None = None) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Fit the single-model and multi-model laws (L = E + A·x^-alpha on bits per byte, x = total parameters).
 
     `table` is the oracle's ensemble table; `replicates` (ensembles, resamples) its `oracle_bpb` recomputed on
-    bootstrap resamples of the samples (`mmc.oracle.bootstrap_ensembles`), which give the 95% intervals
-    (a resample that drew no sample, possible only on tiny pools, is NaN: left out and counted). A series with
+    bootstrap resamples of the samples (`mmc.oracle.bootstrap_ensembles`), the documents' part of the 95% intervals
+    (a resample that drew no sample, possible only on tiny pools, is NaN: left out and counted); the members' part
+    is `member_jackknife` on `table`, and each fit's `ci95` combines both (`combined_intervals`). A series with
     fewer points than the law has parameters + 2 gets {"skipped": why} instead of a fit, and so does every series of
     a pool with fewer members than that: its ensembles are built from those few models, not independent points
     (none fitted at all is a warning: the metrics still hold the data and say why no law is there). The held-out check predicts
@@ -107,7 +210,7 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
     win no sample has its best member's loss) are one measurement, fitted as one point. A Pareto frontier holds
     no two of them (its losses fall strictly), nor does a cross-fitted one (chosen on a half, where they tie too).
     Returns the metrics (fits, held-out checks, the paper's two comparisons; JSON-ready, NaN as None), the
-    fitted points and the fitted curves with bootstrap bands, both tidy for `dvc plots`.
+    fitted points and the fitted curves with bootstrap bands (documents only), both tidy for `dvc plots`.
     """
     if not 0 < holdout_fraction < 1:
         raise MMCError(f"holdout_fraction must be between 0 and 1 (got {holdout_fraction})")
@@ -131,6 +234,9 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
         fits[name] = {**fit.to_dict(), "holdout": _holdout(xs, y, holdout_fraction, groups[rows])}
         points.append(pd.DataFrame({"series": name, "total_params": xs, "bpb": y}))
         curves.append(_curve(name, fit, xs, grid_points))
+    n_members = int(table.k.eq(1).sum())
+    for name, refits in member_jackknife(table, params, bpb, groups, list(fitted)).items():
+        fits[name].update(_interval_fields(fitted[name], refits, n_members))
     if not any("params" in fit for fit in fits.values()):  # a small pool: the data determine no law, and say so
         warnings.warn(f"no series has enough points to fit {COLLABORATION_LAW} (a pool of {table.k.eq(1).sum()} "
                       f"models): the laws are not determined; the metrics and report give the data without a law",
@@ -143,7 +249,17 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
         "law": f"{COLLABORATION_LAW}: {LAWS[COLLABORATION_LAW].formula}, x = total parameters of the ensemble",
         "bootstrap": {"resamples": 0 if replicates is None else replicates.shape[1],
                       "over": "samples (Poisson weights), oracle losses recomputed; Pareto frontiers chosen on all "
-                              "samples"},
+                              "samples",
+                      "bands": "the curves' lower_bpb/upper_bpb: document bootstrap only (members not resampled)"},
+        "member_jackknife": {"members": n_members,
+                             "rule": "each member left out in turn: every ensemble holding it removed (the pool "
+                                     "without it, enumerated), frontiers chosen again, each series refitted; "
+                                     "delete-one jackknife variance (n-1)/n * sum (theta_i - mean)^2 over the n "
+                                     "usable drops, on the fitted scale (log E, log A, alpha)"},
+        "intervals": "each fit's ci95: estimate +- 1.96 * sqrt(SE_documents^2 + SE_members^2) on the fitted scale, "
+                     "mapped back; SE_documents = (97.5th - 2.5th percentile of the bootstrap refits) / 3.92, "
+                     "SE_members the jackknife's; ci95_documents and ci95_members give each alone; profile_ci95 "
+                     "(conditional: assumes independent, equal-variance errors) serves identification",
         "holdout": {"fraction": holdout_fraction,
                     "rule": "fit on the smaller budgets, predict the largest fraction of distinct budgets "
                             "(at least 1)"},

@@ -87,6 +87,17 @@ class Law:
                 return "offset"
         return "exponent"
 
+    def to_fitted_scale(self, name: str, values: np.ndarray | float) -> np.ndarray:
+        """`values` of parameter `name` on the scale it is fitted on: the log of a (positive) scale, exponents and
+        offsets as they are. Intervals built there map back inside the parameter's bounds."""
+        values = np.asarray(values, dtype=np.float64)
+        return np.log(values) if self.kind(name) == "scale" else values
+
+    def from_fitted_scale(self, name: str, values: np.ndarray | float) -> np.ndarray:
+        """The inverse of `to_fitted_scale`."""
+        values = np.asarray(values, dtype=np.float64)
+        return np.exp(values) if self.kind(name) == "scale" else values
+
     def predict(self, params: Mapping[str, float], **inputs: np.ndarray | float) -> np.ndarray:
         """The law's loss at `inputs` (arrays broadcast together), in the units the parameters were fitted in."""
         missing = [name for name in (*self.inputs, *self.params) if name not in {**inputs, **params}]
@@ -161,7 +172,8 @@ class Fit:
     n_candidates: int  # grid candidates the scales were solved for
     polished_objectives: np.ndarray = field(repr=False)  # objectives the best candidates were polished to
     profile: dict[str, dict] = field(default_factory=dict)  # per parameter: interval, identified, one-sided bound
-    ci95: dict[str, tuple[float, float]] | None = None  # bootstrap percentile intervals
+    ci95: dict[str, tuple[float, float] | None] | None = None  # bootstrap percentile intervals
+    ci95_note: str | None = None  # why `ci95` (or one parameter's interval) is None despite a bootstrap
     n_bootstrap: int = 0
     n_bootstrap_converged: int = 0
     bootstrap_params: np.ndarray | None = field(default=None, repr=False)  # (converged resamples, params)
@@ -199,8 +211,9 @@ class Fit:
             "params": dict(self.params),
             "identified": identified,
             "profile_ci95": {name: list(self.profile[name]["ci95"]) for name in self.law.params if name in self.profile},
-            "ci95": None if self.ci95 is None else {name: (list(bounds) if identified[name] else None)
+            "ci95": None if self.ci95 is None else {name: (list(bounds) if identified[name] and bounds else None)
                                                      for name, bounds in self.ci95.items()},
+            "ci95_note": self.ci95_note,
             "objective": self.objective,
             "loss": "least squares" if self.huber_delta is None else f"huber(delta={self.huber_delta:.6g})",
             "r2_log": self.r2_log,
@@ -624,7 +637,9 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     residuals; "auto" (default) takes 1.345 × the MAD scale of a least-squares fit's residuals, None fits least
     squares. The default bootstrap resamples the points (multiplicity weights); `replicates` (resamples, points)
     gives resampled losses at the same inputs instead (NaN: the point is missing from that resample). Every
-    resample is refitted from the grid, not from the estimate; resamples with too few points are left out.
+    resample is refitted from the grid, not from the estimate; resamples with too few points are left out, and
+    where fewer than `min_usable_resamples` remain (or a parameter's interval has zero width) `ci95` is None and
+    `ci95_note` says why.
 
     `groups` (an integer label per point) marks points that are one measurement by construction (equal losses): a
     group weighs as one point (each of its points w / group size) and the point bootstrap
@@ -698,8 +713,30 @@ def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarra
     fit.n_bootstrap_converged = int(usable.sum())
     if estimates:
         fit.bootstrap_params = np.concatenate(estimates)
-        low, high = np.percentile(fit.bootstrap_params, [2.5, 97.5], axis=0)
-        fit.ci95 = {name: (float(lo), float(hi)) for name, lo, hi in zip(fit.law.params, low, high)}
+    fit.ci95, fit.ci95_note = _percentile_intervals(fit.law, fit.bootstrap_params, fit.n_bootstrap)
+
+
+def min_usable_resamples(n_resamples: int) -> int:
+    """Usable refits a percentile interval needs: at least 20 (the 2.5th and 97.5th percentiles of fewer draws are
+    the extremes, or copies of one another) and at least half of the resamples (when most resamples leave too few
+    points, the usable ones are a selected few, not a sample of the data's variation)."""
+    return max(20, math.ceil(n_resamples / 2))
+
+
+def _percentile_intervals(law: Law, draws: np.ndarray | None, n_resamples: int
+                          ) -> tuple[dict[str, tuple[float, float] | None] | None, str | None]:
+    """95% percentile intervals of the bootstrap `draws` (usable refits, params), or None with the reason: too few
+    usable refits for all, a zero-width interval for that parameter (the refits never moved it: no certainty)."""
+    n_usable = 0 if draws is None else len(draws)
+    needed = min_usable_resamples(n_resamples)
+    if n_usable < needed:
+        return None, (f"{n_usable} of {n_resamples} resamples gave a usable fit (enough points); a percentile "
+                      f"interval needs at least {needed}: max(20, half of the resamples)")
+    low, high = np.percentile(draws, [2.5, 97.5], axis=0)
+    intervals = {name: (float(lo), float(hi)) if hi > lo else None for name, lo, hi in zip(law.params, low, high)}
+    flat = [name for name, bounds in intervals.items() if bounds is None]
+    return intervals, (f"zero-width bootstrap interval (every usable refit at one value) for {', '.join(flat)}"
+                       if flat else None)
 
 
 def _check_data(law: Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray

@@ -345,13 +345,33 @@ def _points(fit: dict) -> str:
 
 
 def parameter_text(fit: dict, name: str) -> str:
-    """A fitted parameter as the data determine it: the value with its 95% profile interval, or "not determined"
-    with the one-sided bound the profile gives (never a number with a zero-width interval)."""
+    """A fitted parameter as the data determine it: the value with the 95% interval its fit shows (`ci95`: for the
+    collaboration laws documents and members resampled), or, where there is none, its profile interval marked
+    "conditional" (it assumes independent, equal-variance errors); "not determined" with the one-sided bound the
+    profile gives where the profile does not close (never a number with a zero-width interval)."""
     low, high = (fit.get("profile_ci95") or {}).get(name, (None, None))
-    if fit.get("identified", {}).get(name, False):
-        return _fmt(fit["params"][name], (low, high))
-    bound = f" (≥ {low:.4g})" if low is not None else f" (≤ {high:.4g})" if high is not None else ""
-    return f"not determined{bound}"
+    if not fit.get("identified", {}).get(name, False):
+        bound = f" (≥ {low:.4g})" if low is not None else f" (≤ {high:.4g})" if high is not None else ""
+        return f"not determined{bound}"
+    shown = (fit.get("ci95") or {}).get(name)
+    return _fmt(fit["params"][name], shown) if shown else f"{_fmt(fit['params'][name], (low, high))} (conditional)"
+
+
+def intervals_text(laws: dict) -> str:
+    """What the collaboration tables' intervals resample, for the report's header."""
+    members = laws.get("member_jackknife", {}).get("members")
+    resampled = (f"Intervals: 95%, resampling documents ({laws['bootstrap']['resamples']} resamples of the "
+                 f"{laws['bootstrap']['over']})")
+    if members is not None:
+        resampled += (f" and members (delete-one jackknife over the {members} members: each left out, its ensembles "
+                      "removed, the frontiers chosen again), combined as estimate ± 1.96·√(SE documents² + SE "
+                      "members²) on the fitted scale (log E, log A, alpha); each alone is in metrics/laws.json "
+                      "(ci95_documents, ci95_members), and the curves' bands resample documents only")
+    return (resampled + ". A profile interval is *conditional* (assumes independent, equal-variance errors, "
+            "which points of one pool are not: they share documents and members) and serves identification: a "
+            "parameter whose profile interval reaches a bound or never closes is *not determined* by the data (its "
+            "one-sided bound is the profile's); a value marked (conditional) has no resampled interval (the reason "
+            "is each fit's ci95_note). The merging and routing laws show their document bootstrap intervals.")
 
 
 def _prediction_text(row: dict, series: str) -> str:
@@ -422,13 +442,10 @@ def _skipped(fit: dict) -> str:
 def summary_markdown(laws: dict, figures: list[str], merge_law: dict | None, plan: dict | None,
                      routing: dict | None = None, attribution: pd.DataFrame | None = None,
                      not_run_merging: bool = False, attribution_by_domain: pd.DataFrame | None = None) -> str:
-    """reports/README.md: what was fitted, with the figures and tables of parameters: each with its 95% profile
-    interval where the data determine it, "not determined" (and its one-sided bound) where they do not; with
+    """reports/README.md: what was fitted, with the figures and tables of parameters: each with its 95% interval
+    (`parameter_text`) where the data determine it, "not determined" (and its one-sided bound) where they do not; with
     `not_run_merging`, a line that says the merging study did not run."""
-    lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. Intervals: 95% profile intervals "
-             f"(the other parameters re-optimised along each one); bootstrap intervals from "
-             f"{laws['bootstrap']['resamples']} resamples of the {laws['bootstrap']['over']} are in metrics/laws.json. "
-             "A parameter whose profile interval reaches a bound or never closes is *not determined* by the data. "
+    lines = ["# mmc report", "", f"Loss: {laws['loss']}. Law: {laws['law']}. {intervals_text(laws)} "
              "Ensembles whose oracle loss comes from the same members (an ensemble whose added members win no document "
              "has its best member's loss) are one measurement and count once; *points* gives the measurements in "
              "brackets where they are fewer.",

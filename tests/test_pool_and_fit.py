@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from conftest import loss_store, synthetic_pool
 from mmc import MMCError, collaboration, store
 from mmc.cli import main
 from mmc.collaboration import WILD_BOOTSTRAP, JointPoints, _joint_fit, design_cells, matched_heterogeneity
+from mmc.laws import LAWS, fit_law
+from mmc.oracle import run_oracle, winner_groups
 from mmc.store import assemble_pool, open_store, write_store
 
 FAMILIES = ("alpha", "beta", "gamma")
@@ -80,7 +83,9 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
     assert main(["fit", "--pool", str(pool), "--oracle", str(tmp_path / "oracle"), "--out", str(tmp_path / "laws.json"),
                  "--plots", str(tmp_path / "plots"), "--bootstrap", "40"]) == 0
     laws = json.loads((tmp_path / "laws.json").read_text(), parse_constant=reject_constant)
-    assert set(laws) == {"loss", "law", "x", "bootstrap", "holdout", "fits", "comparisons"}
+    assert set(laws) == {"loss", "law", "x", "bootstrap", "holdout", "member_jackknife", "intervals", "fits",
+                         "comparisons"}
+    assert laws["member_jackknife"]["members"] == 15 and "document bootstrap only" in laws["bootstrap"]["bands"]
     assert "bits per byte" in laws["loss"] and laws["bootstrap"]["resamples"] == 40
     assert {"single/pareto", "single/pooled", "single/alpha", "multi/pareto", "multi/heterogeneous",
             "multi/homogeneous/beta"} <= set(laws["fits"])
@@ -90,9 +95,22 @@ def test_fit_writes_laws_with_intervals_and_the_papers_comparisons(tmp_path):
             continue
         assert fit["n_bootstrap"] == 40 and fit["n_bootstrap_converged"] >= 36, name
         assert set(fit) >= FIT_KEYS, name
+        if name.split("/")[-1] in FAMILIES:  # five models: leaving out one of them leaves too few measurements;
+            # the other 10 drops do not touch the series, so the members' variation is unmeasured (not zero): no
+            # combined interval, and the note says why wherever a parameter is identified
+            assert fit["jackknife"] == {"members": 15, "refits": 10}, name
+            assert set(fit["ci95"].values()) == set(fit["ci95_members"].values()) == {None}, name
+            assert ("members: no usable jackknife" in (fit["ci95_note"] or "")) == any(fit["identified"].values()), name
+            continue
+        assert fit["jackknife"] == {"members": 15, "refits": 15}, name  # 14 models still fit the series
+        assert fit["ci95_note"] is None, name
         for param, interval in fit["ci95"].items():
             assert interval is None or interval[1] > interval[0], (name, param)  # never a zero-width interval
             assert (interval is None) == (not fit["identified"][param]), (name, param)
+            if interval is not None:  # the combined interval holds the members' alone (same centre, larger SE)
+                low, high = fit["ci95_members"][param]
+                assert interval[0] <= low <= fit["params"][param] <= high <= interval[1], (name, param)
+                assert fit["ci95_documents"][param] is not None, (name, param)
         assert "max_abs_relative_error" in fit["holdout"] or "skipped" in fit["holdout"]
     for name in ("single/pareto", "multi/pareto", "multi/homogeneous/alpha"):
         assert laws["fits"][name]["r2_log"] > 0.9
@@ -309,3 +327,98 @@ def test_matched_heterogeneity_needs_two_families_with_common_sizes():
 def test_matched_heterogeneity_leaves_out_the_k_with_too_many_ensembles(monkeypatch):
     monkeypatch.setattr(collaboration, "MAX_MATCHED_PER_K", 3)  # k = 2 of 2 families x 2 sizes: 4 ensembles
     assert "at most 3 ensembles at k = 2" in matched_heterogeneity(factorial_pool(), 10, seed=0)["skipped"]
+
+
+def six_member_table():
+    """The oracle's table of a pool of two families x three sizes, every ensemble enumerated (63)."""
+    rng = np.random.default_rng(5)
+    n_samples, home = 300, np.arange(300) % 2
+    n_bytes = rng.integers(200, 2000, n_samples)
+    names, families, sizes, rows = [], [], [], []
+    for f, family in enumerate(FAMILIES[:2]):
+        for size in (1e4, 1e5, 1e6):
+            bits = (1.2 + 0.3 * f + 30.0 * size ** -0.3) * np.where(home == f, 0.8, 1.1) * rng.lognormal(0, 0.05, n_samples)
+            names.append(f"{family}-{int(size)}"), families.append(family), sizes.append(int(size))
+            rows.append(bits * n_bytes * np.log(2))
+    pool = xr.Dataset({"nll": (("model", "sample"), np.array(rows)),
+                       "n_tokens": (("model", "sample"), np.ones((len(rows), n_samples), int))},
+                      coords={"model": names, "family": ("model", families), "n_params": ("model", sizes),
+                              "n_params_nonembedding": ("model", sizes), "n_bytes": ("sample", n_bytes),
+                              "sample": [f"s{i}" for i in range(n_samples)]})
+    return run_oracle(pool, 1000, 0)["ensembles"]
+
+
+def test_the_member_jackknife_is_the_delete_one_jackknife_over_re_enumerated_pools():
+    """Each member left out: every ensemble holding it removed, the series chosen again on what is left, the law
+    refitted; the jackknife SE on log E, log A and alpha, by hand with loops, equals the vectorised one to 1e-12,
+    and so does the members' interval in the metrics."""
+    table = six_member_table()
+    assert len(table) == 63
+    params, bpb, groups = table.total_params.to_numpy(float), table.oracle_bpb.to_numpy(float), winner_groups(table)
+    members = [names[0] for names, k in zip(table.members, table.k) if k == 1]
+    by_hand: dict[str, list[list[float]]] = {}
+    for left_out in members:
+        kept = np.array([left_out not in names for names in table.members])
+        positions = np.flatnonzero(kept)
+        for name, rows in collaboration._series_points(table[kept]).items():
+            chosen = positions[rows]
+            try:
+                fit = fit_law("power", {"x": params[chosen]}, bpb[chosen], groups=groups[chosen], profile=False)
+            except MMCError:
+                continue
+            by_hand.setdefault(name, []).append([math.log(fit.params["E"]), math.log(fit.params["A"]),
+                                                 fit.params["alpha"]])
+    metrics, _, _ = collaboration.collaboration_laws(table)
+    fitted = [name for name, fit in metrics["fits"].items() if "params" in fit and "jackknife" in fit]
+    assert fitted and set(fitted) <= set(by_hand)
+    refits = collaboration.member_jackknife(table, params, bpb, groups, fitted)
+    for name in fitted:
+        rows = by_hand[name]
+        n = len(rows)
+        assert metrics["fits"][name]["jackknife"] == {"members": 6, "refits": n}
+        np.testing.assert_allclose(refits[name], rows, rtol=1e-12, atol=0)
+        fit = metrics["fits"][name]
+        for j, param in enumerate(("E", "A", "alpha")):
+            values = [row[j] for row in rows]
+            mean = sum(values) / n
+            se = math.sqrt((n - 1) / n * sum((value - mean) ** 2 for value in values))
+            if not fit["identified"][param] or se == 0:
+                assert fit["ci95_members"][param] is None, (name, param)
+                continue
+            estimate = math.log(fit["params"][param]) if param != "alpha" else fit["params"][param]
+            low, high = estimate - 1.96 * se, estimate + 1.96 * se
+            expected = [math.exp(low), math.exp(high)] if param != "alpha" else [max(low, 0.0), min(high, 3.0)]
+            assert fit["ci95_members"][param] == pytest.approx(expected, rel=1e-12), (name, param)
+            assert fit["ci95"][param] is None and fit["ci95_documents"] is None  # no bootstrap ran
+            assert fit["ci95_note"].startswith("documents: no document bootstrap ran"), name
+
+
+def test_the_interval_shown_combines_documents_and_members_on_the_fitted_scale():
+    x = np.geomspace(1e4, 1e8, 12)
+    truth = {"E": 1.5, "A": 40.0, "alpha": 0.3}
+    rng = np.random.default_rng(2)
+    loss = LAWS["power"].predict(truth, x=x) * rng.lognormal(0, 0.01, len(x))
+    replicates = loss * rng.lognormal(0, 0.01, (60, len(x)))
+    fit = fit_law("power", {"x": x}, loss, replicates=replicates)
+    assert all(fit.identified.values())
+    members_se = np.array([0.05, 0.2, 0.01])
+    intervals = collaboration.combined_intervals(fit, members_se)
+    assert intervals["ci95_note"] is None
+    for j, (param, scale) in enumerate((("E", "log"), ("A", "log"), ("alpha", "natural"))):
+        draws = fit.bootstrap_params[:, j]
+        to, back = (np.log, np.exp) if scale == "log" else (float, float)
+        low, high = np.percentile([to(d) for d in draws], [2.5, 97.5])
+        documents_se = (high - low) / 3.92
+        half = 1.96 * math.sqrt(documents_se**2 + members_se[j] ** 2)
+        estimate = to(fit.params[param])
+        assert intervals["ci95"][param] == pytest.approx([back(estimate - half), back(estimate + half)], rel=1e-12)
+        assert intervals["ci95_members"][param] == pytest.approx(
+            [back(estimate - 1.96 * members_se[j]), back(estimate + 1.96 * members_se[j])], rel=1e-12)
+        assert intervals["ci95_documents"][param] == list(fit.ci95[param])
+    alone = collaboration.combined_intervals(fit, np.zeros(3))  # members that never move it: the documents' width
+    for j, param in enumerate(("E", "A", "alpha")):
+        span = np.diff(LAWS["power"].to_fitted_scale(param, alone["ci95"][param]))[0]
+        assert span == pytest.approx(np.diff(np.percentile(
+            LAWS["power"].to_fitted_scale(param, fit.bootstrap_params[:, j]), [2.5, 97.5]))[0], rel=1e-12)
+    assert collaboration.combined_intervals(fit, None)["ci95"] == dict.fromkeys(("E", "A", "alpha"))
+    assert collaboration.jackknife_se(np.ones((5, 3))) is None and collaboration.jackknife_se(np.ones((1, 3))) is None

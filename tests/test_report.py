@@ -36,8 +36,8 @@ def test_merging_table_at_one_base_shows_c_a_b_and_the_baselines_beside_the_law(
     text = summary_markdown(json.loads((ROOT / "metrics" / "laws.json").read_text()), [], merge_law, None)
     assert ("| method | loss | c | a | b | R² within bases (log) | R² of one mean per base / overall | held-out k, max "
             "rel. error: law / c + a/k per base / last k carried forward |") in text
-    assert ("| average | in_domain | 1.2 [1.1, 1.3] | 0.5 [0.4, 0.6] | not determined (≥ -0.2) | 0.98 | 0 / 0.98 | "
-            "**0.01** / 0.02 / 0.03 | skipped |") in text
+    assert ("| average | in_domain | 1.2 [1.1, 1.3] (conditional) | 0.5 [0.4, 0.6] (conditional) | not determined "
+            "(≥ -0.2) | 0.98 | 0 / 0.98 | **0.01** / 0.02 / 0.03 | skipped |") in text
 
 
 def test_merging_table_from_fresh_outputs_puts_the_baselines_beside_the_law(tmp_path):
@@ -72,3 +72,23 @@ def test_an_amplitude_flag_the_data_do_not_determine_is_shown_with_its_reason():
            "forecast": {"skipped": "too few k"}, "baselines": {"skipped": "no held-out check to compare with"}}
     text = merging_markdown({"law": "merging", "fits": {"ties": {"cross_domain": fit}}})
     assert "| -0.43 | 0.9995 / 0.999 | not determined (gamma at its bound (-3)) | skipped | skipped |" in text
+
+
+def test_the_collaboration_table_shows_the_combined_interval_and_labels_the_profile_conditional():
+    """The interval shown resamples documents and members (ci95); a profile interval appears only where no resampled
+    one is available, marked conditional; a parameter not determined keeps its one-sided (profile) bound."""
+    laws = json.loads((ROOT / "metrics" / "laws.json").read_text())
+    laws["member_jackknife"] = {"members": 24}
+    laws["bootstrap"] = {"resamples": 200, "over": "samples (Poisson weights)"}
+    fit = {**laws["fits"]["multi/pareto"], "params": {"E": 0.6, "A": 20.0, "alpha": 0.2},
+           "identified": {"E": True, "A": True, "alpha": False},
+           "profile_ci95": {"E": [0.58, 0.62], "A": [18.0, 22.0], "alpha": [0.1, None]},
+           "ci95": {"E": [0.4, 0.9], "A": None, "alpha": None}, "ci95_documents": {"E": [0.59, 0.61]}}
+    laws["fits"] = {"multi/pareto": fit}
+    text = summary_markdown(laws, [], None, None)
+    assert "| multi/pareto | " in text and ("| 0.6 [0.4, 0.9] | 20 [18, 22] (conditional) | not determined (≥ 0.1) |"
+                                           in text)
+    assert ("Intervals: 95%, resampling documents (200 resamples of the samples (Poisson weights)) and members "
+            "(delete-one jackknife over the 24 members") in text
+    assert "A profile interval is *conditional* (assumes independent, equal-variance errors" in text
+    assert "0.59" not in text  # the documents-only interval stays in the metrics
