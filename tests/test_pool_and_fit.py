@@ -211,7 +211,7 @@ def test_fit_skips_the_series_with_too_few_points(tmp_path):
 def test_the_joint_fit_tells_a_shared_floor_from_separate_exponents():
     """Frontiers with one floor and different exponents: separate floors are not supported, separate exponents
     are (the calibrated p at its smallest, 1 / (draws + 1)); with different floors, the shared-floor fit is
-    rejected."""
+    rejected (at 5%; the single bootstrap's p at its smallest)."""
     rng = np.random.default_rng(0)
     x = np.geomspace(1e4, 1e7, 8)
 
@@ -228,7 +228,10 @@ def test_the_joint_fit_tells_a_shared_floor_from_separate_exponents():
     assert 0 < low < 0.15 < high
     assert same_floor["reading"].startswith("the calibrated test rejects one exponent")
     other_floor = _joint_fit(JointPoints.of(frontier(1.5, 40, 0.3), frontier(1.0, 40, 0.3)))
-    assert other_floor["separate_floors_supported"]["p_value"] == 1 / (WILD_BOOTSTRAP + 1)
+    # the single bootstrap's p at its smallest; the fast double bootstrap's above it but rejecting: 16 points in
+    # blocks of 3 give 2^6 sign patterns, and the draws whose signs are mostly the data's own reproduce its misfit
+    assert other_floor["separate_floors_supported"]["p_value_single_bootstrap"] == 1 / (WILD_BOOTSTRAP + 1)
+    assert other_floor["separate_floors_supported"]["p_value"] <= 0.05
 
 
 def test_fit_reports_matched_budgets_the_joint_test_and_cross_fitted_frontiers(tmp_path):
