@@ -44,7 +44,6 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy.special import logsumexp
 from sklearn.decomposition import TruncatedSVD
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import HashingVectorizer
@@ -127,6 +126,22 @@ def uniform_log_weights(member: np.ndarray) -> np.ndarray:
     return np.where(member, -np.log(member.sum(axis=1, keepdims=True)), -np.inf)
 
 
+def _scaled_joint(nll: np.ndarray, log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """wᵢ·exp(−nllᵢ) over (ensembles, models, documents) divided by each ensemble's and document's largest term,
+    and the log of that term (ensembles, documents): a log-sum-exp in place, in one temporary of the block (−∞
+    weights, the non-members, give 0)."""
+    joint = log_weights[:, :, None] - nll[None]
+    peak = joint.max(axis=1)
+    joint -= peak[:, None]
+    return np.exp(joint, out=joint), peak
+
+
+def _log_mixture(nll: np.ndarray, log_weights: np.ndarray) -> np.ndarray:
+    """(ensembles, documents): log Σᵢ wᵢ·exp(−nllᵢ)."""
+    scaled, peak = _scaled_joint(nll, log_weights)
+    return np.log(scaled.sum(axis=1)) + peak
+
+
 def oracle_nll(nll: np.ndarray, member: np.ndarray) -> np.ndarray:
     """(ensembles, documents): the per-document minimum over each ensemble's members."""
     return _by_block(lambda block: np.where(member[:, :, None], nll[None, :, block], np.inf).min(axis=1),
@@ -136,9 +151,7 @@ def oracle_nll(nll: np.ndarray, member: np.ndarray) -> np.ndarray:
 def mixture_nll(nll: np.ndarray, member: np.ndarray, log_weights: np.ndarray | None = None) -> np.ndarray:
     """(ensembles, documents): −log Σᵢ wᵢ·exp(−nllᵢ) over each ensemble's members (uniform w without weights)."""
     log_weights = uniform_log_weights(member) if log_weights is None else log_weights
-    return _by_block(lambda block: -logsumexp(
-        np.where(member[:, :, None], log_weights[:, :, None] - nll[None, :, block], -np.inf), axis=1),
-        nll.shape[1], member)
+    return _by_block(lambda block: -_log_mixture(nll[:, block], log_weights), nll.shape[1], member)
 
 
 def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = EM_ITERATIONS,
@@ -157,10 +170,10 @@ def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = E
         responsibility_sums = np.zeros((active.size, member.shape[1]))
         nll_sums = np.zeros(active.size)
         for block in document_blocks(n_documents, active.size * member.shape[1]):
-            joint = np.where(member[active, :, None], log_weights[active, :, None] - nll[None, :, block], -np.inf)
-            log_mixture = logsumexp(joint, axis=1, keepdims=True)
-            responsibility_sums += np.exp(joint - log_mixture).sum(axis=2)
-            nll_sums -= log_mixture[:, 0].sum(axis=1)
+            scaled, peak = _scaled_joint(nll[:, block], log_weights[active])
+            total = scaled.sum(axis=1)  # responsibilities: scaled / total
+            responsibility_sums += np.matmul(scaled, (1.0 / total)[:, :, None])[:, :, 0]
+            nll_sums -= (np.log(total) + peak).sum(axis=1)
         with np.errstate(divide="ignore"):
             log_weights[active] = np.where(member[active], np.log(responsibility_sums / n_documents), -np.inf)
         mean_nll = nll_sums / n_documents  # before this step's update
