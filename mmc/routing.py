@@ -246,11 +246,13 @@ def _predict(regressor, features) -> np.ndarray:
     return np.asarray(regressor.predict(features), dtype=np.float64).reshape(features.shape[0], -1)
 
 
-def cross_fit(make: Callable[[int], object], features: Features, data: RouterData) -> np.ndarray:
+def cross_fit(make: Callable[[int], object], features: Features | np.ndarray, data: RouterData) -> np.ndarray:
     """(models, documents) bits per byte predicted by scikit-learn regressors fitted on the training documents
     (`data.fit_rows`): other documents from one fit on all of them, those out of fold (CROSS_FIT_FOLDS seeded
     folds of them), so a document's prediction never saw its own loss. `make(n)` builds the regressor for n
-    fitting rows; features are built block by block."""
+    fitting rows; `features` are the documents' rows, or a function building them for some documents (called
+    block by block)."""
+    features = features if callable(features) else features.__getitem__
     rows = data.fit_rows
     target = data.bpb[:, rows].T
     fitting = features(rows)
@@ -295,15 +297,14 @@ def mlp_router(data: RouterData) -> Prediction:
         warnings.simplefilter("ignore", ConvergenceWarning)
         return Prediction(cross_fit(lambda n: MLPRegressor(hidden_layer_sizes=(data.mlp_hidden,), solver="lbfgs",
                                                            alpha=data.ridge_alpha, max_iter=MLP_ITERATIONS,
-                                                           random_state=data.seed), features.__getitem__, data))
+                                                           random_state=data.seed), features, data))
 
 
 def small_model_router(data: RouterData) -> Prediction:
     """Ridge regression on the smallest member's bits per byte and the document's log length: it runs that member."""
     smallest = int(np.argmin(data.n_params))
     features = np.column_stack([data.bpb[smallest], np.log(np.maximum(data.n_bytes, 1.0))])
-    return Prediction(cross_fit(lambda n: Ridge(alpha=data.ridge_alpha), features.__getitem__, data),
-                      runs=(smallest,))
+    return Prediction(cross_fit(lambda n: Ridge(alpha=data.ridge_alpha), features, data), runs=(smallest,))
 
 
 # The routers, by name: `router_<name>` is a strategy on every ensemble and a λ-swept curve at the whole pool.
