@@ -44,6 +44,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import xarray as xr
+from sklearn import config_context
 from sklearn.decomposition import TruncatedSVD
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import HashingVectorizer
@@ -70,6 +71,7 @@ MLP_COMPONENTS = 64  # n-gram directions the perceptron router reads
 BLOCK_CELLS = 2**22  # ensemble × model × document cells of a block's temporaries (32 MiB in float64)
 ROUTER_TRAINING_MAX = 20_000  # training documents a learned router fits on: a seeded sample of them beyond this
 PREDICT_BLOCK = 8192  # documents whose router features are built at a time
+KNN_WORKING_MEMORY_MB = 128  # scikit-learn's chunks of query × fitted distances (its default, 1 GiB, took 2 GiB)
 CURVE_COLUMNS = ["strategy", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb", "extrapolated",
                  "observed_bpb"]
 ROUTER_CURVE_COLUMNS = ["router", "sweep", "setting", "flops_per_byte", "test_bpb", "on_hull"]
@@ -276,9 +278,11 @@ def ngram_router(data: RouterData) -> Prediction:
 
 
 def knn_router(data: RouterData) -> Prediction:
-    """The mean bits per byte of the nearest training documents in n-gram space (cosine: the rows are unit)."""
-    return Prediction(cross_fit(lambda n: KNeighborsRegressor(n_neighbors=min(data.knn_neighbors, n)),
-                                data.ngrams, data))
+    """The mean bits per byte of the nearest training documents in n-gram space (cosine: the rows are unit).
+    Distances come in chunks of KNN_WORKING_MEMORY_MB: the same neighbours, in bounded memory."""
+    with config_context(working_memory=KNN_WORKING_MEMORY_MB):
+        return Prediction(cross_fit(lambda n: KNeighborsRegressor(n_neighbors=min(data.knn_neighbors, n)),
+                                    data.ngrams, data))
 
 
 def mlp_router(data: RouterData) -> Prediction:
