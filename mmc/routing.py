@@ -71,7 +71,7 @@ MLP_COMPONENTS = 64  # n-gram directions the perceptron router reads
 BLOCK_CELLS = 2**22  # ensemble × model × document cells of a block's temporaries (32 MiB in float64)
 ROUTER_TRAINING_MAX = 20_000  # training documents a learned router fits on: a seeded sample of them beyond this
 PREDICT_BLOCK = 8192  # documents whose router features are built at a time
-KNN_WORKING_MEMORY_MB = 128  # scikit-learn's chunks of query × fitted distances (its default, 1 GiB, took 2 GiB)
+KNN_WORKING_MEMORY_MB = 128  # scikit-learn's chunks of query × fitted distances (at its 1 GiB default: 2.4 GiB)
 CURVE_COLUMNS = ["strategy", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb", "extrapolated",
                  "observed_bpb"]
 ROUTER_CURVE_COLUMNS = ["router", "sweep", "setting", "flops_per_byte", "test_bpb", "on_hull"]
