@@ -22,8 +22,13 @@ Documents are split once (seeded) into a training half and a test half: mixture 
 single member and every Pareto frontier are chosen on the training documents and scored on the test documents
 (cross-fitting); a learned router's predictions for training documents are out of fold (K folds within the
 training half), so choosing the best router on them is fair to flexible learners. Intervals resample the test
-documents (Poisson weights, one set for every strategy and curve: paired). Everything but the whole-pool curves
-is vectorised over ensembles × members × documents.
+documents (Poisson weights, one set for every strategy and curve: paired).
+
+Memory is bounded by a block of documents, not by the pool: mixtures and routed choices are computed over
+ensembles × members × one block of documents at a time (`document_blocks`) and reduced into per-ensemble sums,
+the mixture weights' EM accumulates its statistics block by block, and the learned routers fit on at most
+ROUTER_TRAINING_MAX training documents (a seeded sample beyond that, said in the metrics) and build their
+features and predictions block by block. Blocks depend on the shapes alone, so sums are added in one order.
 """
 
 from __future__ import annotations
@@ -32,14 +37,14 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy.special import logsumexp
+from sklearn import config_context
 from sklearn.decomposition import TruncatedSVD
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import HashingVectorizer
@@ -63,6 +68,10 @@ EM_TOLERANCE = 1e-9  # nats per document: an ensemble's EM stops when a step imp
 CROSS_FIT_FOLDS = 5  # out-of-fold predictions for the training documents
 MLP_ITERATIONS = 300  # L-BFGS steps of the perceptron router
 MLP_COMPONENTS = 64  # n-gram directions the perceptron router reads
+BLOCK_CELLS = 2**22  # ensemble × model × document cells of a block's temporaries (32 MiB in float64)
+ROUTER_TRAINING_MAX = 20_000  # training documents a learned router fits on: a seeded sample of them beyond this
+PREDICT_BLOCK = 8192  # documents whose router features are built at a time
+KNN_WORKING_MEMORY_MB = 128  # scikit-learn's chunks of query × fitted distances (at its 1 GiB default: 2.4 GiB)
 CURVE_COLUMNS = ["strategy", "total_params", "predicted_bpb", "lower_bpb", "upper_bpb", "extrapolated",
                  "observed_bpb"]
 ROUTER_CURVE_COLUMNS = ["router", "sweep", "setting", "flops_per_byte", "test_bpb", "on_hull"]
@@ -101,16 +110,50 @@ def membership(members: Sequence[Sequence[str]], models: Sequence[str]) -> np.nd
     return table
 
 
+def document_blocks(n_documents: int, cells_per_document: int) -> list[slice]:
+    """Consecutive blocks of documents whose temporaries hold at most BLOCK_CELLS cells (`cells_per_document`
+    each, at least one document a block). They depend on the shapes alone: sums over blocks come in one order."""
+    size = max(1, BLOCK_CELLS // max(cells_per_document, 1))
+    return [slice(start, min(start + size, n_documents)) for start in range(0, n_documents, size)]
+
+
+def _by_block(reduce: Callable[[slice], np.ndarray], n_documents: int, member: np.ndarray) -> np.ndarray:
+    """(ensembles, documents): `reduce` of each block of documents, so ensemble × model × document temporaries
+    stay block-sized."""
+    return np.concatenate([reduce(block) for block in document_blocks(n_documents, member.size)], axis=-1)
+
+
+def uniform_log_weights(member: np.ndarray) -> np.ndarray:
+    """(ensembles, models): log 1/k on each ensemble's k members, −∞ elsewhere."""
+    return np.where(member, -np.log(member.sum(axis=1, keepdims=True)), -np.inf)
+
+
+def _scaled_joint(nll: np.ndarray, log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """wᵢ·exp(−nllᵢ) over (ensembles, models, documents) divided by each ensemble's and document's largest term,
+    and the log of that term (ensembles, documents): a log-sum-exp in place, in one temporary of the block (−∞
+    weights, the non-members, give 0)."""
+    joint = log_weights[:, :, None] - nll[None]
+    peak = joint.max(axis=1)
+    joint -= peak[:, None]
+    return np.exp(joint, out=joint), peak
+
+
+def _log_mixture(nll: np.ndarray, log_weights: np.ndarray) -> np.ndarray:
+    """(ensembles, documents): log Σᵢ wᵢ·exp(−nllᵢ)."""
+    scaled, peak = _scaled_joint(nll, log_weights)
+    return np.log(scaled.sum(axis=1)) + peak
+
+
 def oracle_nll(nll: np.ndarray, member: np.ndarray) -> np.ndarray:
     """(ensembles, documents): the per-document minimum over each ensemble's members."""
-    return np.where(member[:, :, None], nll[None], np.inf).min(axis=1)
+    return _by_block(lambda block: np.where(member[:, :, None], nll[None, :, block], np.inf).min(axis=1),
+                     nll.shape[1], member)
 
 
 def mixture_nll(nll: np.ndarray, member: np.ndarray, log_weights: np.ndarray | None = None) -> np.ndarray:
     """(ensembles, documents): −log Σᵢ wᵢ·exp(−nllᵢ) over each ensemble's members (uniform w without weights)."""
-    if log_weights is None:
-        log_weights = np.where(member, -np.log(member.sum(axis=1, keepdims=True)), -np.inf)
-    return -logsumexp(np.where(member[:, :, None], log_weights[:, :, None] - nll[None], -np.inf), axis=1)
+    log_weights = uniform_log_weights(member) if log_weights is None else log_weights
+    return _by_block(lambda block: -_log_mixture(nll[:, block], log_weights), nll.shape[1], member)
 
 
 def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = EM_ITERATIONS,
@@ -119,17 +162,23 @@ def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = E
 
     An ensemble stops iterating once a step lowers its mean mixture NLL by less than `tolerance` nats per
     document (the usual EM criterion: long documents make responsibilities nearly one-hot, so most ensembles
-    converge in a few steps); the others go on, up to `iterations` steps."""
-    log_weights = np.where(member, -np.log(member.sum(axis=1, keepdims=True)), -np.inf)
+    converge in a few steps); the others go on, up to `iterations` steps. A step's E-statistics (summed
+    responsibilities, summed mixture NLL) are accumulated over blocks of documents."""
+    log_weights = uniform_log_weights(member)
     active = np.arange(len(member))
     previous = np.full(len(member), np.inf)
+    n_documents = nll.shape[1]
     for _ in range(iterations):
-        joint = np.where(member[active, :, None], log_weights[active, :, None] - nll[None], -np.inf)
-        log_mixture = logsumexp(joint, axis=1, keepdims=True)
-        responsibility = np.exp(joint - log_mixture)
+        responsibility_sums = np.zeros((active.size, member.shape[1]))
+        nll_sums = np.zeros(active.size)
+        for block in document_blocks(n_documents, active.size * member.shape[1]):
+            scaled, peak = _scaled_joint(nll[:, block], log_weights[active])
+            total = scaled.sum(axis=1)  # responsibilities: scaled / total
+            responsibility_sums += np.matmul(scaled, (1.0 / total)[:, :, None])[:, :, 0]
+            nll_sums -= (np.log(total) + peak).sum(axis=1)
         with np.errstate(divide="ignore"):
-            log_weights[active] = np.where(member[active], np.log(responsibility.mean(axis=2)), -np.inf)
-        mean_nll = -log_mixture[:, 0].mean(axis=1)  # before this step's update
+            log_weights[active] = np.where(member[active], np.log(responsibility_sums / n_documents), -np.inf)
+        mean_nll = nll_sums / n_documents  # before this step's update
         improving = previous[active] - mean_nll > tolerance
         previous[active] = mean_nll
         active = active[improving]
@@ -140,7 +189,8 @@ def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = E
 
 def route(predicted: np.ndarray, member: np.ndarray) -> np.ndarray:
     """(ensembles, documents): the member each ensemble's router runs, the one with the lowest predicted loss."""
-    return np.where(member[:, :, None], predicted[None], np.inf).argmin(axis=1)
+    return _by_block(lambda block: np.where(member[:, :, None], predicted[None, :, block], np.inf).argmin(axis=1),
+                     predicted.shape[1], member)
 
 
 class Prediction(NamedTuple):
@@ -166,25 +216,55 @@ class RouterData:
     mlp_hidden: int = 64
 
     @cached_property
-    def ngrams(self):
-        """Hashed character 1–4-grams of the texts, L2-normalised (sparse, documents × ngram_features)."""
+    def fit_rows(self) -> np.ndarray:
+        """The training documents the learned routers fit on: all of them, or a seeded sample of
+        ROUTER_TRAINING_MAX where there are more (a kNN query reads every fitted document, and the perceptron's
+        fit grows with them: the sample keeps the stage linear in documents)."""
+        rows = np.flatnonzero(self.train)
+        if len(rows) <= ROUTER_TRAINING_MAX:
+            return rows
+        return np.sort(np.random.default_rng([self.seed, 2]).choice(rows, ROUTER_TRAINING_MAX, replace=False))
+
+    @cached_property
+    def _texts(self) -> np.ndarray:
+        return np.asarray(self.texts, dtype=object)
+
+    def ngrams(self, rows: np.ndarray):
+        """Hashed character 1–4-grams of the texts of `rows`, L2-normalised (sparse, rows × ngram_features)."""
         return HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=self.ngram_features,
-                                 alternate_sign=False, norm="l2").transform(self.texts)
+                                 alternate_sign=False, norm="l2").transform(self._texts[rows])
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The documents, PREDICT_BLOCK at a time: features are built for one block at a time."""
+        for start in range(0, len(self.texts), PREDICT_BLOCK):
+            yield np.arange(start, min(start + PREDICT_BLOCK, len(self.texts)))
 
 
-def cross_fit(make: Callable[[int], object], features, data: RouterData) -> np.ndarray:
-    """(models, documents) bits per byte predicted by scikit-learn regressors fitted on the training documents:
-    test documents from one fit on the whole training half, training documents out of fold (CROSS_FIT_FOLDS
-    seeded folds of it), so a training document's prediction never saw its own loss. `make(n)` builds the
-    regressor for n fitting rows."""
-    rows = np.flatnonzero(data.train)
+Features = Callable[[np.ndarray], object]  # documents' indices -> their feature rows (dense or sparse)
+
+
+def _predict(regressor, features) -> np.ndarray:
+    """(rows, models) float64, also for one model (scikit-learn drops the axis)."""
+    return np.asarray(regressor.predict(features), dtype=np.float64).reshape(features.shape[0], -1)
+
+
+def cross_fit(make: Callable[[int], object], features: Features | np.ndarray, data: RouterData) -> np.ndarray:
+    """(models, documents) bits per byte predicted by scikit-learn regressors fitted on the training documents
+    (`data.fit_rows`): other documents from one fit on all of them, those out of fold (CROSS_FIT_FOLDS seeded
+    folds of them), so a document's prediction never saw its own loss. `make(n)` builds the regressor for n
+    fitting rows; `features` are the documents' rows, or a function building them for some documents (called
+    block by block)."""
+    features = features if callable(features) else features.__getitem__
+    rows = data.fit_rows
     target = data.bpb[:, rows].T
-    predicted = make(len(rows)).fit(features[rows], target).predict(features)
+    fitting = features(rows)
+    regressor = make(len(rows)).fit(fitting, target)
+    predicted = np.concatenate([_predict(regressor, features(block)) for block in data.blocks()])
     folds = min(CROSS_FIT_FOLDS, len(rows))
     if folds >= 2:
         for fit, held in KFold(folds, shuffle=True, random_state=data.seed).split(rows):
-            predicted[rows[held]] = make(len(fit)).fit(features[rows[fit]], target[fit]).predict(features[rows[held]])
-    return np.asarray(predicted, dtype=np.float64).reshape(len(data.texts), -1).T
+            predicted[rows[held]] = _predict(make(len(fit)).fit(fitting[fit], target[fit]), fitting[held])
+    return predicted.T
 
 
 def best_single_router(data: RouterData) -> Prediction:
@@ -198,19 +278,25 @@ def ngram_router(data: RouterData) -> Prediction:
 
 
 def knn_router(data: RouterData) -> Prediction:
-    """The mean bits per byte of the nearest training documents in n-gram space (cosine: the rows are unit)."""
-    return Prediction(cross_fit(lambda n: KNeighborsRegressor(n_neighbors=min(data.knn_neighbors, n)),
-                                data.ngrams, data))
+    """The mean bits per byte of the nearest training documents in n-gram space (cosine: the rows are unit).
+    Distances come in chunks of KNN_WORKING_MEMORY_MB: the same neighbours, in bounded memory."""
+    with config_context(working_memory=KNN_WORKING_MEMORY_MB):
+        return Prediction(cross_fit(lambda n: KNeighborsRegressor(n_neighbors=min(data.knn_neighbors, n)),
+                                    data.ngrams, data))
 
 
 def mlp_router(data: RouterData) -> Prediction:
     """A one-hidden-layer perceptron (L-BFGS, seeded, L2 penalty `ridge_alpha`) on the n-grams' leading
-    MLP_COMPONENTS singular directions over the training texts (on thousands of sparse inputs it takes minutes),
-    standardised on the training texts (the scale a perceptron's penalty assumes)."""
-    features = data.ngrams.toarray() if data.ngram_features <= MLP_COMPONENTS else (  # few n-grams: read as they are
-        TruncatedSVD(min(MLP_COMPONENTS, int(data.train.sum())), random_state=data.seed)
-        .fit(data.ngrams[data.train]).transform(data.ngrams))
-    features = StandardScaler().fit(features[data.train]).transform(features)
+    MLP_COMPONENTS singular directions over its fitting texts (on thousands of sparse inputs it takes minutes),
+    standardised on them (the scale a perceptron's penalty assumes)."""
+    if data.ngram_features <= MLP_COMPONENTS:  # few n-grams: read as they are
+        project = lambda rows: data.ngrams(rows).toarray()  # noqa: E731
+    else:
+        svd = TruncatedSVD(min(MLP_COMPONENTS, len(data.fit_rows)), random_state=data.seed).fit(
+            data.ngrams(data.fit_rows))
+        project = lambda rows: svd.transform(data.ngrams(rows))  # noqa: E731
+    features = np.concatenate([project(block) for block in data.blocks()])
+    features = StandardScaler().fit(features[data.fit_rows]).transform(features)
     with warnings.catch_warnings():  # L-BFGS stopping where its line search makes no progress: its optimum
         warnings.simplefilter("ignore", ConvergenceWarning)
         return Prediction(cross_fit(lambda n: MLPRegressor(hidden_layer_sizes=(data.mlp_hidden,), solver="lbfgs",
@@ -256,14 +342,28 @@ def lambda_curve(prediction: Prediction, flops: np.ndarray, n_bytes: np.ndarray,
     cost = flops / n_bytes
     cost[list(prediction.runs)] = 0.0
     predicted = np.asarray(prediction.bpb, dtype=np.float64)
+    n_models, n_documents = predicted.shape
+    blocks = document_blocks(n_documents, n_models * max(n_models, points))
+    flips = np.concatenate([_flips(predicted[:, block], cost[:, block]) for block in blocks])
+    lambdas = np.unique(np.concatenate([[0.0], np.quantile(flips, np.linspace(0, 1, points - 1), overwrite_input=True)
+                                        if flips.size else []]))
+    chosen = np.concatenate([_lowest_score(predicted[:, block], cost[:, block], lambdas) for block in blocks], axis=1)
+    return Curve("lambda", lambdas, chosen, spent(chosen, prediction.runs, flops))
+
+
+def _flips(predicted: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """The λ at which a document's choice flips from a member to a cheaper, worse one (any order)."""
     gain, extra = predicted[:, None] - predicted[None], cost[None] - cost[:, None]  # [a, b]: a − b, b − a
-    flips = gain[(extra > 0) & (gain > 0)] / extra[(extra > 0) & (gain > 0)]
-    lambdas = np.unique(np.concatenate([[0.0], np.quantile(flips, np.linspace(0, 1, points - 1)) if flips.size else []]))
+    flipping = (extra > 0) & (gain > 0)
+    return gain[flipping] / extra[flipping]
+
+
+def _lowest_score(predicted: np.ndarray, cost: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
+    """(λs, documents): the member of lowest predicted bits per byte + λ · cost, the cheaper of equal scores."""
     order = np.argsort(cost, axis=0, kind="stable")  # cheaper first: argmin keeps the first of equal scores
     score = (np.take_along_axis(predicted, order, 0)[None]
              + lambdas[:, None, None] * np.take_along_axis(cost, order, 0)[None])
-    chosen = np.take_along_axis(order, score.argmin(axis=1), 0)
-    return Curve("lambda", lambdas, chosen, spent(chosen, prediction.runs, flops))
+    return np.take_along_axis(order, score.argmin(axis=1), 0)
 
 
 def cascade_curve(bpb: np.ndarray, flops: np.ndarray, cheap: int, target: int, points: int) -> Curve:
@@ -314,6 +414,30 @@ def oracle_gap(cost: np.ndarray, quality: np.ndarray, perfect_cost: np.ndarray, 
     return float(np.trapezoid(np.interp(knots, pxs, pys) - np.interp(knots, xs, ys), knots) / (xs[-1] - xs[0]))
 
 
+class StrategyTotals:
+    """Per-ensemble sums of each strategy over the documents, added block by block: its NLL over the test and the
+    training documents, its FLOPs and its NLL under each resample over the test documents, and (routers) on how
+    many test documents it chose the ensemble's best member."""
+
+    def __init__(self, n_ensembles: int, bootstrap: int) -> None:
+        self.test = {strategy: np.zeros(n_ensembles) for strategy in STRATEGIES}
+        self.train = {strategy: np.zeros(n_ensembles) for strategy in STRATEGIES}
+        self.flops = {strategy: np.zeros(n_ensembles) for strategy in STRATEGIES}
+        self.replicates = {strategy: np.zeros((n_ensembles, bootstrap)) for strategy in STRATEGIES}
+        self.correct: dict[str, np.ndarray] = {}
+
+    def add(self, strategy: str, nll: np.ndarray, flops: np.ndarray, *, test: np.ndarray, weights: np.ndarray,
+            correct: np.ndarray | None = None) -> None:
+        """One block: (ensembles, block documents) NLL, FLOPs and choices; `test` the block's test mask, `weights`
+        its test documents' resample weights."""
+        self.test[strategy] += nll[:, test].sum(axis=1)
+        self.train[strategy] += nll[:, ~test].sum(axis=1)
+        self.flops[strategy] += flops[:, test].sum(axis=1)
+        self.replicates[strategy] += nll[:, test] @ weights
+        if correct is not None:
+            self.correct[strategy] = self.correct.get(strategy, 0) + correct[:, test].sum(axis=1)
+
+
 def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence[str], *, test_fraction: float,
              seed: int, bootstrap: int, ngram_features: int = 4096, ridge_alpha: float = 1.0, knn_neighbors: int = 10,
              mlp_hidden: int = 64, sweep_points: int = 48) -> dict:
@@ -323,7 +447,8 @@ def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence
     Keys: `table` (one row per ensemble and strategy: test bits per byte, train bits per byte, FLOPs per byte,
     routing accuracy), `replicates` (strategy -> (ensembles, resamples) test bits per byte), `test` (the mask),
     `curves` (curve name -> its `Curve` and, per point, test bits per byte and FLOPs per byte with their
-    (points, resamples) replicates), `cascade` (its cheap member and the member it escalates to).
+    (points, resamples) replicates), `cascade` (its cheap member and the member it escalates to),
+    `router_training` (the training documents the learned routers fit on).
     """
     check_number("routing.bootstrap", bootstrap, 0, integer=True)
     models = [str(name) for name in pool["model"].values]
@@ -341,24 +466,31 @@ def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence
     member = membership(members, models)
     bpb = nll / (n_bytes * LN2)
     flops_per_document = 2.0 * n_params[:, None] * tokens  # (models, documents): 2·N FLOPs per token scored
-    per_document = {"oracle": oracle_nll(nll, member), "mixture_uniform": mixture_nll(nll, member),
-                    "mixture_fitted": mixture_nll(nll, member, fit_mixture_weights(nll[:, train], member))}
-    every_member = member @ flops_per_document  # the oracle and the mixtures run every member
-    flops = {"oracle": every_member, "mixture_uniform": every_member, "mixture_fitted": every_member}
-    best_member = np.argmin(np.where(member[:, :, None], nll[None], np.inf), axis=1)
+    fitted_weights = fit_mixture_weights(nll[:, train], member)
     data = RouterData(bpb, train, texts, n_bytes, n_params, seed=seed, ngram_features=ngram_features,
                       ridge_alpha=ridge_alpha, knn_neighbors=knn_neighbors, mlp_hidden=mlp_hidden)
+    predictions = {name: router(data) for name, router in ROUTERS.items()}
+    rng = np.random.default_rng([seed, 1])
+    weights = rng.poisson(1.0, (int(test.sum()), bootstrap)).astype(np.float64)
+    totals = StrategyTotals(len(members), bootstrap)
+    weight_row = np.cumsum(test) - 1  # a test document's row of `weights`
+    for block in document_blocks(nll.shape[1], member.size):
+        block_nll, block_flops, block_test = nll[:, block], flops_per_document[:, block], test[block]
+        add = partial(totals.add, test=block_test, weights=weights[weight_row[block][block_test]])
+        documents = np.arange(block_nll.shape[1])
+        best_member = route(block_nll, member)
+        every_member = member @ block_flops  # the oracle and the mixtures run every member
+        add("oracle", block_nll[best_member, documents], every_member)
+        add("mixture_uniform", mixture_nll(block_nll, member), every_member)
+        add("mixture_fitted", mixture_nll(block_nll, member, fitted_weights), every_member)
+        for name, prediction in predictions.items():
+            chosen = route(prediction.bpb[:, block], member)
+            add(f"router_{name}", block_nll[chosen, documents], spent(chosen, prediction.runs, block_flops),
+                correct=chosen == best_member)
     whole = np.flatnonzero(member[int(np.argmax(member.sum(axis=1)))])  # the whole pool's members
     sweep = np.ix_(whole, np.flatnonzero(test))  # the curves: the whole pool on the test documents
     curves = {"perfect": lambda_curve(Prediction(bpb[sweep]), flops_per_document[sweep], n_bytes[test], sweep_points)}
-    accuracy = {}
-    for name, router in ROUTERS.items():
-        prediction = router(data)
-        chosen = route(prediction.bpb, member)
-        documents = np.arange(nll.shape[1])
-        per_document[f"router_{name}"] = nll[chosen, documents]
-        flops[f"router_{name}"] = spent(chosen, prediction.runs, flops_per_document)
-        accuracy[f"router_{name}"] = (chosen == best_member)[:, test].mean(axis=1)
+    for name, prediction in predictions.items():
         runs = tuple(int(i) for i in np.flatnonzero(np.isin(whole, prediction.runs)))
         curves[f"router_{name}"] = lambda_curve(Prediction(prediction.bpb[sweep], runs), flops_per_document[sweep],
                                                 n_bytes[test], sweep_points)
@@ -369,19 +501,16 @@ def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence
         target = int(np.argmin(np.where(np.arange(len(whole)) == cheap, np.inf, on_train)))
         curves["cascade"] = cascade_curve(bpb[sweep], flops_per_document[sweep], cheap, target, sweep_points)
         cascade = {"cheap": models[whole[cheap]], "escalates_to": models[whole[target]]}
-    rng = np.random.default_rng([seed, 1])
-    weights = rng.poisson(1.0, (int(test.sum()), bootstrap)).astype(np.float64)
     rows, replicates = [], {}
     for strategy in STRATEGIES:
-        values = per_document[strategy]
         with np.errstate(invalid="ignore", divide="ignore"):
-            replicates[strategy] = (values[:, test] @ weights) / ((n_bytes[test] @ weights) * LN2)
+            replicates[strategy] = totals.replicates[strategy] / ((n_bytes[test] @ weights) * LN2)
         rows.append(pd.DataFrame({
             "ensemble": np.arange(len(members)), "strategy": strategy,
-            "test_bpb": values[:, test].sum(axis=1) / (n_bytes[test].sum() * LN2),
-            "train_bpb": values[:, train].sum(axis=1) / (n_bytes[train].sum() * LN2),
-            "flops_per_byte": flops[strategy][:, test].sum(axis=1) / n_bytes[test].sum(),
-            "routing_accuracy": accuracy.get(strategy, np.nan),
+            "test_bpb": totals.test[strategy] / (n_bytes[test].sum() * LN2),
+            "train_bpb": totals.train[strategy] / (n_bytes[train].sum() * LN2),
+            "flops_per_byte": totals.flops[strategy] / n_bytes[test].sum(),
+            "routing_accuracy": totals.correct[strategy] / test.sum() if strategy in totals.correct else np.nan,
         }))
     points = {}
     for name, curve in curves.items():
@@ -391,8 +520,13 @@ def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence
                             "flops_per_byte": curve.flops.sum(axis=1) / n_bytes[test].sum(),
                             "replicate_bpb": (chosen_nll @ weights) / ((n_bytes[test] @ weights) * LN2),
                             "replicate_flops": (curve.flops @ weights) / (n_bytes[test] @ weights)}
+    sampled = len(data.fit_rows) < int(train.sum())
+    router_training = {"documents": len(data.fit_rows), "training_documents": int(train.sum()), "sampled": sampled,
+                       "note": (f"the learned routers fit on a seeded sample of {len(data.fit_rows)} of the "
+                                f"{int(train.sum())} training documents (at most {ROUTER_TRAINING_MAX})" if sampled
+                                else "the learned routers fit on every training document")}
     return {"table": pd.concat(rows, ignore_index=True), "replicates": replicates, "test": test, "curves": points,
-            "cascade": cascade}
+            "cascade": cascade, "router_training": router_training}
 
 
 def curve_metrics(points: dict, cascade: dict) -> tuple[pd.DataFrame, dict]:
@@ -459,6 +593,7 @@ def routing_study(pool_path: str | Path, oracle_dir: str | Path, eval_split: str
                       knn_neighbors=knn_neighbors, mlp_hidden=mlp_hidden, sweep_points=sweep_points)
     table = result["table"].merge(ensembles[["kind", "k", "total_params"]], left_on="ensemble", right_index=True)
     metrics = _routing_metrics(table, result["replicates"], ensembles, result["test"], bootstrap)
+    metrics["router_training"] = result["router_training"]
     router_curves, metrics["cost_quality_at_largest_k"] = curve_metrics(result["curves"], result["cascade"])
     with atomic_path(out, "routing tables") as tmp:
         tmp.mkdir()
