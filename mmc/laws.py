@@ -12,8 +12,9 @@ log L_obs), ρ Huber's loss with threshold δ (default: 1.345 × the MAD scale o
    weights, the best of them by L-BFGS-B and then Gauss–Newton steps until the step vanishes (the optimum to
    rounding: data that differ in the tenth digit give parameters that agree to about the ninth);
 3. what is determined: a profile interval per parameter (the others re-optimised along it; threshold from
-   the robust drop-in-dispersion test) flags each parameter identified or not; bootstrap refits start from the
-   grid, never from the estimate, so a flat direction shows as a wide interval, not a zero-width one.
+   the robust drop-in-dispersion test) flags each parameter identified or not; each bootstrap refit starts from
+   the grid's best candidate and from the estimate, the better kept (never from the estimate alone), so a flat
+   direction shows as a wide interval, not a zero-width one.
 
 Internally losses and inputs are centred on their geometric means (well conditioned whatever the units);
 reported parameters are in the caller's units, unrounded. Points that are one measurement by construction (an
@@ -637,7 +638,8 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     residuals; "auto" (default) takes 1.345 × the MAD scale of a least-squares fit's residuals, None fits least
     squares. The default bootstrap resamples the points (multiplicity weights); `replicates` (resamples, points)
     gives resampled losses at the same inputs instead (NaN: the point is missing from that resample). Every
-    resample is refitted from the grid, not from the estimate; resamples with too few points are left out, and
+    resample is refitted from the grid's best candidate and from the estimate, the better kept (never from the
+    estimate alone); resamples with too few points are left out, and
     where fewer than `min_usable_resamples` remain (or a parameter's interval has zero width) `ci95` is None and
     `ci95_note` says why.
 
