@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy.special import expit
 
 from mmc import MMCError, check_number
 from mmc.laws import EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_ready, too_few_members
@@ -596,6 +595,8 @@ def _joint_log_curve(theta: np.ndarray, points: JointPoints, shape: str) -> np.n
 
 def _joint_jacobian(theta: np.ndarray, points: JointPoints, shape: str) -> np.ndarray:
     """(draws, points, parameters): the derivatives of the log curve at every point in θ (draws, parameters)."""
+    from scipy.special import expit  # imported where used: commands that do not fit start without scipy
+
     columns = _joint_columns(points, shape)
     rows = np.arange(len(points.log_x))
     log_e, log_a, alpha = (theta[:, column] for column in columns)

@@ -91,4 +91,4 @@ def test_the_collaboration_table_shows_the_combined_interval_and_labels_the_prof
     assert ("Intervals: 95%, resampling documents (200 resamples of the samples (Poisson weights)) and members "
             "(delete-one jackknife over the 24 members") in text
     assert "A profile interval is *conditional* (assumes independent, equal-variance errors" in text
-    assert "0.59" not in text  # the documents-only interval stays in the metrics
+    assert "[0.59, 0.61]" not in text  # the documents-only interval stays in the metrics
