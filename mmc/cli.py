@@ -20,7 +20,7 @@ from mmc.oracle import oracle_study
 from mmc.params import (BATCH_TOKENS, CPU_BATCH_TOKENS, FAMILIES, FLUSH_SECONDS, HEAD_DTYPE, TOKENIZER_KINDS,
                         params_reference, read_params)
 from mmc.presets import add_pool_entry, apply_preset, pool_entry_for, remove_pool_entry
-from mmc.store import SAMPLE_CHUNK, write_pool
+from mmc.store import MODEL_CHUNK, SAMPLE_CHUNK, write_pool
 
 EPILOG_LOSSES = """example:
   mmc losses --model data/zoo/gpt2-m --data data/corpus --out data/losses/gpt2-m.zarr
@@ -445,9 +445,11 @@ def _add_assemble(subparsers, common: argparse.ArgumentParser) -> None:
         "assemble", parents=[common], help="combine loss stores into the pool dataset (model x sample)",
         description="Combine loss stores into one Zarr store over (model, sample): nll and n_tokens, model coords "
                     "family, n_params, n_params_nonembedding, source, sample coords domain and n_bytes, stored in "
-                    "chunks of samples so that readers stream it. Each store's file name (without .zarr) names its "
-                    "model. Stores that scored different eval sets (dataset fingerprints), hold different samples, "
-                    "or share a name are refused.",
+                    f"chunks of {MODEL_CHUNK} models x {SAMPLE_CHUNK:,} samples so that readers stream it. Each "
+                    "store's file name (without .zarr) names its model. Every store is read and verified first, one at "
+                    "a time; stores that scored different eval sets (dataset fingerprints), hold different samples, or "
+                    "share a name are refused. The pool is then written one chunk at a time: memory holds one chunk "
+                    f"({MODEL_CHUNK * SAMPLE_CHUNK * 8 // 2**20} MiB) of nll and of n_tokens, not the pool.",
         epilog=EPILOG_ASSEMBLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stores", nargs="+", help="loss stores written by `mmc losses`")
     parser.add_argument("--out", required=True, help="the pool store, written atomically")

@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import xarray as xr
+import zarr
 from fsspec.registry import known_implementations
+from tqdm.auto import tqdm
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from mmc import MMCError
@@ -492,6 +494,15 @@ def loss_dataset(nll: np.ndarray, n_tokens: np.ndarray, n_bytes: np.ndarray, coo
 def write_store(dataset: xr.Dataset, path: str | Path, kind: str) -> None:
     """Write `dataset` as a Zarr v3 store: one chunk per variable (a handful of files for DVC), or its dask
     chunks where a variable is dask-backed (written chunk by chunk, so memory holds one chunk at a time)."""
+    dataset, encoding = _zarr_layout(dataset)
+    with atomic_path(path, kind) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        dataset.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
+
+
+def _zarr_layout(dataset: xr.Dataset) -> tuple[xr.Dataset, dict]:
+    """`dataset` as `write_store` writes it (strings as variable-length strings) and its Zarr encoding: one chunk
+    per variable, or its dask chunks; every chunk checksummed."""
     dataset = dataset.copy()
     for name, variable in dataset.variables.items():
         variable.encoding = {}
@@ -500,9 +511,7 @@ def write_store(dataset: xr.Dataset, path: str | Path, kind: str) -> None:
     encoding = {name: {"chunks": tuple(sizes[0] for sizes in variable.chunks) if variable.chunks else variable.shape,
                        "compressors": CHECKSUMMED}
                 for name, variable in dataset.variables.items() if variable.ndim}
-    with atomic_path(path, kind) as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        dataset.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
+    return dataset, encoding
 
 
 def string_values(array: xr.DataArray) -> np.ndarray:
@@ -510,9 +519,10 @@ def string_values(array: xr.DataArray) -> np.ndarray:
     return np.array(array.values.tolist(), dtype=str)
 
 
-def open_store(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
+def open_store(path: str | Path, chunks: dict | None = None, drop_variables: Sequence[str] = ()) -> xr.Dataset:
     """Open a store written by `write_store`: read and verified (chunk checksums; `nll` finite and non-negative),
     or lazily, dask-backed, when `chunks` is given (readers that stream it check each block they read).
+    `drop_variables` are not read at all (a coordinate's index is read whole on opening, even lazily).
 
     `path` is a local path or any fsspec URL (file://, s3://, ...; remote filesystems need their fsspec package).
     `encoding["source"]` names the store, so that a streaming reader can name it in its errors.
@@ -534,7 +544,8 @@ def open_store(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-            dataset = xr.open_zarr(location, consolidated=True, chunks=chunks, storage_options=options or None)
+            dataset = xr.open_zarr(location, consolidated=True, chunks=chunks, storage_options=options or None,
+                                   drop_variables=list(drop_variables) or None)
             if chunks is None:
                 dataset = dataset.load()
     except MMCError:
@@ -583,19 +594,30 @@ def one_line(error: BaseException) -> str:
 
 
 SAMPLE_CHUNK = 65_536  # samples per chunk of the pool, stored and streamed: memory holds one chunk of all models
+# models per chunk of the pool: one chunk of nll (MODEL_CHUNK x SAMPLE_CHUNK float64) is 64 MiB, the region that
+# `write_pool` fills at a time; readers of a block of samples read every chunk of models in it
+MODEL_CHUNK = 128
+POOL_LOSSES = ("nll", "n_tokens")  # the pool's variables over (model, sample), written region by region
 
 
 def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr.Dataset:
-    """Combine loss stores into the pool dataset over (model, sample).
+    """Combine loss stores into the pool dataset over (model, sample), lazily.
 
     `stores` maps model names to store paths, or lists paths, each named by its file name without `.zarr`.
     Names must be unique and hold no comma (ensembles are written as comma-joined names). Every store must
     have scored the same eval set: the same dataset fingerprint, the same sample ids in the same order. Model
     coords `family`, `data` (the training-data label), `n_params`, `n_params_nonembedding` and `source` (the model
-    scored) come from each store's attrs; sample coords `domain` and `n_bytes` from the first store. `nll` and `n_tokens` are
-    dask-backed, in chunks of SAMPLE_CHUNK samples, so `write_store` streams the pool to disk; the sample coords are
-    chunked alike, so every variable along `sample` is stored (and read back) in the same chunks.
+    scored) come from each store's attrs; sample coords `domain` and `n_bytes` from the first store. `nll` and
+    `n_tokens` are dask-backed, read from the stores when computed, in chunks of MODEL_CHUNK models x SAMPLE_CHUNK
+    samples; the model and sample coords are chunked alike, so every variable is stored (and read back) in the same
+    chunks along each dimension. Each store is read whole once, one at a time, to verify it; memory then holds the
+    first store's sample coords, not the losses.
     """
+    return _assemble(stores)[0]
+
+
+def _assemble(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> tuple[xr.Dataset, list[xr.Dataset]]:
+    """The lazy pool of `assemble_pool` and each store opened lazily (`nll`, `n_tokens`), in the pool's model order."""
     if isinstance(stores, Mapping):
         names, paths = [str(name) for name in stores], list(stores.values())
     else:
@@ -610,24 +632,27 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
     malformed = [repr(name) for name in names if not name or "," in name]
     if malformed:
         raise MMCError(f"model names must be non-empty and hold no comma: {', '.join(malformed)}")
-    opened = {name: open_store(path) for name, path in zip(names, paths)}  # read once: checksums and losses verified
-    for name, path in zip(names, paths):
-        if "window_nll" in opened[name].variables:
-            raise MMCError(f"loss store '{path}' ({name}) is one shard of a scoring run: join the shards first with "
-                           f"`mmc combine-shards OUT SHARD...`")
-        missing = [key for key in ("n_params", "n_params_nonembedding") if key not in opened[name].attrs]
-        missing += [var for var in ("nll", "n_tokens", "n_bytes") if var not in opened[name].variables]
-        if missing:
-            raise MMCError(f"loss store '{path}' ({name}) lacks {', '.join(missing)}: not written by `mmc losses`")
+    first_name, first = names[0], None
+    problems: list[str] = []
     by_fingerprint: dict[str, list[str]] = {}
-    for name, dataset in opened.items():
+    attrs: list[dict] = []
+    other_samples: str | None = None  # the first store whose samples differ from the first store's
+    for name, path in tqdm(list(zip(names, paths)), desc="checking loss stores", unit="store", disable=None):
+        dataset = open_store(path)  # read whole, one store at a time: checksums and losses verified
+        attrs.append(dataset.attrs)
         by_fingerprint.setdefault(str(dataset.attrs.get("dataset_fingerprint", "no fingerprint")), []).append(name)
-    if len(by_fingerprint) > 1:
-        groups = "; ".join(f"{', '.join(group)} scored {fingerprint}" for fingerprint, group in by_fingerprint.items())
-        raise MMCError(f"loss stores scored different eval sets: {groups}; rerun their losses stages on one dataset")
-    first_name, first = next(iter(opened.items()))
-    for name, dataset in opened.items():
-        if not dataset.indexes["sample"].equals(first.indexes["sample"]):
+        if "window_nll" in dataset.variables:
+            problems.append(f"loss store '{path}' ({name}) is one shard of a scoring run: join the shards first with "
+                            f"`mmc combine-shards OUT SHARD...`")
+            continue
+        missing = [key for key in ("n_params", "n_params_nonembedding") if key not in dataset.attrs]
+        missing += [var for var in ("nll", "n_tokens", "n_bytes") if var not in dataset.variables]
+        if missing:
+            problems.append(f"loss store '{path}' ({name}) lacks {', '.join(missing)}: not written by `mmc losses`")
+            continue
+        if first is None:
+            first = dataset
+        elif other_samples is None and not dataset.indexes["sample"].equals(first.indexes["sample"]):
             extra = dataset.indexes["sample"].difference(first.indexes["sample"])
             if len(extra):
                 reason = f"{len(extra)} sample ids of {name} are not in {first_name}"
@@ -635,38 +660,72 @@ def assemble_pool(stores: Mapping[str, str | Path] | Sequence[str | Path]) -> xr
                 reason = f"{dataset.sizes['sample']} vs {first.sizes['sample']} samples"
             else:
                 reason = "the same ids in another order"
-            raise MMCError(f"loss stores {first_name} and {name} hold different samples despite one fingerprint "
-                           f"({reason})")
-    datasets = list(opened.values())
-    chunks = {"model": -1, "sample": SAMPLE_CHUNK}
-    # the sample coords in the chunks of nll: a coord in one chunk beside nll in several makes the pool's chunks
-    # along `sample` inconsistent, which xarray refuses (DataArray.chunksizes) once the pool has over SAMPLE_CHUNK
-    # samples. Strings as variable-length strings (numpy's object dtype tagged str, as xarray reads them), which
-    # Zarr writes chunk by chunk, without loading the whole coord to infer a dtype.
+            other_samples = (f"loss stores {first_name} and {name} hold different samples despite one fingerprint "
+                             f"({reason})")
+    if problems:
+        raise MMCError(problems[0])
+    if len(by_fingerprint) > 1:
+        groups = "; ".join(f"{', '.join(group)} scored {fingerprint}" for fingerprint, group in by_fingerprint.items())
+        raise MMCError(f"loss stores scored different eval sets: {groups}; rerun their losses stages on one dataset")
+    if other_samples is not None:
+        raise MMCError(other_samples)
+    # opened again lazily, without the sample ids: an index is read whole on opening, and one per store adds up
+    sources = [open_store(path, chunks={}, drop_variables=("sample",))[list(POOL_LOSSES)].reset_coords(drop=True)
+               for path in paths]
+    chunks = {"model": MODEL_CHUNK, "sample": SAMPLE_CHUNK}
+    # the coords in the chunks of nll along their dimension: a coord in one chunk beside nll in several makes the
+    # pool's chunks inconsistent, which xarray refuses (DataArray.chunksizes) once the pool has over one chunk.
+    # Strings as variable-length strings (numpy's object dtype tagged str, as xarray reads them), which Zarr writes
+    # chunk by chunk, without loading the whole coord to infer a dtype.
     vlen_str = np.dtype(object, metadata={"element_type": str})
-    sample_coords = {name: (first[name].variable.astype(vlen_str) if first[name].dtype.kind in "OUT"
-                            else first[name].variable).chunk({"sample": SAMPLE_CHUNK})
-                     for name in ("domain", "n_bytes") if name in first.variables}
-    return xr.Dataset(
-        {var: xr.concat([dataset[var].reset_coords(drop=True) for dataset in datasets], dim="model").chunk(chunks)
-         for var in ("nll", "n_tokens")},
+
+    def chunked(variable: xr.Variable) -> xr.Variable:
+        return (variable.astype(vlen_str) if variable.dtype.kind in "OUT" else variable).chunk(
+            {dim: chunks[dim] for dim in variable.dims})
+
+    model_coords = {"family": [str(store.get("family", "")) for store in attrs],
+                    "data": [str(store.get("data", "")) for store in attrs],
+                    "n_params": [int(store["n_params"]) for store in attrs],
+                    "n_params_nonembedding": [int(store["n_params_nonembedding"]) for store in attrs],
+                    "source": [str(store.get("model", "")) for store in attrs]}
+    pool = xr.Dataset(
+        {var: xr.concat([source[var] for source in sources], dim="model").chunk(chunks) for var in POOL_LOSSES},
         coords={
             "model": names,
-            "family": ("model", [str(dataset.attrs.get("family", "")) for dataset in datasets]),
-            "data": ("model", [str(dataset.attrs.get("data", "")) for dataset in datasets]),
-            "n_params": ("model", [int(dataset.attrs["n_params"]) for dataset in datasets]),
-            "n_params_nonembedding": ("model", [int(dataset.attrs["n_params_nonembedding"]) for dataset in datasets]),
-            "source": ("model", [str(dataset.attrs.get("model", "")) for dataset in datasets]),
-            **sample_coords,
+            "sample": first["sample"].variable,
+            **{name: chunked(xr.Variable("model", values)) for name, values in model_coords.items()},
+            **{name: chunked(first[name].variable) for name in ("domain", "n_bytes") if name in first.variables},
         },
         attrs={"dataset_fingerprint": next(iter(by_fingerprint))},
     )
+    return pool, sources
 
 
 def write_pool(stores: Mapping[str, str | Path] | Sequence[str | Path], out: str | Path) -> xr.Dataset:
-    """The assemble stage: `assemble_pool(stores)` written (streamed, chunk by chunk) as the pool store `out`."""
+    """The assemble stage: `assemble_pool(stores)` written as the pool store `out`, atomically.
+
+    The coords and metadata are written first, then `nll` and `n_tokens` one chunk of the pool (MODEL_CHUNK models x
+    SAMPLE_CHUNK samples) at a time, each read from its stores: memory holds one such region of each variable, not
+    the pool, so a thousand models of a hundred thousand samples assemble in well under 2 GB."""
     stores = stores if isinstance(stores, Mapping) else list(stores)
     check_outputs([(out, "pool")], list(stores.values()) if isinstance(stores, Mapping) else stores)
-    pool = assemble_pool(stores)
-    write_store(pool, out, "pool")
+    pool, sources = _assemble(stores)
+    dataset, encoding = _zarr_layout(pool)
+    # everything but the losses in memory (the coords: small), so that the first write stores all of it
+    skeleton = dataset.assign_coords({name: dataset[name].variable.compute() for name in dataset.coords
+                                      if dataset[name].chunks})
+    n_models, n_samples = pool.sizes["model"], pool.sizes["sample"]
+    regions = [(slice(model_start, min(model_start + MODEL_CHUNK, n_models)),
+                slice(sample_start, min(sample_start + SAMPLE_CHUNK, n_samples)))
+               for model_start in range(0, n_models, MODEL_CHUNK) for sample_start in range(0, n_samples, SAMPLE_CHUNK)]
+    with atomic_path(out, "pool") as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        skeleton.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding, compute=False)
+        arrays = {var: zarr.open_array(tmp / var, mode="r+", zarr_format=3) for var in POOL_LOSSES}
+        for models, samples in tqdm(regions, desc="writing pool", unit="region", disable=None):
+            for var, array in arrays.items():
+                region = np.empty((models.stop - models.start, samples.stop - samples.start), array.dtype)
+                for row, source in enumerate(sources[models]):
+                    region[row] = source[var].data[samples].compute()
+                array[models, samples] = region  # aligned with the pool's chunks: each chunk written once, whole
     return pool

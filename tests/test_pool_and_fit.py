@@ -6,8 +6,10 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
+import zarr
 
 from conftest import loss_store, synthetic_pool
 from mmc import MMCError, collaboration, store
@@ -15,7 +17,7 @@ from mmc.cli import main
 from mmc.collaboration import WILD_BOOTSTRAP, JointPoints, _joint_fit, design_cells, matched_heterogeneity
 from mmc.laws import LAWS, fit_law
 from mmc.oracle import run_oracle, winner_groups
-from mmc.store import assemble_pool, open_store, write_store
+from mmc.store import assemble_pool, loss_dataset, open_store, write_store
 
 FAMILIES = ("alpha", "beta", "gamma")
 FIT_KEYS = {"law", "formula", "params", "identified", "profile_ci95", "ci95", "r2_log", "rmse_log", "n_points", "n_bootstrap",
@@ -48,6 +50,97 @@ def test_assembled_pool_is_stored_in_chunks_of_samples(tmp_path, monkeypatch):
     pool = xr.open_zarr(tmp_path / "pool.zarr")  # anyone can open it with xarray alone
     assert pool.nll.encoding["chunks"] == (3, 4) and pool.nll.chunks == ((3,), (4, 4, 2))
     np.testing.assert_array_equal(pool.nll.sel(model="c").values, np.arange(10.0) + 2)
+
+
+def seven_loss_stores(root, n_samples=300):
+    """Seven loss stores as `mmc losses` writes them (`loss_dataset`, `write_store`): four families, n_tokens of two
+    integer widths."""
+    rng = np.random.default_rng(5)
+    n_bytes = rng.integers(20, 400, n_samples)
+    coords = {"sample": np.array([f"doc{i}" for i in range(n_samples)], dtype=object),
+              "domain": ("sample", np.array(["code", "prose", "wiki"], dtype=object)[np.arange(n_samples) % 3])}
+    paths = []
+    for i in range(7):
+        attrs = {"model": f"org/m{i}", "family": "abcd"[i % 4], "data": f"mix-{i % 2}", "n_params": 1000 * (i + 1),
+                 "n_params_nonembedding": 900 * (i + 1), "dataset_fingerprint": "fp-7"}
+        n_tokens = (n_bytes // 3 + i).astype(np.int32 if i % 2 else np.int64)
+        paths.append(root / f"m{i}.zarr")
+        write_store(loss_dataset(n_bytes * rng.lognormal(0, 0.3, n_samples), n_tokens, n_bytes, coords, attrs),
+                    paths[-1], "loss store")
+    return paths
+
+
+def in_memory_pool(paths):
+    """The pool as `assemble_pool` built it before issue 26: every store read whole, then concatenated."""
+    opened = [open_store(path) for path in paths]
+    first = opened[0]
+    return xr.Dataset(
+        {var: xr.concat([dataset[var].reset_coords(drop=True) for dataset in opened], dim="model")
+         for var in ("nll", "n_tokens")},
+        coords={"model": [path.name.removesuffix(".zarr") for path in paths],
+                "family": ("model", [dataset.attrs["family"] for dataset in opened]),
+                "data": ("model", [dataset.attrs["data"] for dataset in opened]),
+                "n_params": ("model", [dataset.attrs["n_params"] for dataset in opened]),
+                "n_params_nonembedding": ("model", [dataset.attrs["n_params_nonembedding"] for dataset in opened]),
+                "source": ("model", [dataset.attrs["model"] for dataset in opened]),
+                "domain": first.domain, "n_bytes": first.n_bytes},
+        attrs={"dataset_fingerprint": "fp-7"})
+
+
+def test_assemble_writes_region_by_region_what_the_in_memory_pool_holds(tmp_path, monkeypatch):
+    paths = seven_loss_stores(tmp_path)
+    expected = in_memory_pool(paths)
+    monkeypatch.setattr(store, "SAMPLE_CHUNK", 128)
+    assert main(["assemble", "--out", str(tmp_path / "whole.zarr"), *map(str, paths)]) == 0  # one chunk of models
+    monkeypatch.setattr(store, "MODEL_CHUNK", 3)
+    assert main(["assemble", "--out", str(tmp_path / "pool.zarr"), *map(str, paths)]) == 0  # 3 x 3 regions
+    pool = open_store(tmp_path / "pool.zarr")
+    xr.testing.assert_identical(pool, expected)
+    assert pool.n_tokens.dtype == np.int64 and pool.nll.dtype == np.float64
+    xr.testing.assert_identical(open_store(tmp_path / "whole.zarr"), expected)
+    # every variable in the chunks of nll along its dimensions: xarray refuses inconsistent ones
+    lazy = xr.open_zarr(tmp_path / "pool.zarr")
+    assert dict(lazy.chunksizes) == {"model": (3, 3, 1), "sample": (128, 128, 44)}
+    assert lazy.nll.encoding["chunks"] == (3, 128) and lazy.family.encoding["chunks"] == (3,)
+    # readers of blocks of samples across all models read chunks of models alike
+    run = {name: main(["oracle", "--pool", str(tmp_path / name), "--out", str(tmp_path / f"oracle-{name}"),
+                       "--max-subsets-per-k", "10", "--sample-chunk", "100"]) for name in ("pool.zarr", "whole.zarr")}
+    assert run == {"pool.zarr": 0, "whole.zarr": 0}
+    for name in ("ensembles", "attribution", "expected_curves"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "oracle-pool.zarr" / f"{name}.csv"),
+                                      pd.read_csv(tmp_path / "oracle-whole.zarr" / f"{name}.csv"), check_exact=True)
+
+
+def test_assemble_checks_every_store_before_writing_and_a_crash_leaves_the_old_pool(tmp_path, monkeypatch, capsys):
+    paths = seven_loss_stores(tmp_path)
+    monkeypatch.setattr(store, "MODEL_CHUNK", 3)
+    monkeypatch.setattr(store, "SAMPLE_CHUNK", 128)
+    out = tmp_path / "pool.zarr"
+    assert main(["assemble", "--out", str(out), *map(str, paths[:2])]) == 0
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    shuffled = open_store(paths[5]).isel(sample=np.r_[1, 0, 2:300])
+    write_store(shuffled, tmp_path / "late.zarr", "loss store")
+    assert main(["assemble", "--out", str(out), *map(str, paths), str(tmp_path / "late.zarr")]) == 2
+    assert capsys.readouterr().err.strip() == ("mmc assemble: error: loss stores m0 and late hold different samples "
+                                              "despite one fingerprint (the same ids in another order)")
+
+    writes = []
+
+    def crash(array, selection, value):  # the machine dies while the losses are written, after two regions
+        if value.ndim == 2:
+            writes.append(selection)
+            if len(writes) == 5:
+                raise KeyboardInterrupt
+        original(array, selection, value)
+
+    original = zarr.Array.__setitem__
+    monkeypatch.setattr(zarr.Array, "__setitem__", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(["assemble", "--out", str(out), *map(str, paths)])
+    monkeypatch.undo()
+    assert len(writes) == 5
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in tmp_path.iterdir() if "pool" in path.name) == ["pool.zarr"]
 
 
 def test_assemble_refuses_different_eval_sets_naming_the_models(tmp_path, capsys):
