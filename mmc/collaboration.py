@@ -23,7 +23,7 @@ import xarray as xr
 from mmc import MMCError, check_number
 from mmc.laws import (EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_ready, refit_subsets,
                       too_few_members)
-from mmc.oracle import (bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles,
+from mmc.oracle import (bootstrap_and_halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles,
                         winner_groups)
 from mmc.store import (SAMPLE_CHUNK, check_outputs, check_pool, dask_scheduler, open_store, write_json,
                        write_tables)
@@ -404,10 +404,8 @@ def fit_collaboration(pool_path: str | Path, oracle_dir: str | Path, out: str | 
     table = read_ensembles(oracle_dir)
     with dask_scheduler(scheduler):
         pool = check_pool(open_store(pool_path, chunks={}), pool_path)
-        replicates = None
-        if bootstrap:
-            replicates = bootstrap_ensembles(pool, table.members.tolist(), bootstrap, seed, sample_chunk)
-        halves = halves_ensembles(pool, table.members.tolist(), seed, sample_chunk)
+        replicates, halves = bootstrap_and_halves_ensembles(pool, table.members.tolist(), bootstrap, seed,
+                                                            sample_chunk)
         matched = matched_heterogeneity(pool, bootstrap, seed, sample_chunk)
     metrics, points, curves = collaboration_laws(table, replicates, seed=seed, holdout_fraction=holdout_fraction, x=x,
                                                  halves=halves)

@@ -605,6 +605,17 @@ def halves_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], seed: i
     return _weighted_ensembles(pool, members, 2, lambda start, stop: half_weights(seed, start, stop), sample_chunk)
 
 
+def bootstrap_and_halves_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_bootstrap: int, seed: int,
+                                   sample_chunk: int = SAMPLE_CHUNK) -> tuple[np.ndarray | None, np.ndarray]:
+    """`bootstrap_ensembles` (None where `n_bootstrap` is 0) and `halves_ensembles` together, in one streaming pass
+    over the pool instead of two: the weights are drawn by position, so the columns are those of the two calls."""
+    both = _weighted_ensembles(
+        pool, members, n_bootstrap + 2,
+        lambda start, stop: np.column_stack([poisson_weights(seed, start, stop, n_bootstrap),
+                                             half_weights(seed, start, stop)]), sample_chunk)
+    return (both[:, :n_bootstrap] if n_bootstrap else None), both[:, n_bootstrap:]
+
+
 def _weighted_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_columns: int,
                         weights: Callable[[int, int], np.ndarray], sample_chunk: int) -> np.ndarray:
     """(ensembles, columns): each ensemble's oracle bits per byte under each column of sample weights."""
