@@ -405,7 +405,8 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
             free: np.ndarray | None = None, tie: tuple[np.ndarray, np.ndarray] | None = None, iterations: int = 200,
             tolerance: float = 1e-13) -> tuple[np.ndarray, np.ndarray]:
     """Levenberg–Marquardt with IRLS weights, batched: rows of θ (M, P) against rows of target and weights (M, n),
-    within the bounds (δ: one for all rows, or (M, 1) a row's own); `free` (M, P) masks the parameters each row may move (a profile holds one fixed).
+    within the bounds (δ: one for all rows, or (M, 1) a row's own); `free` (M, P) masks the parameters each row
+    may move (a profile holds one fixed).
     `tie` = (j, c), j (M,) and c (M, P): in each row with a nonzero c, θ_j follows the others as θ_j = u + c·θ with
     u held (a natural scale held while the exponents it is centred with move). Returns θ and the objectives (M,)."""
     free = np.ones(theta.shape, dtype=bool) if free is None else free
@@ -535,8 +536,8 @@ def _refine(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
     return np.where(worse[:, None], theta, refined), np.where(worse, start, value)
 
 
-def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | np.ndarray | None, density: int,
-               keep: int, grid: tuple[np.ndarray, np.ndarray] | None = None, also: np.ndarray | None = None,
+def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | np.ndarray | None,
+               density: int, keep: int, grid: tuple[np.ndarray, np.ndarray] | None = None, also: np.ndarray | None = None,
                **polish) -> tuple[np.ndarray, np.ndarray]:
     """Grid (scales solved inside; or `grid`, the (θ, error) of an earlier call on the same data) → the `keep` best
     candidates of each data set → LM polish. Returns the best θ (B, P) of each data set and the polished
@@ -713,9 +714,9 @@ def refit_subsets(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.nda
     every boolean row s of `subsets` (subsets, points), refitted together (a jackknife's drops): each subset with
     its own Huber δ ("auto": from its own least-squares fit) and its groups weighed within it, polished by LM from
     a coarse grid's best candidate and from `start` (parameters in the caller's units, e.g. the fit on all points),
-    then as fit_law finishes (L-BFGS-B, then Gauss–Newton to the optimum to rounding): the fixed point fit_law's refinement reaches, so the two agree
-    to rounding where the optimum is unique, at a fraction of the cost of a full fit per subset. A subset with too
-    few measurements for the law gives a row of NaN."""
+    then as fit_law finishes (L-BFGS-B, Gauss–Newton to the optimum to rounding), at a fraction of the cost of a
+    fit_law per subset. Both reach the same optimum; along a direction the data do not determine (a valley flat to
+    rounding) where each stops depends on its path. A subset with too few measurements gives a row of NaN."""
     law = get_law(law)
     inputs, loss = _check_data(law, inputs, loss)
     subsets = np.asarray(subsets, dtype=bool)
