@@ -724,11 +724,11 @@ def refit_subsets(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.nda
         raise MMCError(f"law {law.name}: subsets must be boolean rows of one value per point")
     grouping = _Groups.of(_check_groups(law, groups, loss), len(loss))
     n_groups = len(grouping.size)
-    cells = (np.arange(len(subsets))[:, None] * n_groups + grouping.group).ravel()
 
     def per_group(values: np.ndarray) -> np.ndarray:
-        """(subsets, groups) sums of `values` (subsets, points) over each group's points."""
-        return np.bincount(cells, values.ravel(), len(subsets) * n_groups).reshape(len(subsets), n_groups)
+        """(rows, groups) sums of `values` (rows, points) over each group's points."""
+        cells = (np.arange(len(values))[:, None] * n_groups + grouping.group).ravel()
+        return np.bincount(cells, values.ravel(), len(values) * n_groups).reshape(len(values), n_groups)
 
     counts = per_group(subsets.astype(np.float64))  # each group's points within each subset
     weights = np.where(subsets, 1.0 / np.maximum(counts[:, grouping.group], 1.0), 0.0)  # a group weighs as one
