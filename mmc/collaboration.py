@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import combinations, product
 from pathlib import Path
@@ -20,8 +21,9 @@ import pandas as pd
 import xarray as xr
 
 from mmc import MMCError, check_number
-from mmc.laws import EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_ready, too_few_members
-from mmc.oracle import (bootstrap_ensembles, halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles,
+from mmc.laws import (EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_ready, refit_subsets,
+                      too_few_members)
+from mmc.oracle import (bootstrap_and_halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles,
                         winner_groups)
 from mmc.store import (SAMPLE_CHUNK, check_outputs, check_pool, dask_scheduler, open_store, write_json,
                        write_tables)
@@ -107,32 +109,45 @@ def _member_drops(table: pd.DataFrame) -> tuple[list[str], np.ndarray]:
 
 
 def member_jackknife(table: pd.DataFrame, params: np.ndarray, bpb: np.ndarray, groups: np.ndarray,
-                     series: list[str]) -> dict[str, np.ndarray]:
+                     series: list[str], fits: Mapping[str, Fit] | None = None) -> dict[str, np.ndarray]:
     """Each series' law refitted once per pool member left out, with the ensembles re-enumerated (every ensemble
     holding that member removed, frontiers chosen again): (usable drops, law parameters) per series, on the scale
     the law is fitted on (`Law.to_fitted_scale`). A drop that leaves a series unfittable (too few points, or a
     pool too small for the law) is left out: the rows count the usable drops.
 
+    A drop that leaves a series' points as they are gives its fit on all members (`fits`, else fitted here); the
+    others are refitted together (`refit_subsets`: the same optimum as a `fit_law` per drop, to rounding).
     Documents are the same in every drop; what varies is which models the pool holds, the variation a
     document bootstrap cannot see (points of one pool share members)."""
     law = LAWS[COLLABORATION_LAW]
     members, contains = _member_drops(table)
-    refits: dict[str, list[list[float]]] = {name: [] for name in series}
     if too_few_members(law, len(members) - 1, len(table)):  # no drop leaves a pool that determines the law
         contains = contains[:0]
+    chosen: dict[str, list[np.ndarray]] = {name: [] for name in series}
     for without in contains:
         kept = np.flatnonzero(~without)
         for name, rows in _series_points(table.iloc[kept]).items():
-            if name not in refits:
-                continue
-            chosen = kept[rows]
-            try:
-                fit = fit_law(COLLABORATION_LAW, {"x": params[chosen]}, bpb[chosen], groups=groups[chosen],
-                              profile=False)
-            except MMCError:  # too few points left in this series
-                continue
-            refits[name].append([float(law.to_fitted_scale(p, fit.params[p])) for p in law.params])
-    return {name: np.array(rows, dtype=np.float64).reshape(-1, len(law.params)) for name, rows in refits.items()}
+            if name in chosen:
+                chosen[name].append(kept[rows])
+    whole_series = _series_points(table)
+    refits = {}
+    for name, drops in chosen.items():
+        whole = np.flatnonzero(whole_series[name])
+        fit = fits[name] if fits is not None else fit_law(COLLABORATION_LAW, {"x": params[whole]}, bpb[whole],
+                                                          groups=groups[whole], profile=False)
+        union = np.unique(np.concatenate([whole, *drops]))
+        subsets = np.zeros((len(drops), len(union)), dtype=bool)
+        for drop, rows in enumerate(drops):
+            subsets[drop, np.searchsorted(union, rows)] = True
+        values = np.tile([fit.params[p] for p in law.params], (len(drops), 1))
+        changed = (subsets != np.isin(union, whole)).any(axis=1)
+        if changed.any():
+            values[changed] = refit_subsets(law, {"x": params[union]}, bpb[union], subsets[changed], fit.params,
+                                            groups=groups[union])
+        values = values[np.isfinite(values).all(axis=1)]
+        refits[name] = np.column_stack([law.to_fitted_scale(p, values[:, j]) for j, p in enumerate(law.params)]
+                                       ).reshape(-1, len(law.params))
+    return refits
 
 
 def jackknife_se(refits: np.ndarray) -> np.ndarray | None:
@@ -234,7 +249,7 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
         points.append(pd.DataFrame({"series": name, "total_params": xs, "bpb": y}))
         curves.append(_curve(name, fit, xs, grid_points))
     n_members = int(table.k.eq(1).sum())
-    for name, refits in member_jackknife(table, params, bpb, groups, list(fitted)).items():
+    for name, refits in member_jackknife(table, params, bpb, groups, list(fitted), fitted).items():
         fits[name].update(_interval_fields(fitted[name], refits, n_members))
     if not any("params" in fit for fit in fits.values()):  # a small pool: the data determine no law, and say so
         warnings.warn(f"no series has enough points to fit {COLLABORATION_LAW} (a pool of {table.k.eq(1).sum()} "
@@ -389,10 +404,8 @@ def fit_collaboration(pool_path: str | Path, oracle_dir: str | Path, out: str | 
     table = read_ensembles(oracle_dir)
     with dask_scheduler(scheduler):
         pool = check_pool(open_store(pool_path, chunks={}), pool_path)
-        replicates = None
-        if bootstrap:
-            replicates = bootstrap_ensembles(pool, table.members.tolist(), bootstrap, seed, sample_chunk)
-        halves = halves_ensembles(pool, table.members.tolist(), seed, sample_chunk)
+        replicates, halves = bootstrap_and_halves_ensembles(pool, table.members.tolist(), bootstrap, seed,
+                                                            sample_chunk)
         matched = matched_heterogeneity(pool, bootstrap, seed, sample_chunk)
     metrics, points, curves = collaboration_laws(table, replicates, seed=seed, holdout_fraction=holdout_fraction, x=x,
                                                  halves=halves)

@@ -400,11 +400,13 @@ def _rho(residuals: np.ndarray, delta: float | None) -> tuple[np.ndarray, np.nda
     return rho, psi, irls
 
 
-def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray, delta: float | None,
+def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray,
+            delta: float | np.ndarray | None,
             free: np.ndarray | None = None, tie: tuple[np.ndarray, np.ndarray] | None = None, iterations: int = 200,
             tolerance: float = 1e-13) -> tuple[np.ndarray, np.ndarray]:
     """Levenberg–Marquardt with IRLS weights, batched: rows of θ (M, P) against rows of target and weights (M, n),
-    within the bounds; `free` (M, P) masks the parameters each row may move (a profile holds one fixed).
+    within the bounds (δ: one for all rows, or (M, 1) a row's own); `free` (M, P) masks the parameters each row
+    may move (a profile holds one fixed).
     `tie` = (j, c), j (M,) and c (M, P): in each row with a nonzero c, θ_j follows the others as θ_j = u + c·θ with
     u held (a natural scale held while the exponents it is centred with move). Returns θ and the objectives (M,)."""
     free = np.ones(theta.shape, dtype=bool) if free is None else free
@@ -415,9 +417,12 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
         every = np.arange(len(theta))
         held = theta[every, tied] - np.einsum("mp,mp->m", theta, coefficients)
 
+    def row_delta(rows: np.ndarray) -> float | np.ndarray | None:
+        return delta if np.ndim(delta) == 0 else delta[rows]
+
     def objective(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
         prediction, _ = design.log_predict(values, jacobian=False)
-        return (weights[rows] * _rho(prediction - target[rows], delta)[0]).sum(axis=1)
+        return (weights[rows] * _rho(prediction - target[rows], row_delta(rows))[0]).sum(axis=1)
 
     current = objective(theta, np.arange(len(theta)))
     damping = np.full(len(theta), 1e-3)
@@ -429,7 +434,7 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
             break
         prediction, jac = design.log_predict(theta[rows])
         residuals = prediction - target[rows]
-        _, psi, irls = _rho(residuals, delta)
+        _, psi, irls = _rho(residuals, row_delta(rows))
         if tie is not None:  # chain rule: moving a coefficient's parameter moves θ_j with it
             moved = np.isin(rows, tied_rows)
             jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=1) * \
@@ -479,45 +484,60 @@ def _scipy_polish(design: _Design, theta: np.ndarray, target: np.ndarray, weight
     return (result.x, value) if value < objective(theta)[0] else (theta, objective(theta)[0])
 
 
-def _refine(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray, delta: float | None,
-            iterations: int = REFINE_ITERATIONS) -> tuple[np.ndarray, float]:
-    """Gauss–Newton steps with IRLS weights (Huber: ψ(r)/r) from a polished θ until the step vanishes.
+def _refine(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray,
+            delta: float | np.ndarray | None, iterations: int = REFINE_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss–Newton steps with IRLS weights (Huber: ψ(r)/r) from polished θ (M, P) until the step vanishes, every
+    row against its own row of target and weights (M, n) (and of δ, (M, 1), where δ is an array).
 
     A fixed point solves the normal equations Σ w ψ(r) ∂r/∂θ = 0 to rounding, so fits of data that differ in the
     tenth digit agree to about that digit: the quasi-Newton polish before it stops at a relative change of the
     objective, which leaves the parameters of a flat valley several digits short. A parameter at a bound that
-    the gradient pushes outward stays there; a step that raises the objective beyond rounding is halved."""
-    def evaluate(values: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-        prediction, jac = design.log_predict(values[None])
-        rho, psi, irls = _rho(prediction[0] - target, delta)
-        return float((weights * rho).sum()), jac[0], weights * psi, weights * irls
+    the gradient pushes outward stays there; a step that raises the objective beyond rounding is halved. Returns
+    the refined θ and objectives (M,); a row that ends worse than it began keeps its start."""
+    def evaluate(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        prediction, jac = design.log_predict(values)
+        rho, psi, irls = _rho(prediction - target[rows], delta if np.ndim(delta) == 0 else delta[rows])
+        return (weights[rows] * rho).sum(axis=1), jac, weights[rows] * psi, weights[rows] * irls
 
-    start = value = evaluate(theta)[0]
-    refined = theta
-    _, jac, psi, irls = evaluate(theta)
+    every = np.arange(len(theta))
+    start, jac, psi, irls = evaluate(theta, every)
+    refined, value = theta.copy(), start.copy()
+    active = np.ones(len(theta), dtype=bool)
     for _ in range(iterations):
-        gradient = jac @ psi
-        free = ~(((refined <= design.lower) & (gradient > 0)) | ((refined >= design.upper) & (gradient < 0)))
-        hessian = (jac[free] * irls) @ jac[free].T
-        step = np.zeros_like(refined)
-        step[free] = -np.linalg.lstsq(hessian, gradient[free], rcond=None)[0]
+        rows = np.flatnonzero(active)
+        if not len(rows):
+            break
+        gradient = (jac @ psi[..., None])[..., 0]
+        current = refined[rows]
+        free = ~(((current <= design.lower) & (gradient > 0)) | ((current >= design.upper) & (gradient < 0)))
+        hessian = (jac * irls[:, None, :]) @ jac.transpose(0, 2, 1) * (free[:, :, None] & free[:, None, :])
+        step = -(np.linalg.pinv(hessian) @ np.where(free, gradient, 0.0)[..., None])[..., 0]
+        pending = np.ones(len(rows), dtype=bool)  # rows whose step is not yet accepted
+        accepted = np.empty_like(current), np.empty(len(rows)), np.empty_like(jac), np.empty_like(psi), \
+            np.empty_like(irls)
         for _ in range(REFINE_HALVINGS):
-            trial = np.clip(refined + step, design.lower, design.upper)
-            trial_value, trial_jac, trial_psi, trial_irls = evaluate(trial)
-            if trial_value <= value + REFINE_ROUNDING * abs(value):
+            trial = np.clip(current[pending] + step[pending], design.lower, design.upper)
+            trial_value, trial_jac, trial_psi, trial_irls = evaluate(trial, rows[pending])
+            ok = trial_value <= value[rows[pending]] + REFINE_ROUNDING * np.abs(value[rows[pending]])
+            done = np.flatnonzero(pending)[ok]
+            for part, values in zip(accepted, (trial, trial_value, trial_jac, trial_psi, trial_irls)):
+                part[done] = values[ok]
+            pending[done] = False
+            if not pending.any():
                 break
-            step /= 2
-        else:
-            break
-        moved = float(np.abs(trial - refined).max())
-        refined, value, jac, psi, irls = trial, trial_value, trial_jac, trial_psi, trial_irls
-        if moved <= REFINE_STEP:
-            break
-    return (refined, value) if value <= start + REFINE_ROUNDING * abs(start) else (theta, start)
+            step[pending] /= 2
+        moved = np.abs(accepted[0] - current).max(axis=1)
+        keep = ~pending  # rows whose step was never accepted stop where they are
+        refined[rows[keep]], value[rows[keep]] = accepted[0][keep], accepted[1][keep]
+        active[rows[pending | (moved <= REFINE_STEP)]] = False
+        still = keep & (moved > REFINE_STEP)
+        jac, psi, irls = accepted[2][still], accepted[3][still], accepted[4][still]
+    worse = value > start + REFINE_ROUNDING * np.abs(start)
+    return np.where(worse[:, None], theta, refined), np.where(worse, start, value)
 
 
-def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | None, density: int,
-               keep: int, grid: tuple[np.ndarray, np.ndarray] | None = None, also: np.ndarray | None = None,
+def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | np.ndarray | None,
+               density: int, keep: int, grid: tuple[np.ndarray, np.ndarray] | None = None, also: np.ndarray | None = None,
                **polish) -> tuple[np.ndarray, np.ndarray]:
     """Grid (scales solved inside; or `grid`, the (θ, error) of an earlier call on the same data) → the `keep` best
     candidates of each data set → LM polish. Returns the best θ (B, P) of each data set and the polished
@@ -531,7 +551,7 @@ def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: 
         keep += 1
     starts = starts.reshape(-1, thetas.shape[-1])
     polished, values = _polish(design, starts, np.repeat(target, keep, axis=0), np.repeat(weights, keep, axis=0),
-                               delta, **polish)
+                               delta if np.ndim(delta) == 0 else np.repeat(delta, keep, axis=0), **polish)
     polished, values = polished.reshape(len(target), keep, -1), values.reshape(len(target), keep)
     best = values.argmin(axis=1)
     return polished[np.arange(len(target)), best], values
@@ -554,8 +574,8 @@ def _auto_delta(design: _Design, target: np.ndarray, weights: np.ndarray, groups
     squares' efficiency under Gaussian noise, bounded influence of outliers. One residual per group (their mean),
     so a cluster of copies of one measurement, fitted exactly, cannot drive the scale to 0."""
     theta, _ = _fit_batch(design, target[None], weights[None], None, GRID_DENSITY, POLISH_KEEP, grid)
-    theta, _ = _refine(design, theta[0], target, weights, None)
-    residuals = (design.log_predict(theta[None], jacobian=False)[0] - target)[0]
+    theta, _ = _refine(design, theta, target[None], weights[None], None)
+    residuals = (design.log_predict(theta, jacobian=False)[0] - target)[0]
     residuals = (np.bincount(groups.group, residuals) / groups.size)[groups.used(weights)]
     scale = 1.4826 * np.median(np.abs(residuals - np.median(residuals)))
     return float(max(1.345 * scale, 1e-6))  # exact data: residuals ~0, any δ this small is least squares
@@ -670,7 +690,8 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
         check_number("huber_delta", delta, 0, low_open=True)
     theta, polished = _fit_batch(design, target[None], weights[None], delta, GRID_DENSITY, POLISH_KEEP, grid)
     theta, _ = _scipy_polish(design, theta[0], target, weights, delta)
-    theta, objective = _refine(design, theta, target, weights, delta)
+    theta, objective = _refine(design, theta[None], target[None], weights[None], delta)
+    theta, objective = theta[0], float(objective[0])
     residuals = design.log_predict(theta[None], jacobian=False)[0][0] - target
     total_variance = float(((target - target.mean()) ** 2).sum())
     fit = Fit(
@@ -685,6 +706,86 @@ def fit_law(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, 
     if bootstrap > 0 or replicates is not None:
         _bootstrap(fit, design, target, weights, grouping, delta, bootstrap, seed, replicates, theta)
     return fit
+
+
+def refit_subsets(law: str | Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray, subsets: np.ndarray,
+                  start: Mapping[str, float], *, groups: np.ndarray | None = None) -> np.ndarray:
+    """The parameters (subsets, params) of `fit_law(law, inputs[s], loss[s], groups=groups[s], profile=False)` for
+    every boolean row s of `subsets` (subsets, points), refitted together (a jackknife's drops): each subset with
+    its own Huber δ ("auto": from its own least-squares fit) and its groups weighed within it, polished by LM from
+    a coarse grid's best candidate and from `start` (parameters in the caller's units, e.g. the fit on all points),
+    then as fit_law finishes (L-BFGS-B, Gauss–Newton to the optimum to rounding), at a fraction of the cost of a
+    fit_law per subset. Both reach the same optimum; along a direction the data do not determine (a valley flat to
+    rounding) where each stops depends on its path. A subset with too few measurements gives a row of NaN."""
+    law = get_law(law)
+    inputs, loss = _check_data(law, inputs, loss)
+    subsets = np.asarray(subsets, dtype=bool)
+    if subsets.ndim != 2 or subsets.shape[1] != len(loss):
+        raise MMCError(f"law {law.name}: subsets must be boolean rows of one value per point")
+    grouping = _Groups.of(_check_groups(law, groups, loss), len(loss))
+    n_groups = len(grouping.size)
+
+    def per_group(values: np.ndarray) -> np.ndarray:
+        """(rows, groups) sums of `values` (rows, points) over each group's points."""
+        cells = (np.arange(len(values))[:, None] * n_groups + grouping.group).ravel()
+        return np.bincount(cells, values.ravel(), len(values) * n_groups).reshape(len(values), n_groups)
+
+    counts = per_group(subsets.astype(np.float64))  # each group's points within each subset
+    weights = np.where(subsets, 1.0 / np.maximum(counts[:, grouping.group], 1.0), 0.0)  # a group weighs as one
+    usable = (counts > 0).sum(axis=1) >= len(law.params) + 2
+    result = np.full((len(subsets), len(law.params)), np.nan)
+    if not usable.any():
+        return result
+    weights, subsets, counts = weights[usable], subsets[usable], counts[usable]
+    log_loss = np.log(loss)
+    power_inputs = {name for term in law.terms for name, _ in term.powers}
+    centre = _Centre(float(log_loss.mean()), {name: float(np.log(inputs[name]).mean()) for name in power_inputs})
+    design = _Design(law, inputs, centre)
+    targets = np.broadcast_to(log_loss - centre.log_loss, subsets.shape)
+    estimate = _centred(design, np.array([start[name] for name in law.params], dtype=np.float64))
+    least_squares = _refit(design, targets, weights, None, estimate, refine=True)
+    residuals = np.where(subsets, design.log_predict(least_squares, jacobian=False)[0] - targets, 0.0)
+    with np.errstate(invalid="ignore"):  # groups outside a subset: NaN, left out of its medians
+        means = np.where(counts > 0, per_group(residuals) / counts, np.nan)
+    middle = np.nanmedian(means, axis=1, keepdims=True)
+    scale = 1.4826 * np.nanmedian(np.abs(means - middle), axis=1, keepdims=True)  # as `_auto_delta`
+    delta = np.maximum(1.345 * scale, 1e-6)
+    result[usable] = _natural(design, _refit(design, targets, weights, delta, estimate, refine=True, lbfgs=True))
+    return result
+
+
+def _centred(design: _Design, natural: np.ndarray) -> np.ndarray:
+    """The inverse of `_natural`: parameters (P,) in the caller's units as θ, scales within the fitted bounds."""
+    theta = np.array(natural, dtype=np.float64)
+    for term in design.law.terms:
+        i = design.index[term.scale]
+        shift = design.centre.log_loss + sum(theta[design.index[exponent]] * design.centre.log_inputs[name]
+                                             for name, exponent in term.powers)
+        with np.errstate(divide="ignore"):
+            theta[i] = np.log(natural[i]) - shift
+    return np.clip(theta, design.lower, design.upper)
+
+
+def _refit(design: _Design, targets: np.ndarray, weights: np.ndarray, delta: float | np.ndarray | None,
+           estimate: np.ndarray, refine: bool = False, lbfgs: bool = False) -> np.ndarray:
+    """θ (M, P) refitted to every row of targets and weights (M, n), BOOTSTRAP_BLOCK rows at a time: LM from the
+    best candidate of a coarse grid and from `estimate`, the better kept (never from the estimate alone: a flat
+    direction shows); then, as `fit_law` finishes, with `lbfgs` an L-BFGS-B polish of each row and with `refine`
+    Gauss–Newton steps to the optimum to rounding (`_refine`). δ: one for all rows, or (M, 1) a row's own. The
+    bootstrap's resamples and `refit_subsets`' subsets both come here."""
+    thetas = []
+    for rows in np.array_split(np.arange(len(targets)), max(1, int(np.ceil(len(targets) / BOOTSTRAP_BLOCK)))):
+        row_delta = delta if np.ndim(delta) == 0 else delta[rows]
+        theta, _ = _fit_batch(design, targets[rows], weights[rows], row_delta, BOOTSTRAP_GRID_DENSITY, 1,
+                              also=estimate, **BOOTSTRAP_POLISH)
+        if lbfgs:  # one row at a time: L-BFGS-B is scipy's, not batched
+            theta = np.array([_scipy_polish(design, theta[i], targets[row], weights[row],
+                                            delta if np.ndim(delta) == 0 else delta[row, 0])[0]
+                              for i, row in enumerate(rows)])
+        if refine:
+            theta, _ = _refine(design, theta, targets[rows], weights[rows], row_delta)
+        thetas.append(theta)
+    return np.concatenate(thetas)
 
 
 def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarray, groups: _Groups,
@@ -705,16 +806,10 @@ def _bootstrap(fit: Fit, design: _Design, target: np.ndarray, weights: np.ndarra
             targets = np.where(missing, 0.0, np.log(np.where(missing, 1.0, replicates)) - design.centre.log_loss)
         resampled = np.where(missing, 0.0, weights)
     usable = groups.used(resampled).sum(axis=1) >= len(fit.law.params) + 2
-    estimates = []
-    for rows in np.array_split(np.flatnonzero(usable), max(1, int(np.ceil(usable.sum() / BOOTSTRAP_BLOCK)))):
-        if len(rows):
-            theta, _ = _fit_batch(design, targets[rows], resampled[rows], delta, BOOTSTRAP_GRID_DENSITY, 1,
-                                  also=estimate, **BOOTSTRAP_POLISH)
-            estimates.append(_natural(design, theta))
     fit.n_bootstrap = len(resampled)
     fit.n_bootstrap_converged = int(usable.sum())
-    if estimates:
-        fit.bootstrap_params = np.concatenate(estimates)
+    if usable.any():
+        fit.bootstrap_params = _natural(design, _refit(design, targets[usable], resampled[usable], delta, estimate))
     fit.ci95, fit.ci95_note = _percentile_intervals(fit.law, fit.bootstrap_params, fit.n_bootstrap)
 
 

@@ -402,22 +402,30 @@ def half_weights(seed: int, start: int, stop: int) -> np.ndarray:
 class _BootstrapMinima(_EnsembleMinima):
     """Σ_s w[s, r] · min_{m∈S} nll[m, s] for every ensemble S and weight column r, and Σ_s w[s, r] · bytes:
     (minima block) @ (weights block), accumulated in the streaming pass that takes the minima. `weights(start,
-    stop)` gives the (samples, columns) weights of the pool's samples [start, stop)."""
+    stop)` gives the (samples, columns) weights of the pool's samples [start, stop), or a list of such blocks of
+    columns: each multiplied on its own (the same products, to the bit, as a pass of its own: two ensembles with
+    the same minima keep equal sums, which a wider product's blocking need not keep), their columns side by side."""
 
     def __init__(self, ensembles: Sequence[Ensemble], n_models: int, n_columns: int,
-                 weights: Callable[[int, int], np.ndarray]) -> None:
+                 weights: Callable[[int, int], np.ndarray | list[np.ndarray]]) -> None:
         super().__init__(ensembles, n_models)
         self.weights = weights
         self.sorted_boot_sums = np.zeros((len(ensembles), n_columns))
         self.boot_bytes = np.zeros(n_columns)
 
     def update(self, chunk: _Chunk) -> None:
-        weights = None
+        parts: list[tuple[slice, np.ndarray]] = []
         for start, stop, first, last, best in self.block_best(chunk):
             if first == 0:  # the first block of ensembles on new samples
-                weights = self.weights(chunk.offset + start, chunk.offset + stop)
-                self.boot_bytes += chunk.n_bytes[start:stop] @ weights
-            self.sorted_boot_sums[first:last] += np.take(chunk.ascending[start:stop], best) @ weights
+                blocks = self.weights(chunk.offset + start, chunk.offset + stop)
+                blocks = [blocks] if isinstance(blocks, np.ndarray) else blocks
+                ends = np.cumsum([block.shape[1] for block in blocks])
+                parts = [(slice(end - block.shape[1], end), block) for end, block in zip(ends, blocks)]
+                for columns, block in parts:
+                    self.boot_bytes[columns] += chunk.n_bytes[start:stop] @ block
+            minima = np.take(chunk.ascending[start:stop], best)
+            for columns, block in parts:
+                self.sorted_boot_sums[first:last, columns] += minima @ block
 
     @property
     def boot_sums(self) -> np.ndarray:
@@ -605,8 +613,21 @@ def halves_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], seed: i
     return _weighted_ensembles(pool, members, 2, lambda start, stop: half_weights(seed, start, stop), sample_chunk)
 
 
+def bootstrap_and_halves_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_bootstrap: int, seed: int,
+                                   sample_chunk: int = SAMPLE_CHUNK) -> tuple[np.ndarray | None, np.ndarray]:
+    """`bootstrap_ensembles` (None where `n_bootstrap` is 0) and `halves_ensembles` together, in one streaming pass
+    over the pool instead of two: the minima are taken once, and each call's weights (drawn by position) multiply
+    them on their own, so the values are those of the two calls, bit for bit."""
+    both = _weighted_ensembles(
+        pool, members, n_bootstrap + 2,
+        lambda start, stop: [poisson_weights(seed, start, stop, n_bootstrap), half_weights(seed, start, stop)],
+        sample_chunk)
+    return (both[:, :n_bootstrap] if n_bootstrap else None), both[:, n_bootstrap:]
+
+
 def _weighted_ensembles(pool: xr.Dataset, members: Sequence[Sequence[str]], n_columns: int,
-                        weights: Callable[[int, int], np.ndarray], sample_chunk: int) -> np.ndarray:
+                        weights: Callable[[int, int], np.ndarray | list[np.ndarray]],
+                        sample_chunk: int) -> np.ndarray:
     """(ensembles, columns): each ensemble's oracle bits per byte under each column of sample weights."""
     models = _Models.of(pool)
     index = {name: i for i, name in enumerate(models.names)}

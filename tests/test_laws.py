@@ -326,3 +326,22 @@ def test_fitted_scale_is_the_log_of_scales_and_the_exponent_itself():
     power = laws.LAWS["power"]
     assert power.to_fitted_scale("E", np.e) == pytest.approx(1.0) and power.to_fitted_scale("alpha", 0.3) == 0.3
     assert power.from_fitted_scale("A", 0.0) == 1.0 and power.from_fitted_scale("alpha", -0.2) == -0.2
+
+
+def test_refit_subsets_reaches_each_subsets_fit_and_marks_too_few_points():
+    """Subsets refitted together (the member jackknife's drops) reach what fit_law reaches on each subset alone,
+    its own Huber δ and group weights included; a subset with too few measurements is a row of NaN."""
+    rng = np.random.default_rng(5)
+    x = np.repeat(np.geomspace(1e4, 1e8, 12), 2)
+    loss = laws.LAWS["power"].predict({"E": 1.5, "A": 40.0, "alpha": 0.3}, x=x) * rng.lognormal(0, 0.02, len(x))
+    groups = np.arange(len(x))
+    loss[1::2][:3], groups[1::2][:3] = loss[0::2][:3], groups[0::2][:3]  # three pairs that are one measurement
+    subsets = np.ones((4, len(x)), dtype=bool)
+    subsets[1, :6], subsets[2, -5:], subsets[3, 4:] = False, False, False  # the last keeps 4 points
+    start = laws.fit_law("power", {"x": x}, loss, groups=groups, profile=False).params
+    refits = laws.refit_subsets("power", {"x": x}, loss, subsets, start, groups=groups)
+    assert np.isnan(refits[3]).all() and np.isfinite(refits[:3]).all()
+    for row, rows in zip(refits[:3], subsets[:3]):
+        alone = laws.fit_law("power", {"x": x[rows]}, loss[rows], groups=groups[rows])
+        assert all(alone.identified.values())
+        np.testing.assert_allclose(row, list(alone.params.values()), rtol=1e-6)

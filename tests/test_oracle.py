@@ -321,3 +321,8 @@ def test_bootstrap_replicates_are_weighted_ensemble_losses():
     for sample_chunk, chunks in [(7, None), (65536, {"sample": 999})]:
         again = oracle.bootstrap_ensembles(pool if chunks is None else pool.chunk(chunks), members, 5, 1, sample_chunk)
         np.testing.assert_allclose(again, replicates, rtol=1e-12)
+    # the replicates and the halves in one pass are the two passes' values, bit for bit
+    together, halves = oracle.bootstrap_and_halves_ensembles(pool, members, 5, 1, sample_chunk=1000)
+    np.testing.assert_array_equal(together, replicates)
+    np.testing.assert_array_equal(halves, oracle.halves_ensembles(pool, members, 1, sample_chunk=1000))
+    assert oracle.bootstrap_and_halves_ensembles(pool, members, 0, 1)[0] is None

@@ -446,24 +446,26 @@ def six_member_table():
 
 def test_the_member_jackknife_is_the_delete_one_jackknife_over_re_enumerated_pools():
     """Each member left out: every ensemble holding it removed, the series chosen again on what is left, the law
-    refitted; the jackknife SE on log E, log A and alpha, by hand with loops, equals the vectorised one to 1e-12,
-    and so does the members' interval in the metrics."""
+    refitted; the jackknife's refits are those fits, and the jackknife SE on log E, log A and alpha of its refits,
+    by hand with loops, gives the members' interval in the metrics to 1e-12."""
     table = six_member_table()
     assert len(table) == 63
     params, bpb, groups = table.total_params.to_numpy(float), table.oracle_bpb.to_numpy(float), winner_groups(table)
     members = [names[0] for names, k in zip(table.members, table.k) if k == 1]
     by_hand: dict[str, list[list[float]]] = {}
+    determined: dict[str, list[list[bool]]] = {}  # which parameters each drop's data determine (profile intervals)
     for left_out in members:
         kept = np.array([left_out not in names for names in table.members])
         positions = np.flatnonzero(kept)
         for name, rows in collaboration._series_points(table[kept]).items():
             chosen = positions[rows]
             try:
-                fit = fit_law("power", {"x": params[chosen]}, bpb[chosen], groups=groups[chosen], profile=False)
+                fit = fit_law("power", {"x": params[chosen]}, bpb[chosen], groups=groups[chosen])
             except MMCError:
                 continue
             by_hand.setdefault(name, []).append([math.log(fit.params["E"]), math.log(fit.params["A"]),
                                                  fit.params["alpha"]])
+            determined.setdefault(name, []).append(list(fit.identified.values()))
     metrics, _, _ = collaboration.collaboration_laws(table)
     fitted = [name for name, fit in metrics["fits"].items() if "params" in fit and "jackknife" in fit]
     assert fitted and set(fitted) <= set(by_hand)
@@ -472,10 +474,15 @@ def test_the_member_jackknife_is_the_delete_one_jackknife_over_re_enumerated_poo
         rows = by_hand[name]
         n = len(rows)
         assert metrics["fits"][name]["jackknife"] == {"members": 6, "refits": n}
-        np.testing.assert_allclose(refits[name], rows, rtol=1e-12, atol=0)
         fit = metrics["fits"][name]
+        # The drops are refitted together from the fit on all members (`refit_subsets`), not each by fit_law's
+        # five-start search: both reach the optimum (objectives within 1e-8, relative; now one path, now the other
+        # the lower), to 1e-4 on every parameter the drop's data determine. One they do not determine (E → 0 here)
+        # lies along a valley flat to rounding, where an optimiser stops depends on its path, not on the data.
+        mask = np.array(determined[name])
+        np.testing.assert_allclose(refits[name][mask], np.array(rows)[mask], rtol=1e-4, atol=0)
         for j, param in enumerate(("E", "A", "alpha")):
-            values = [row[j] for row in rows]
+            values = refits[name][:, j].tolist()
             mean = sum(values) / n
             se = math.sqrt((n - 1) / n * sum((value - mean) ** 2 for value in values))
             if not fit["identified"][param] or se == 0:
