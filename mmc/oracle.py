@@ -384,7 +384,8 @@ def _scan_depth(k: int, n_models: int, n_ensembles: int) -> int:
     unresolved with probability about SCAN_MISS: n · (1 − k/M)^depth ≤ SCAN_MISS."""
     if k >= n_models:
         return 1
-    return max(1, math.ceil(math.log(SCAN_MISS / n_ensembles) / math.log1p(-k / n_models)))
+    depth = math.ceil(math.log(SCAN_MISS / n_ensembles) / math.log1p(-k / n_models))
+    return min(max(depth, 1), n_models)
 
 
 def _rank_minimum(block_ranks: np.ndarray, padded: np.ndarray) -> np.ndarray:
