@@ -369,8 +369,8 @@ def _sample_blocks(nll: xr.DataArray, sample_chunk: int) -> Iterator[tuple[int, 
 
 class _Block(NamedTuple):
     """A block of ensembles [first, last) in size order, and how its minima are found: `padded` (ensembles ×
-    width) members for the elementwise minimum, or `holds` (models × ensembles) membership for a scan of `depth`
-    positions."""
+    width) members for the elementwise minimum, or `holds` (models × ensembles, 0 or 1) membership for a scan of
+    `depth` positions."""
     first: int
     last: int
     width: int
@@ -446,9 +446,9 @@ class _EnsembleMinima:
         rows = self.by_size[first:last]
         width = int(self.sorted_sizes[last - 1])
         depth = _scan_depth(int(self.sorted_sizes[first]), self.n_models, last - first)
-        if depth * SCAN_STEP_COST < width:
+        if depth * SCAN_STEP_COST < width and depth <= np.iinfo(np.uint8).max:  # scores (below) are uint8
             return _Block(first, last, width, depth, None, np.ascontiguousarray(
-                self.members.membership(rows, self.n_models).T))
+                self.members.membership(rows, self.n_models).T.view(np.uint8)))
         return _Block(first, last, width, 0, self.members.padded(rows, width), None)
 
     def update(self, chunk: _Chunk) -> None:
@@ -481,15 +481,19 @@ class _EnsembleMinima:
 
     def _scan(self, block: _Block, block_ranks: np.ndarray, leaders: np.ndarray) -> np.ndarray:
         """(ensembles, samples) smallest member rank of a block of large ensembles: the first of each sample's
-        `block.depth` best models that the ensemble holds, else (rarely) the elementwise minimum."""
-        n_samples = block_ranks.shape[1]
-        found = np.full((n_samples, block.last - block.first), block.depth, dtype=block_ranks.dtype)
-        hits = np.empty(found.shape, dtype=bool)
-        for position in range(block.depth - 1, -1, -1):  # backwards: the last write is the first position held
-            np.take(block.holds, leaders[position], axis=0, out=hits, mode="clip")
-            np.copyto(found, position, where=hits)
-        best_rank = np.ascontiguousarray(found.T)
-        unresolved = np.flatnonzero((found == block.depth).any(axis=1))
+        `block.depth` best models that the ensemble holds, else (rarely) the elementwise minimum.
+
+        The first position held is found as a maximum of (depth − position) over the positions held: two fast
+        passes over small integers per position (a masked write is several times slower)."""
+        score = np.zeros((block_ranks.shape[1], block.last - block.first), dtype=np.uint8)
+        held = np.empty_like(score)
+        for position in range(block.depth):
+            np.take(block.holds, leaders[position], axis=0, out=held, mode="clip")
+            held *= block.depth - position
+            np.maximum(score, held, out=score)
+        best_rank = np.ascontiguousarray(score.T).astype(block_ranks.dtype)
+        np.subtract(block.depth, best_rank, out=best_rank)
+        unresolved = np.flatnonzero((score == 0).any(axis=1))
         if unresolved.size:
             padded = self.members.padded(self.by_size[block.first:block.last], block.width)
             best_rank[:, unresolved] = _rank_minimum(np.ascontiguousarray(block_ranks[:, unresolved]), padded)
