@@ -9,9 +9,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -31,6 +33,8 @@ SAMPLE_BLOCK = 2048
 # ensemble of a block unresolved, and the cost of one scanned position relative to one member's elementwise minimum
 SCAN_MISS = 0.01
 SCAN_STEP_COST = 3
+# threads taking blocks of ensembles in the oracle's inner loop (numpy releases the GIL in it)
+THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 FRAME_BLOCK = 4096  # ensembles per block of the ensemble table, built and written a block at a time
 WEIGHT_BLOCK = 2048  # bootstrap weights are drawn for fixed blocks of this many samples (see poisson_weights)
 KINDS = ("single", "homogeneous", "heterogeneous")
@@ -452,32 +456,47 @@ class _EnsembleMinima:
         return _Block(first, last, width, 0, self.members.padded(rows, width), None)
 
     def update(self, chunk: _Chunk) -> None:
-        for start, stop, first, last, best in self.block_best(chunk):
-            self.sorted_sums[first:last] += np.take(chunk.ascending[start:stop], best).sum(axis=1)
-            self.sorted_winners[np.arange(first, last)[:, None], np.take(chunk.order[start:stop], best)] = True
-            if first == 0:  # summed block by block like the minima, so a single's gain comes out exactly 0
-                self.model_sums += chunk.by_model[:, start:stop].sum(axis=1)
+        for start, stop in self.for_blocks(chunk, self._accumulate):
+            # summed block by block like the minima, so a single's gain comes out exactly 0
+            self.model_sums += chunk.by_model[:, start:stop].sum(axis=1)
 
-    def block_best(self, chunk: _Chunk) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
-        """(start, stop, first, last, best): where the best member of each of the ensembles [first, last) (in size
-        order) is on each of the samples [start, stop) of the chunk, as flat positions into the rows [start, stop)
-        of `chunk.ascending` (its loss) and `chunk.order` (the model), one cache-sized block at a time."""
+    def _accumulate(self, chunk: _Chunk, start: int, stop: int, block: _Block, best: np.ndarray) -> None:
+        self.sorted_sums[block.first:block.last] += np.take(chunk.ascending[start:stop], best).sum(axis=1)
+        winners = np.take(chunk.order[start:stop], best)
+        winners += (np.arange(block.first, block.last) * self.n_models)[:, None]
+        self.sorted_winners.reshape(-1)[winners] = True
+
+    def for_blocks(self, chunk: _Chunk, accumulate: Callable[[_Chunk, int, int, _Block, np.ndarray], None]
+                   ) -> Iterator[tuple[int, int]]:
+        """Per block of samples [start, stop) of the chunk (yielded before its work starts), call `accumulate(chunk,
+        start, stop, block, best)` for every block of ensembles, on THREADS threads: `best` is where the best member
+        of each of the block's ensembles is on each of the samples, as flat positions into the rows [start, stop)
+        of `chunk.ascending` (its loss) and `chunk.order` (the model), one cache-sized block at a time.
+
+        Threads take blocks of ensembles, so each ensemble's sums are still added one block of samples after the
+        other, in order: the same sums, bit for bit, however many threads."""
         ranks = chunk.ranks
         max_depth = max(block.depth for block in self.blocks)
-        for start in range(0, chunk.n_samples, SAMPLE_BLOCK):
-            stop = min(start + SAMPLE_BLOCK, chunk.n_samples)
-            block_ranks = np.ascontiguousarray(ranks[:, start:stop])
-            # the models at each sample's first positions, position-major: one contiguous row per position
-            leaders = np.ascontiguousarray(chunk.order[start:stop, :max_depth].T) if max_depth else None
-            row_offsets = np.arange(stop - start) * chunk.n_models
-            for block in self.blocks:
-                if block.padded is not None:
-                    best_rank = _rank_minimum(block_ranks, block.padded)
-                else:
-                    best_rank = self._scan(block, block_ranks, leaders)
-                best = best_rank.astype(np.intp)
-                best += row_offsets
-                yield start, stop, block.first, block.last, best
+        with ThreadPoolExecutor(THREADS) as executor:
+            for start in range(0, chunk.n_samples, SAMPLE_BLOCK):
+                stop = min(start + SAMPLE_BLOCK, chunk.n_samples)
+                block_ranks = np.ascontiguousarray(ranks[:, start:stop])
+                # the models at each sample's first positions, position-major: one contiguous row per position
+                leaders = np.ascontiguousarray(chunk.order[start:stop, :max_depth].T) if max_depth else None
+                row_offsets = np.arange(stop - start) * chunk.n_models
+                yield start, stop
+                run = partial(self._run_block, accumulate, chunk, start, stop, block_ranks, leaders, row_offsets)
+                for _ in executor.map(run, self.blocks):  # raises what a thread raised
+                    pass
+
+    def _run_block(self, accumulate: Callable[[_Chunk, int, int, _Block, np.ndarray], None], chunk: _Chunk,
+                   start: int, stop: int, block_ranks: np.ndarray, leaders: np.ndarray | None,
+                   row_offsets: np.ndarray, block: _Block) -> None:
+        best_rank = (_rank_minimum(block_ranks, block.padded) if block.padded is not None
+                     else self._scan(block, block_ranks, leaders))
+        best = best_rank.astype(np.intp)
+        best += row_offsets
+        accumulate(chunk, start, stop, block, best)
 
     def _scan(self, block: _Block, block_ranks: np.ndarray, leaders: np.ndarray) -> np.ndarray:
         """(ensembles, samples) smallest member rank of a block of large ensembles: the first of each sample's
@@ -546,14 +565,15 @@ class _BootstrapMinima(_EnsembleMinima):
         self.weights = weights
         self.sorted_boot_sums = np.zeros((len(ensembles), n_columns))
         self.boot_bytes = np.zeros(n_columns)
+        self.block_weights = np.zeros((0, n_columns))  # the current block of samples' weights
 
     def update(self, chunk: _Chunk) -> None:
-        weights = None
-        for start, stop, first, last, best in self.block_best(chunk):
-            if first == 0:  # the first block of ensembles on new samples
-                weights = self.weights(chunk.offset + start, chunk.offset + stop)
-                self.boot_bytes += chunk.n_bytes[start:stop] @ weights
-            self.sorted_boot_sums[first:last] += np.take(chunk.ascending[start:stop], best) @ weights
+        for start, stop in self.for_blocks(chunk, self._accumulate_weighted):
+            self.block_weights = self.weights(chunk.offset + start, chunk.offset + stop)
+            self.boot_bytes += chunk.n_bytes[start:stop] @ self.block_weights
+
+    def _accumulate_weighted(self, chunk: _Chunk, start: int, stop: int, block: _Block, best: np.ndarray) -> None:
+        self.sorted_boot_sums[block.first:block.last] += np.take(chunk.ascending[start:stop], best) @ self.block_weights
 
     @property
     def boot_sums(self) -> np.ndarray:
