@@ -108,8 +108,9 @@ class _Chunk:
 
     @cached_property
     def order(self) -> np.ndarray:
-        """(samples, models): model indices from best to worst on each sample."""
-        return np.argsort(self.losses, axis=1)
+        """(samples, models): model indices from best to worst on each sample, in the smallest integer type (a
+        quarter of the memory at 1,000 models)."""
+        return np.argsort(self.losses, axis=1).astype(np.min_scalar_type(self.n_models - 1))
 
     @cached_property
     def ascending(self) -> np.ndarray:
@@ -466,8 +467,8 @@ class _EnsembleMinima:
 
     def _accumulate(self, chunk: _Chunk, start: int, stop: int, block: _Block, best: np.ndarray) -> None:
         self.sorted_sums[block.first:block.last] += np.take(chunk.ascending[start:stop], best).sum(axis=1)
-        winners = np.take(chunk.order[start:stop], best)
-        winners += (np.arange(block.first, block.last) * self.n_models)[:, None]
+        first_cell = np.arange(block.first, block.last) * self.n_models  # of each ensemble's row of winners
+        winners = np.add(np.take(chunk.order[start:stop], best), first_cell[:, None], dtype=np.intp)
         self.sorted_winners.reshape(-1)[winners] = True
 
     def for_blocks(self, chunk: _Chunk, accumulate: Callable[[_Chunk, int, int, _Block, np.ndarray], None]
