@@ -9,9 +9,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -27,6 +29,13 @@ LN2 = math.log(2.0)
 # ensemble minima are taken for this many ensembles × samples at a time: small enough for the CPU caches
 ENSEMBLE_BLOCK = 256
 SAMPLE_BLOCK = 2048
+# large ensembles are scanned from each sample's best model (see _EnsembleMinima): the chance a sample leaves some
+# ensemble of a block unresolved, and the cost of one scanned position relative to one member's elementwise minimum
+SCAN_MISS = 0.01
+SCAN_STEP_COST = 3
+# threads taking blocks of ensembles in the oracle's inner loop (numpy releases the GIL in it)
+THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+FRAME_BLOCK = 4096  # ensembles per block of the ensemble table, built and written a block at a time
 WEIGHT_BLOCK = 2048  # bootstrap weights are drawn for fixed blocks of this many samples (see poisson_weights)
 KINDS = ("single", "homogeneous", "heterogeneous")
 
@@ -99,8 +108,9 @@ class _Chunk:
 
     @cached_property
     def order(self) -> np.ndarray:
-        """(samples, models): model indices from best to worst on each sample."""
-        return np.argsort(self.losses, axis=1)
+        """(samples, models): model indices from best to worst on each sample, in the smallest integer type (a
+        quarter of the memory at 1,000 models)."""
+        return np.argsort(self.losses, axis=1).astype(np.min_scalar_type(self.n_models - 1))
 
     @cached_property
     def ascending(self) -> np.ndarray:
@@ -129,16 +139,20 @@ class _Chunk:
         """(samples, models): each model's Shapley value on each sample.
 
         On one sample, min over S = Σ_j (l(j) − l(j+1)) · 1[S holds one of the j best] with l(M+1) = 0; the
-        j-th game pays 1/j to each of the j best, so rank i earns Σ_{j≥i} (l(j) − l(j+1)) / j.
+        j-th game pays 1/j to each of the j best, so rank i earns Σ_{j≥i} (l(j) − l(j+1)) / j. Computed
+        SAMPLE_BLOCK samples at a time (the same values: every step is within a sample), so that its temporaries
+        are small beside a chunk of 1,000 models × 65,536 samples (0.5 GB each).
         """
-        ascending = self.ascending
-        shares = np.empty_like(ascending)
-        np.subtract(ascending[:, :-1], ascending[:, 1:], out=shares[:, :-1])
-        shares[:, -1] = ascending[:, -1]
-        shares /= np.arange(1, self.n_models + 1)
-        per_rank = np.cumsum(shares[:, ::-1], axis=1)[:, ::-1]
-        values = np.empty_like(per_rank)
-        np.put_along_axis(values, self.order, per_rank, axis=1)
+        values = np.empty_like(self.losses)
+        for start in range(0, self.n_samples, SAMPLE_BLOCK):
+            ascending = self.ascending[start:start + SAMPLE_BLOCK]
+            shares = np.empty_like(ascending)
+            np.subtract(ascending[:, :-1], ascending[:, 1:], out=shares[:, :-1])
+            shares[:, -1] = ascending[:, -1]
+            shares /= np.arange(1, self.n_models + 1)
+            per_rank = np.cumsum(shares[:, ::-1], axis=1)[:, ::-1]
+            np.put_along_axis(values[start:start + SAMPLE_BLOCK], self.order[start:start + SAMPLE_BLOCK], per_rank,
+                              axis=1)
         return values
 
     def shapley_sums(self) -> np.ndarray:
@@ -162,6 +176,63 @@ def enumerate_ensembles(families: Sequence[str], max_subsets_per_k: int, seed: i
     by that many distinct uniformly drawn subsets, from a generator seeded by (seed, kind, k) so that the
     draws for one size do not depend on the others.
     """
+    members, kinds = _enumerate(families, max_subsets_per_k, seed)
+    return [Ensemble(tuple(row), KINDS[kind]) for row, kind in zip(members.rows(), kinds.tolist())]
+
+
+@dataclass(frozen=True)
+class _Members:
+    """Ensembles as integer index arrays (compressed rows): ensemble i holds the models
+    flat[offsets[i]:offsets[i + 1]], ascending. At 1,000 models the ensembles hold some 50M members: as Python
+    tuples of ints they would take gigabytes, as int32 200 MB."""
+
+    flat: np.ndarray  # (Σ sizes,) int32 model indices
+    offsets: np.ndarray  # (ensembles + 1,) int64
+
+    @classmethod
+    def of(cls, ensembles: Sequence[Sequence[int]]) -> _Members:
+        """From member tuples (sorted here: an ensemble is a set)."""
+        sizes = np.array([len(members) for members in ensembles], dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(sorted(members) for members in ensembles),
+                           dtype=np.int64, count=int(sizes.sum()))
+        return cls(flat.astype(np.int32), np.concatenate([[0], np.cumsum(sizes)]))
+
+    @classmethod
+    def concat(cls, blocks: Sequence[np.ndarray]) -> _Members:
+        """From (count, k) arrays of ascending members, one size k per array."""
+        sizes = np.concatenate([np.full(len(block), block.shape[1], dtype=np.int64) for block in blocks])
+        flat = np.concatenate([block.ravel() for block in blocks]).astype(np.int32)
+        return cls(flat, np.concatenate([[0], np.cumsum(sizes)]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def rows(self) -> Iterator[list[int]]:
+        flat = self.flat
+        for start, stop in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist()):
+            yield flat[start:stop].tolist()
+
+    def padded(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """(len(rows), width) members of the ensembles `rows`, each padded by repeating its last member."""
+        columns = np.minimum(np.arange(width), self.sizes[rows][:, None] - 1)
+        return self.flat[self.offsets[rows][:, None] + columns].astype(np.intp)
+
+    def membership(self, rows: np.ndarray, n_models: int) -> np.ndarray:
+        """(len(rows), n_models) bool: which models each of the ensembles `rows` holds."""
+        sizes = self.sizes[rows]
+        starts = self.offsets[rows]
+        positions = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes) + np.arange(sizes.sum())
+        mask = np.zeros((len(rows), n_models), dtype=bool)
+        mask[np.repeat(np.arange(len(rows)), sizes), self.flat[positions]] = True
+        return mask
+
+
+def _enumerate(families: Sequence[str], max_subsets_per_k: int, seed: int) -> tuple[_Members, np.ndarray]:
+    """`enumerate_ensembles` as compact members and kind codes (int8 positions in KINDS)."""
     if max_subsets_per_k < 1:
         raise MMCError(f"max_subsets_per_k must be at least 1, got {max_subsets_per_k}")
     families = [str(family) for family in families]
@@ -171,7 +242,7 @@ def enumerate_ensembles(families: Sequence[str], max_subsets_per_k: int, seed: i
     codes = np.unique(families, return_inverse=True)[1]
     groups = [tuple(np.flatnonzero(codes == code).tolist()) for code in range(codes.max() + 1)]
 
-    ensembles = [Ensemble((m,), "single") for m in range(n_models)]
+    blocks, kinds = [np.arange(n_models).reshape(n_models, 1)], [np.zeros(n_models, dtype=np.int8)]
     for kind in KINDS[1:]:
         for k in range(2, n_models + 1):
             homogeneous = sum(math.comb(len(group), k) for group in groups)
@@ -183,8 +254,9 @@ def enumerate_ensembles(families: Sequence[str], max_subsets_per_k: int, seed: i
             else:
                 rng = np.random.default_rng([seed, KINDS.index(kind), k])
                 subsets = _draw_subsets(kind, k, groups, codes, max_subsets_per_k, rng)
-            ensembles.extend(Ensemble(members, kind) for members in subsets)
-    return ensembles
+            blocks.append(np.array(subsets, dtype=np.int32).reshape(len(subsets), k))
+            kinds.append(np.full(len(subsets), KINDS.index(kind), dtype=np.int8))
+    return _Members.concat(blocks), np.concatenate(kinds)
 
 
 def _all_subsets(kind: str, k: int, groups: list[tuple[int, ...]], codes: np.ndarray) -> list[tuple[int, ...]]:
@@ -304,64 +376,152 @@ def _sample_blocks(nll: xr.DataArray, sample_chunk: int) -> Iterator[tuple[int, 
             yield start, min(start + sample_chunk, int(chunk_stop))
 
 
+class _Block(NamedTuple):
+    """A block of ensembles [first, last) in size order, and how its minima are found: `padded` (ensembles ×
+    width) members for the elementwise minimum, or `holds` (models × ensembles, 0 or 1) membership for a scan of
+    `depth` positions."""
+    first: int
+    last: int
+    width: int
+    depth: int
+    padded: np.ndarray | None
+    holds: np.ndarray | None
+
+
+def _scan_depth(k: int, n_models: int, n_ensembles: int) -> int:
+    """Positions to scan so that, were ranks random, a sample leaves one of `n_ensembles` k-member ensembles
+    unresolved with probability about SCAN_MISS: n · (1 − k/M)^depth ≤ SCAN_MISS."""
+    if k >= n_models:
+        return 1
+    depth = math.ceil(math.log(SCAN_MISS / n_ensembles) / math.log1p(-k / n_models))
+    return min(max(depth, 1), n_models)
+
+
+def _rank_minimum(block_ranks: np.ndarray, padded: np.ndarray) -> np.ndarray:
+    """(ensembles, samples) elementwise minimum of the rank rows (models, samples) of each ensemble's members."""
+    best_rank = block_ranks[padded[:, 0]]
+    member_ranks = np.empty_like(best_rank)
+    for column in padded.T[1:]:
+        # indices are valid: mode="clip" skips the bounds check that makes "raise" buffer its output
+        np.take(block_ranks, column, axis=0, out=member_ranks, mode="clip")
+        np.minimum(best_rank, member_ranks, out=best_rank)
+    return best_rank
+
+
 class _EnsembleMinima:
     """Σ over samples of min_{m∈S} nll[m, s] for every ensemble S, without a loop over ensembles per sample, and
     its winners: the members that are that minimum on some sample.
 
     Per block of samples, each model's rank on each sample is computed once (one sort); an ensemble's minimum
-    is then the loss at its members' smallest rank: an elementwise minimum over member rows of the small
-    integer rank matrix, for a block of ensembles at a time (padded to one size by repeating a member), then
-    one gather from the sorted losses (and one from the sort order for the winner). Ensembles are processed in
-    order of size, so padding wastes little. Ranks break a sample's equal losses one way for every ensemble, so
-    two ensembles with the same winners have the same minimum on every sample: the same oracle loss, bit for bit.
+    is the loss at its members' smallest rank, then one gather from the sorted losses (and one from the sort
+    order for the winner). Ensembles are processed in blocks of similar size (in order of size), and a block's
+    smallest rank is found one of two ways, with the same result:
+    - small ensembles: an elementwise minimum over member rows of the small integer rank matrix (padded to one
+      size by repeating a member): k steps per ensemble and sample;
+    - large ensembles: a scan of each sample's models from the best, through a (models × ensembles) membership
+      table, for the first few positions only: a k-member ensemble of M models holds one of the first
+      positions with probability 1 − (1 − k/M)^depth, so `_scan_depth` positions resolve nearly every sample, and
+      the few samples left unresolved get the elementwise minimum. A few steps per ensemble and sample instead
+      of k: at 1,000 models most ensembles have hundreds of members.
+    Ranks break a sample's equal losses one way for every ensemble, so two ensembles with the same winners have
+    the same minimum on every sample: the same oracle loss, bit for bit.
     """
 
-    def __init__(self, ensembles: Sequence[Ensemble], n_models: int) -> None:
-        sizes = np.array([len(ensemble.members) for ensemble in ensembles])
-        if len(ensembles) == 0 or sizes.min() < 1:
+    def __init__(self, ensembles: Sequence[Ensemble] | _Members, n_models: int) -> None:
+        members = ensembles if isinstance(ensembles, _Members) else _Members.of(
+            [ensemble.members for ensemble in ensembles])
+        sizes = members.sizes
+        if len(members) == 0 or sizes.min() < 1:
             raise MMCError("ensembles must be a non-empty list of non-empty member tuples")
-        for ensemble in ensembles:
-            if len(set(ensemble.members)) != len(ensemble.members) or not all(
-                    0 <= m < n_models for m in ensemble.members):
-                raise MMCError(f"ensemble {ensemble.members} must hold distinct model indices below {n_models}")
+        # members are ascending within each ensemble: distinct exactly where each step within one is positive
+        steps_ok = np.diff(members.flat) > 0
+        steps_ok[members.offsets[1:-1] - 1] = True  # a step from one ensemble to the next
+        bad = (members.flat < 0) | (members.flat >= n_models)
+        bad[1:] |= ~steps_ok
+        if bad.any():
+            row = int(np.searchsorted(members.offsets, np.flatnonzero(bad)[0], side="right")) - 1
+            raise MMCError(f"ensemble {tuple(members.flat[members.offsets[row]:members.offsets[row + 1]].tolist())} "
+                           f"must hold distinct model indices below {n_models}")
+        self.members, self.n_models = members, n_models
         self.by_size = np.argsort(sizes, kind="stable")
-        width = int(sizes.max())
-        self.padded = np.array([ensembles[i].members + ensembles[i].members[:1] * (width - sizes[i])
-                                for i in self.by_size], dtype=np.intp)
         self.sorted_sizes = sizes[self.by_size]
-        self.sorted_sums = np.zeros(len(ensembles))
-        self.sorted_winners = np.zeros((len(ensembles), n_models), dtype=bool)
+        self.blocks = [self._plan(first, min(first + ENSEMBLE_BLOCK, len(members)))
+                       for first in range(0, len(members), ENSEMBLE_BLOCK)]
+        self.sorted_sums = np.zeros(len(members))
+        self.sorted_winners = np.zeros((len(members), n_models), dtype=bool)
         self.model_sums = np.zeros(n_models)
 
-    def update(self, chunk: _Chunk) -> None:
-        for start, stop, first, last, best in self.block_best(chunk):
-            self.sorted_sums[first:last] += np.take(chunk.ascending[start:stop], best).sum(axis=1)
-            self.sorted_winners[np.arange(first, last)[:, None], np.take(chunk.order[start:stop], best)] = True
-            if first == 0:  # summed block by block like the minima, so a single's gain comes out exactly 0
-                self.model_sums += chunk.by_model[:, start:stop].sum(axis=1)
+    def _plan(self, first: int, last: int) -> _Block:
+        rows = self.by_size[first:last]
+        width = int(self.sorted_sizes[last - 1])
+        depth = _scan_depth(int(self.sorted_sizes[first]), self.n_models, last - first)
+        if depth * SCAN_STEP_COST < width and depth <= np.iinfo(np.uint8).max:  # scores (below) are uint8
+            return _Block(first, last, width, depth, None, np.ascontiguousarray(
+                self.members.membership(rows, self.n_models).T.view(np.uint8)))
+        return _Block(first, last, width, 0, self.members.padded(rows, width), None)
 
-    def block_best(self, chunk: _Chunk) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
-        """(start, stop, first, last, best): where the best member of each of the ensembles [first, last) (in size
-        order) is on each of the samples [start, stop) of the chunk, as flat positions into the rows [start, stop)
-        of `chunk.ascending` (its loss) and `chunk.order` (the model), one cache-sized block at a time."""
+    def update(self, chunk: _Chunk) -> None:
+        for start, stop in self.for_blocks(chunk, self._accumulate):
+            # summed block by block like the minima, so a single's gain comes out exactly 0
+            self.model_sums += chunk.by_model[:, start:stop].sum(axis=1)
+
+    def _accumulate(self, chunk: _Chunk, start: int, stop: int, block: _Block, best: np.ndarray) -> None:
+        self.sorted_sums[block.first:block.last] += np.take(chunk.ascending[start:stop], best).sum(axis=1)
+        first_cell = np.arange(block.first, block.last) * self.n_models  # of each ensemble's row of winners
+        winners = np.add(np.take(chunk.order[start:stop], best), first_cell[:, None], dtype=np.intp)
+        self.sorted_winners.reshape(-1)[winners] = True
+
+    def for_blocks(self, chunk: _Chunk, accumulate: Callable[[_Chunk, int, int, _Block, np.ndarray], None]
+                   ) -> Iterator[tuple[int, int]]:
+        """Per block of samples [start, stop) of the chunk (yielded before its work starts), call `accumulate(chunk,
+        start, stop, block, best)` for every block of ensembles, on THREADS threads: `best` is where the best member
+        of each of the block's ensembles is on each of the samples, as flat positions into the rows [start, stop)
+        of `chunk.ascending` (its loss) and `chunk.order` (the model), one cache-sized block at a time.
+
+        Threads take blocks of ensembles, so each ensemble's sums are still added one block of samples after the
+        other, in order: the same sums, bit for bit, however many threads."""
         ranks = chunk.ranks
-        buffer = np.empty(ENSEMBLE_BLOCK * SAMPLE_BLOCK, dtype=ranks.dtype)
-        for start in range(0, chunk.n_samples, SAMPLE_BLOCK):
-            stop = min(start + SAMPLE_BLOCK, chunk.n_samples)
-            block_ranks = np.ascontiguousarray(ranks[:, start:stop])
-            row_offsets = np.arange(stop - start) * chunk.n_models
-            for first in range(0, len(self.padded), ENSEMBLE_BLOCK):
-                last = min(first + ENSEMBLE_BLOCK, len(self.padded))
-                members = self.padded[first:last, :self.sorted_sizes[last - 1]]
-                best_rank = block_ranks[members[:, 0]]
-                member_ranks = buffer[:best_rank.size].reshape(best_rank.shape)
-                for column in members.T[1:]:
-                    # indices are valid: mode="clip" skips the bounds check that makes "raise" buffer its output
-                    np.take(block_ranks, column, axis=0, out=member_ranks, mode="clip")
-                    np.minimum(best_rank, member_ranks, out=best_rank)
-                best = best_rank.astype(np.intp)
-                best += row_offsets
-                yield start, stop, first, last, best
+        max_depth = max(block.depth for block in self.blocks)
+        with ThreadPoolExecutor(THREADS) as executor:
+            for start in range(0, chunk.n_samples, SAMPLE_BLOCK):
+                stop = min(start + SAMPLE_BLOCK, chunk.n_samples)
+                block_ranks = np.ascontiguousarray(ranks[:, start:stop])
+                # the models at each sample's first positions, position-major: one contiguous row per position
+                leaders = np.ascontiguousarray(chunk.order[start:stop, :max_depth].T) if max_depth else None
+                row_offsets = np.arange(stop - start) * chunk.n_models
+                yield start, stop
+                run = partial(self._run_block, accumulate, chunk, start, stop, block_ranks, leaders, row_offsets)
+                for _ in executor.map(run, self.blocks):  # raises what a thread raised
+                    pass
+
+    def _run_block(self, accumulate: Callable[[_Chunk, int, int, _Block, np.ndarray], None], chunk: _Chunk,
+                   start: int, stop: int, block_ranks: np.ndarray, leaders: np.ndarray | None,
+                   row_offsets: np.ndarray, block: _Block) -> None:
+        best_rank = (_rank_minimum(block_ranks, block.padded) if block.padded is not None
+                     else self._scan(block, block_ranks, leaders))
+        best = best_rank.astype(np.intp)
+        best += row_offsets
+        accumulate(chunk, start, stop, block, best)
+
+    def _scan(self, block: _Block, block_ranks: np.ndarray, leaders: np.ndarray) -> np.ndarray:
+        """(ensembles, samples) smallest member rank of a block of large ensembles: the first of each sample's
+        `block.depth` best models that the ensemble holds, else (rarely) the elementwise minimum.
+
+        The first position held is found as a maximum of (depth − position) over the positions held: two fast
+        passes over small integers per position (a masked write is several times slower)."""
+        score = np.zeros((block_ranks.shape[1], block.last - block.first), dtype=np.uint8)
+        held = np.empty_like(score)
+        for position in range(block.depth):
+            np.take(block.holds, leaders[position], axis=0, out=held, mode="clip")
+            held *= block.depth - position
+            np.maximum(score, held, out=score)
+        best_rank = np.ascontiguousarray(score.T).astype(block_ranks.dtype)
+        np.subtract(block.depth, best_rank, out=best_rank)
+        unresolved = np.flatnonzero((score == 0).any(axis=1))
+        if unresolved.size:
+            padded = self.members.padded(self.by_size[block.first:block.last], block.width)
+            best_rank[:, unresolved] = _rank_minimum(np.ascontiguousarray(block_ranks[:, unresolved]), padded)
+        return best_rank
 
     @property
     def sums(self) -> np.ndarray:
@@ -412,20 +572,22 @@ class _BootstrapMinima(_EnsembleMinima):
         self.weights = weights
         self.sorted_boot_sums = np.zeros((len(ensembles), n_columns))
         self.boot_bytes = np.zeros(n_columns)
+        # the current block of samples' weights: (columns, weights) per set, each multiplied apart (see `weights`)
+        self.block_weights: list[tuple[slice, np.ndarray]] = []
 
     def update(self, chunk: _Chunk) -> None:
-        parts: list[tuple[slice, np.ndarray]] = []
-        for start, stop, first, last, best in self.block_best(chunk):
-            if first == 0:  # the first block of ensembles on new samples
-                blocks = self.weights(chunk.offset + start, chunk.offset + stop)
-                blocks = [blocks] if isinstance(blocks, np.ndarray) else blocks
-                ends = np.cumsum([block.shape[1] for block in blocks])
-                parts = [(slice(end - block.shape[1], end), block) for end, block in zip(ends, blocks)]
-                for columns, block in parts:
-                    self.boot_bytes[columns] += chunk.n_bytes[start:stop] @ block
-            minima = np.take(chunk.ascending[start:stop], best)
-            for columns, block in parts:
-                self.sorted_boot_sums[first:last, columns] += minima @ block
+        for start, stop in self.for_blocks(chunk, self._accumulate_weighted):
+            blocks = self.weights(chunk.offset + start, chunk.offset + stop)
+            blocks = [blocks] if isinstance(blocks, np.ndarray) else blocks
+            ends = np.cumsum([block.shape[1] for block in blocks])
+            self.block_weights = [(slice(end - block.shape[1], end), block) for end, block in zip(ends, blocks)]
+            for columns, block in self.block_weights:
+                self.boot_bytes[columns] += chunk.n_bytes[start:stop] @ block
+
+    def _accumulate_weighted(self, chunk: _Chunk, start: int, stop: int, block: _Block, best: np.ndarray) -> None:
+        minima = np.take(chunk.ascending[start:stop], best)
+        for columns, weights in self.block_weights:
+            self.sorted_boot_sums[block.first:block.last, columns] += minima @ weights
 
     @property
     def boot_sums(self) -> np.ndarray:
@@ -468,30 +630,48 @@ class _Attribution:
 # ---------------------------------------------------------------------------------------------- tables
 
 
-def _ensemble_frame(models: _Models, ensembles: Sequence[Ensemble], minima: _EnsembleMinima,
+def _ensemble_frame(models: _Models, members: _Members, kinds: np.ndarray, minima: _EnsembleMinima,
                     totals: _Totals) -> pd.DataFrame:
-    membership = np.zeros((len(ensembles), models.count), dtype=bool)
-    for row, ensemble in enumerate(ensembles):
-        membership[row, list(ensemble.members)] = True
+    """The ensemble table, built FRAME_BLOCK ensembles at a time: no (ensembles × models) array but the winners.
+    Its lists of names share one Python string per model (some 50M list items at 1,000 models: 400 MB, not the
+    gigabytes of a string object each)."""
+    names = models.names.astype(object)
+    family_names, family_codes = np.unique(models.families, return_inverse=True)
+    family_names = family_names.astype(object)
+    in_family = np.arange(len(family_names)) == family_codes[:, None]  # (models, families)
     model_nll = minima.model_sums / totals.n_samples
-    best_member = np.where(membership, model_nll, np.inf).argmin(axis=1)
+    winners = minima.winners
+    columns: dict[str, list] = {name: [] for name in (
+        "members", "families", "total_params", "total_params_nonembedding", "best_member", "winners")}
+    for first in range(0, len(members), FRAME_BLOCK):
+        rows = np.arange(first, min(first + FRAME_BLOCK, len(members)))
+        membership = members.membership(rows, models.count)
+        has_family = (membership @ in_family) > 0
+        columns["members"].extend(names[members.flat[start:stop]].tolist()
+                                  for start, stop in zip(members.offsets[rows].tolist(),
+                                                         members.offsets[rows + 1].tolist()))
+        columns["families"].extend(family_names[row].tolist() for row in has_family)
+        columns["winners"].extend(names[row].tolist() for row in winners[rows])
+        columns["total_params"].append(membership @ models.n_params)
+        columns["total_params_nonembedding"].append(membership @ models.n_params_nonembedding)
+        columns["best_member"].append(np.where(membership, model_nll, np.inf).argmin(axis=1))
+    best_member = np.concatenate(columns["best_member"])
     oracle_nll = minima.sums / totals.n_samples
-    family_sets = [sorted(set(models.families[list(ensemble.members)])) for ensemble in ensembles]
     return pd.DataFrame({
-        "members": [models.names[list(ensemble.members)].tolist() for ensemble in ensembles],
-        "kind": [ensemble.kind for ensemble in ensembles],
-        "k": membership.sum(axis=1),
-        "families": family_sets,
-        "n_families": [len(families) for families in family_sets],
-        "total_params": membership @ models.n_params,
-        "total_params_nonembedding": membership @ models.n_params_nonembedding,
+        "members": columns["members"],
+        "kind": np.array(KINDS, dtype=object)[kinds],
+        "k": members.sizes,
+        "families": columns["families"],
+        "n_families": [len(families) for families in columns["families"]],
+        "total_params": np.concatenate(columns["total_params"]),
+        "total_params_nonembedding": np.concatenate(columns["total_params_nonembedding"]),
         "oracle_nll": oracle_nll,
         "oracle_bpb": minima.sums / totals.bits_denominator,
         "best_member": models.names[best_member],
         "best_member_nll": model_nll[best_member],
         "gain": model_nll[best_member] - oracle_nll,
         # the members the oracle loss comes from: ensembles with the same winners have the same loss by construction
-        "winners": [models.names[row].tolist() for row in minima.winners],
+        "winners": columns["winners"],
     })
 
 
@@ -562,8 +742,8 @@ def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
                sample_chunk: int = SAMPLE_CHUNK) -> dict[str, pd.DataFrame]:
     """The whole oracle analysis in one pass over the pool: ensembles, expected curves, Pareto front, attribution."""
     models = _Models.of(pool)
-    ensembles = enumerate_ensembles(models.families, max_subsets_per_k, seed)
-    minima = _EnsembleMinima(ensembles, models.count)
+    members, kinds = _enumerate(models.families, max_subsets_per_k, seed)
+    minima = _EnsembleMinima(members, models.count)
     sorted_sums = _SortedSums(models)
     if "domain" in pool.coords:
         domains, codes = np.unique(string_values(pool["domain"]), return_inverse=True)
@@ -571,7 +751,7 @@ def run_oracle(pool: xr.Dataset, max_subsets_per_k: int, seed: int,
         domains, codes = np.array(["all"]), None
     sums = _Attribution(models.count, len(domains))
     totals = _stream(pool, [minima, sorted_sums, sums], sample_chunk, codes)
-    table = _ensemble_frame(models, ensembles, minima, totals)
+    table = _ensemble_frame(models, members, kinds, minima, totals)
     return {
         "ensembles": table,
         "expected_curves": _curves_frame(models, sorted_sums, totals),
@@ -646,18 +826,41 @@ LIST_COLUMNS = ("members", "families", "winners")  # lists of names: native list
 
 
 def write_oracle_outputs(results: dict[str, pd.DataFrame], out_dir: str | Path) -> Path:
-    """Write ensembles.parquet and one tidy CSV per table into `out_dir`, replacing it atomically."""
+    """Write ensembles.parquet and one tidy CSV per table into `out_dir`, replacing it atomically.
+
+    Tables are written FRAME_BLOCK rows at a time (a parquet row group, a run of CSV lines): at 1,000 models the
+    ensemble table's lists hold some 50M names, which as one Arrow or JSON column would take gigabytes more."""
     out_dir = output_path(out_dir)
     with atomic_path(out_dir, "oracle tables") as tmp:
         tmp.mkdir()
-        results["ensembles"].to_parquet(tmp / "ensembles.parquet", index=False)
+        _write_parquet(results["ensembles"], tmp / "ensembles.parquet")
         for name in OUTPUT_CSVS:
-            table = results[name].copy()
-            for column in LIST_COLUMNS:
-                if column in table:
-                    table[column] = [json.dumps(list(names)) for names in table[column]]
-            table.to_csv(tmp / f"{name}.csv", index=False)
+            table = results[name]
+            with open(tmp / f"{name}.csv", "w", newline="") as file:
+                for first in range(0, max(len(table), 1), FRAME_BLOCK):
+                    block = table.iloc[first:first + FRAME_BLOCK].copy()
+                    for column in LIST_COLUMNS:
+                        if column in block:
+                            block[column] = [json.dumps(list(names)) for names in block[column]]
+                    block.to_csv(file, index=False, header=first == 0)
     return out_dir
+
+
+def _write_parquet(table: pd.DataFrame, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema, writer = None, None
+    try:
+        for first in range(0, max(len(table), 1), FRAME_BLOCK):
+            block = pa.Table.from_pandas(table.iloc[first:first + FRAME_BLOCK], schema=schema, preserve_index=False)
+            if writer is None:
+                schema = block.schema
+                writer = pq.ParquetWriter(path, schema)
+            writer.write_table(block)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def read_ensembles(out_dir: str | Path) -> pd.DataFrame:

@@ -1,8 +1,10 @@
-"""Benchmarks of the whole oracle: a small in-memory pool on every run, a 100 × 2,000,000 Zarr pool on demand.
+"""Benchmarks of the whole oracle: a small in-memory pool on every run, on demand a 100 × 2,000,000 Zarr pool and
+1,000-model pools of the sizes in MMC_ORACLE_SAMPLES (default 100,000).
 
-The big one (MMC_BIG_BENCH=1) writes a synthetic dask-generated pool to a temporary Zarr v3 store, then
-runs `run_oracle` on it in a fresh subprocess so that its peak RSS is the oracle's alone:
+The big ones (MMC_BIG_BENCH=1) write a synthetic dask-generated pool to a temporary Zarr v3 store, then
+run `run_oracle` on it in a fresh subprocess so that its peak RSS is the oracle's alone:
     MMC_BIG_BENCH=1 python -m pytest tests/test_bench_oracle.py --benchmark-enable -s
+    MMC_BIG_BENCH=1 MMC_ORACLE_SAMPLES=10000,30000,100000 python -m pytest tests/test_bench_oracle.py -s -k 1000
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from mmc import oracle
 
 FAMILIES = ("gpt2", "llama", "mamba", "pythia", "qwen")
 PEAK_RSS_LIMIT_BYTES = 8 * 1024**3
+PEAK_RSS_LIMIT_1000_MODELS_BYTES = 4 * 1024**3  # issue 26: 1,000 models × 100,000 samples within 4 GB
+BIG_BENCH = pytest.mark.skipif(os.environ.get("MMC_BIG_BENCH") != "1" or not sys.platform.startswith("linux"),
+                               reason="set MMC_BIG_BENCH=1 (writes GB-sized stores; reads peak RSS from Linux /proc)")
 
 
 def synthetic_pool(n_models: int, n_samples: int, sample_chunk: int, seed: int = 0) -> xr.Dataset:
@@ -101,18 +106,27 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     pool = xr.open_zarr(sys.argv[1], chunks={})
 baseline = high_water_mark_bytes()
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 results = oracle.run_oracle(pool, max_subsets_per_k=int(sys.argv[3]), seed=0)
-seconds = time.perf_counter() - start
+seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 oracle.write_oracle_outputs(results, sys.argv[2])
-print(json.dumps({"seconds": seconds, "peak_rss_bytes": high_water_mark_bytes(), "rss_before_bytes": baseline,
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds,
+                  "write_seconds": time.perf_counter() - start - seconds,
+                  "write_cpu_seconds": time.process_time() - cpu_start - cpu_seconds,
+                  "peak_rss_bytes": high_water_mark_bytes(), "rss_before_bytes": baseline,
                   "n_ensembles": len(results["ensembles"])}))
 """
 
 
+def run_oracle_subprocess(store: Path, out: Path, max_subsets_per_k: int) -> dict:
+    """`run_oracle` then `write_oracle_outputs` in a fresh process: seconds (wall and CPU) and peak RSS."""
+    completed = subprocess.run([sys.executable, "-c", RUN_ORACLE, str(store), str(out), str(max_subsets_per_k)],
+                               capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MMC_BIG_BENCH") != "1" or not sys.platform.startswith("linux"),
-                    reason="set MMC_BIG_BENCH=1 (writes a 2.4 GB store; reads peak RSS from Linux /proc)")
+@BIG_BENCH
 def test_bench_oracle_big_zarr_pool(benchmark, tmp_path):
     n_models, n_samples, sample_chunk, max_subsets_per_k = 100, 2_000_000, 100_000, 50
     store = tmp_path / "pool.zarr"
@@ -120,12 +134,8 @@ def test_bench_oracle_big_zarr_pool(benchmark, tmp_path):
         warnings.simplefilter("ignore")  # consolidated-metadata notice of Zarr v3
         synthetic_pool(n_models, n_samples, sample_chunk).to_zarr(store, zarr_format=3, mode="w")
 
-    def run() -> dict:
-        completed = subprocess.run([sys.executable, "-c", RUN_ORACLE, str(store), str(tmp_path / "oracle"),
-                                    str(max_subsets_per_k)], capture_output=True, text=True, check=True)
-        return json.loads(completed.stdout.strip().splitlines()[-1])
-
-    measured = benchmark.pedantic(run, rounds=1, iterations=1)
+    measured = benchmark.pedantic(run_oracle_subprocess, args=(store, tmp_path / "oracle", max_subsets_per_k),
+                                  rounds=1, iterations=1)
     benchmark.extra_info.update(n_models=n_models, n_samples=n_samples, max_subsets_per_k=max_subsets_per_k,
                                 **measured)
     print(f"\nrun_oracle on {n_models} × {n_samples:,}: {measured['seconds']:.1f} s, "
@@ -134,3 +144,23 @@ def test_bench_oracle_big_zarr_pool(benchmark, tmp_path):
     assert measured["peak_rss_bytes"] < PEAK_RSS_LIMIT_BYTES
     assert sorted(path.name for path in Path(tmp_path / "oracle").iterdir()) == [
         "attribution.csv", "ensembles.csv", "ensembles.parquet", "expected_curves.csv", "pareto.csv"]
+
+
+@pytest.mark.slow
+@BIG_BENCH
+@pytest.mark.parametrize("n_samples", [int(size) for size in os.environ.get("MMC_ORACLE_SAMPLES", "100000").split(",")])
+def test_bench_oracle_1000_models(n_samples, tmp_path):
+    """`mmc oracle`'s defaults (max_subsets_per_k = 100, sample_chunk = 65,536) at 1,000 models: some 120,000
+    ensembles of some 450 members on average. Run at several sizes, the seconds give a fixed cost and a cost per
+    sample to extrapolate from (docs/results/benchmarks.md)."""
+    n_models, sample_chunk, max_subsets_per_k = 1000, 65_536, 100
+    store = tmp_path / "pool.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        synthetic_pool(n_models, n_samples, sample_chunk).to_zarr(store, zarr_format=3, mode="w")
+    measured = run_oracle_subprocess(store, tmp_path / "oracle", max_subsets_per_k)
+    print(f"\nrun_oracle on {n_models} × {n_samples:,}: {measured['seconds']:.1f} s ({measured['cpu_seconds']:.1f} s "
+          f"CPU), then written in {measured['write_seconds']:.1f} s ({measured['write_cpu_seconds']:.1f} s CPU); peak "
+          f"RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB; {measured['n_ensembles']} ensembles")
+    print(json.dumps(measured))
+    assert measured["peak_rss_bytes"] <= PEAK_RSS_LIMIT_1000_MODELS_BYTES

@@ -296,7 +296,7 @@ def test_run_oracle_writes_outputs_atomically(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["oracle"]  # no temporary left behind
 
 
-def test_bootstrap_replicates_are_weighted_ensemble_losses():
+def test_bootstrap_replicates_are_weighted_ensemble_losses(monkeypatch):
     rng = np.random.default_rng(3)
     nll = rng.gamma(2.0, 50.0, (4, 3000))
     n_bytes = rng.integers(50, 500, 3000)
@@ -317,6 +317,14 @@ def test_bootstrap_replicates_are_weighted_ensemble_losses():
         expected = (minima @ weights) / ((n_bytes @ weights) * np.log(2))
         np.testing.assert_allclose(replicates[row], expected, rtol=1e-10)
     assert not np.allclose(replicates[2], replicates[2, 0])  # replicates differ
+    monkeypatch.setattr(oracle, "ENSEMBLE_BLOCK", 1)  # the same bits however many threads take the ensembles
+    by_threads = []
+    for threads in (1, 3):
+        monkeypatch.setattr(oracle, "THREADS", threads)
+        by_threads.append(oracle.bootstrap_ensembles(pool, members, 5, 1, 1000))
+    np.testing.assert_array_equal(by_threads[0], by_threads[1])
+    np.testing.assert_allclose(by_threads[0], replicates, rtol=1e-12)
+    monkeypatch.undo()
     # the same replicates however the pool is chunked or streamed
     for sample_chunk, chunks in [(7, None), (65536, {"sample": 999})]:
         again = oracle.bootstrap_ensembles(pool if chunks is None else pool.chunk(chunks), members, 5, 1, sample_chunk)
@@ -326,3 +334,46 @@ def test_bootstrap_replicates_are_weighted_ensemble_losses():
     np.testing.assert_array_equal(together, replicates)
     np.testing.assert_array_equal(halves, oracle.halves_ensembles(pool, members, 1, sample_chunk=1000))
     assert oracle.bootstrap_and_halves_ensembles(pool, members, 0, 1)[0] is None
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_ensemble_minima_scan_and_elementwise_minimum_agree_with_brute_force(ties, monkeypatch):
+    """Large ensembles are scanned from each sample's best model, small ones take the elementwise minimum of
+    member ranks, and samples a short scan leaves unresolved fall back to it: every way gives the brute-force
+    minimum over members, the same sums bit for bit and the same winners (ties between models included)."""
+    monkeypatch.setattr(oracle, "ENSEMBLE_BLOCK", 4)
+    monkeypatch.setattr(oracle, "SAMPLE_BLOCK", 16)
+    n_models, n_samples = 40, 90
+    rng = np.random.default_rng(7)
+    shape = (n_models, n_samples)
+    nll = rng.integers(1, 4, shape).astype(float) if ties else rng.gamma(3.0, 10.0, shape)
+    ensembles = [oracle.Ensemble(tuple(sorted(rng.choice(n_models, k, replace=False).tolist())), "")
+                 for k in range(1, n_models + 1) for _ in range(3)]
+    chunk = oracle._Chunk(nll)
+    best_rank = np.array([chunk.ranks[list(ensemble.members)].min(axis=0) for ensemble in ensembles])
+    expected_sums = np.take_along_axis(chunk.ascending.T, best_rank, axis=0).sum(axis=1)
+    expected_winners = np.zeros((len(ensembles), n_models), dtype=bool)
+    expected_winners[np.arange(len(ensembles))[:, None], chunk.order[np.arange(n_samples), best_rank]] = True
+    np.testing.assert_allclose(expected_sums, [nll[list(e.members)].min(axis=0).sum() for e in ensembles], rtol=1e-12)
+
+    def minima(scan_step_cost: float = oracle.SCAN_STEP_COST, scan_miss: float = oracle.SCAN_MISS,
+               threads: int = 1) -> oracle._EnsembleMinima:
+        monkeypatch.setattr(oracle, "SCAN_STEP_COST", scan_step_cost)
+        monkeypatch.setattr(oracle, "SCAN_MISS", scan_miss)
+        monkeypatch.setattr(oracle, "THREADS", threads)
+        result = oracle._EnsembleMinima(ensembles, n_models)
+        for start in range(0, n_samples, 25):  # several chunks, as a pool is streamed
+            result.update(oracle._Chunk(nll[:, start:start + 25], start))
+        return result
+
+    default = minima()
+    assert {block.padded is None for block in default.blocks} == {True, False}  # both ways in use
+    for settings in [{"scan_step_cost": 10**9},  # the elementwise minimum only
+                     {"scan_step_cost": 0},  # a scan everywhere, deep enough to resolve every sample
+                     {"scan_step_cost": 0, "scan_miss": 10.0**9},  # a scan of one position: mostly unresolved
+                     {"threads": 3}]:  # blocks of ensembles taken by threads
+        other = minima(**settings)
+        np.testing.assert_array_equal(other.sums, default.sums)
+        np.testing.assert_array_equal(other.winners, default.winners)
+    np.testing.assert_allclose(default.sums, expected_sums, rtol=1e-12)
+    np.testing.assert_array_equal(default.winners, expected_winners)
