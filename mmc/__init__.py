@@ -11,6 +11,11 @@ from collections.abc import Callable
 
 __version__ = "0.1.0"
 
+# threads for the batched numeric loops (the oracle's ensemble blocks, the law fitter's rows): the cores this
+# process may use, at most 16. Each thread's share is computed exactly as in one thread, so results do not depend
+# on it; numpy releases the GIL in the large array operations that these loops are made of.
+THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
 
 class MMCError(Exception):
     """A problem with the user's input: the CLI prints it as one line, without a traceback."""

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmc import MMCError, check_number
+from mmc import THREADS, MMCError, check_number
 
 # fitted log-scales stay within e^±40 of the data's typical loss at its typical inputs
 LOG_SCALE_BOUND = 40.0
@@ -45,6 +46,8 @@ GRID_DENSITY = 41  # grid values per exponent for a fit (offsets: about half as 
 POLISH_KEEP = 5  # best grid candidates polished for a fit
 BOOTSTRAP_GRID_DENSITY = 9  # a coarser grid for each bootstrap refit, then LM from its best candidate
 BOOTSTRAP_POLISH = {"iterations": 60, "tolerance": 1e-9}  # a percentile needs no 13th digit
+# a batch of rows (LM, Gauss–Newton) runs in THREADS parts when each part keeps this many rows and values (× points)
+SPLIT_ROWS, SPLIT_VALUES = 8, 200_000
 BOOTSTRAP_BLOCK = 250  # resamples refitted together (memory: block × candidates × terms²)
 PROFILE_TOLERANCE = 1e-10  # a profile compares objective rises with a threshold: ten digits are plenty
 PROFILE_POINTS = 60  # values per parameter along its profile (half each side, denser near the estimate)
@@ -408,8 +411,31 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
     within the bounds (δ: one for all rows, or (M, 1) a row's own); `free` (M, P) masks the parameters each row
     may move (a profile holds one fixed).
     `tie` = (j, c), j (M,) and c (M, P): in each row with a nonzero c, θ_j follows the others as θ_j = u + c·θ with
-    u held (a natural scale held while the exponents it is centred with move). Returns θ and the objectives (M,)."""
+    u held (a natural scale held while the exponents it is centred with move). Returns θ and the objectives (M,);
+    a large batch runs in parts side by side (`_rows_in_threads`)."""
     free = np.ones(theta.shape, dtype=bool) if free is None else free
+    return _rows_in_threads(lambda rows: _polish_rows(
+        design, theta[rows], target[rows], weights[rows], delta if np.ndim(delta) == 0 else delta[rows], free[rows],
+        None if tie is None else (tie[0][rows], tie[1][rows]), iterations, tolerance), len(theta), design.n_points)
+
+
+def _rows_in_threads(run: Callable[[slice | np.ndarray], tuple[np.ndarray, np.ndarray]], n_rows: int, n_points: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """`run(rows)` of a batched fit whose rows never interact (its results row by row), on all rows at once, or
+    for a large batch (bootstrap and jackknife refits of a series of thousands of points) in up to THREADS parts
+    side by side: the same result, to the bit, as one batch."""
+    parts = min(THREADS, n_rows // SPLIT_ROWS, n_rows * n_points // SPLIT_VALUES)
+    if parts < 2:
+        return run(slice(None))
+    with ThreadPoolExecutor(parts) as executor:
+        results = list(executor.map(run, np.array_split(np.arange(n_rows), parts)))
+    return np.concatenate([result[0] for result in results]), np.concatenate([result[1] for result in results])
+
+
+def _polish_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray,
+                 delta: float | np.ndarray | None, free: np.ndarray, tie: tuple[np.ndarray, np.ndarray] | None,
+                 iterations: int, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """`_polish` on one batch of rows."""
     theta = np.clip(theta, design.lower, design.upper)
     if tie is not None:
         tied, coefficients = tie
@@ -447,10 +473,7 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
         scaled += np.where(free[rows], 0.0, 1.0)[:, :, None] * eye  # held parameters: a unit pivot, zero step
         finite = np.isfinite(scaled).all(axis=(1, 2)) & np.isfinite(gradient).all(axis=1)
         scaled[~finite], gradient[~finite] = eye, 0.0
-        try:
-            step = -np.linalg.solve(scaled, gradient[..., None])[..., 0]
-        except np.linalg.LinAlgError:  # a singular row (a vanished term): the pseudo-inverse's least-norm step
-            step = -(np.linalg.pinv(scaled) @ gradient[..., None])[..., 0]
+        step = -_solve_rows(scaled, gradient)
         trial = np.clip(theta[rows] + step, design.lower, design.upper)
         if tie is not None:
             trial[moved, tied[rows[moved]]] = held[rows[moved]] + np.einsum(
@@ -465,6 +488,19 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
             (damping[rows] > 1e12)
         active[rows[converged]] = False
     return theta, current
+
+
+def _solve_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x with a x = b for each row, a (M, P, P) and b (M, P); a singular row (a vanished term) gets the
+    pseudo-inverse's least-norm solution, the others their exact one, whatever rows share the batch."""
+    try:
+        return np.linalg.solve(a, b[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        singular = np.linalg.matrix_rank(a) < a.shape[-1]
+        solution = np.empty_like(b)
+        solution[singular] = (np.linalg.pinv(a[singular]) @ b[singular][..., None])[..., 0]
+        solution[~singular] = np.linalg.solve(a[~singular], b[~singular][..., None])[..., 0]
+        return solution
 
 
 def _scipy_polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray,
@@ -493,7 +529,16 @@ def _refine(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
     tenth digit agree to about that digit: the quasi-Newton polish before it stops at a relative change of the
     objective, which leaves the parameters of a flat valley several digits short. A parameter at a bound that
     the gradient pushes outward stays there; a step that raises the objective beyond rounding is halved. Returns
-    the refined θ and objectives (M,); a row that ends worse than it began keeps its start."""
+    the refined θ and objectives (M,); a row that ends worse than it began keeps its start. A large batch runs in
+    parts side by side (`_rows_in_threads`)."""
+    return _rows_in_threads(lambda rows: _refine_rows(
+        design, theta[rows], target[rows], weights[rows], delta if np.ndim(delta) == 0 else delta[rows], iterations),
+        len(theta), design.n_points)
+
+
+def _refine_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray,
+                 delta: float | np.ndarray | None, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_refine` on one batch of rows."""
     def evaluate(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         prediction, jac = design.log_predict(values)
         rho, psi, irls = _rho(prediction - target[rows], delta if np.ndim(delta) == 0 else delta[rows])

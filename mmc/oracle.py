@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from mmc import MMCError
+from mmc import THREADS, MMCError
 from mmc.store import (SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, check_pool, dask_scheduler, local_path,
                        one_line, open_store, output_path, remote_filesystem, string_values)
 
@@ -33,8 +32,6 @@ SAMPLE_BLOCK = 2048
 # ensemble of a block unresolved, and the cost of one scanned position relative to one member's elementwise minimum
 SCAN_MISS = 0.01
 SCAN_STEP_COST = 3
-# threads taking blocks of ensembles in the oracle's inner loop (numpy releases the GIL in it)
-THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 FRAME_BLOCK = 4096  # ensembles per block of the ensemble table, built and written a block at a time
 WEIGHT_BLOCK = 2048  # bootstrap weights are drawn for fixed blocks of this many samples (see poisson_weights)
 KINDS = ("single", "homogeneous", "heterogeneous")

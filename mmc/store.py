@@ -418,9 +418,15 @@ def files_signature(path: str | Path) -> str:
 @contextmanager
 def dask_scheduler(address: str | None) -> Iterator[None]:
     """Run the dask computations of the block on the dask.distributed scheduler at `address` (None: in this
-    process, dask's default). Workers read the stores themselves, so their paths must be reachable there."""
+    process, on dask's threads). Workers read the stores themselves, so their paths must be reachable there."""
     if address is None:
-        yield
+        import dask
+        import dask.threaded
+
+        # dask's default for arrays, given as the function: unnamed or named, dask imports distributed (0.2 s) to
+        # look for a client
+        with dask.config.set(scheduler=dask.threaded.get):
+            yield
         return
     # imported only when a cluster is asked for: it is slow to import
     from distributed import Client

@@ -345,3 +345,44 @@ def test_refit_subsets_reaches_each_subsets_fit_and_marks_too_few_points():
         alone = laws.fit_law("power", {"x": x[rows]}, loss[rows], groups=groups[rows])
         assert all(alone.identified.values())
         np.testing.assert_allclose(row, list(alone.params.values()), rtol=1e-6)
+
+
+def test_a_batch_split_across_threads_gives_the_same_fits_to_the_bit(monkeypatch):
+    """Bootstrap refits and jackknife subsets in parts on several threads (parts of 8 rows here, as a series of
+    thousands of points gets) are the fits of one batch, bit for bit: rows never interact."""
+    inputs, loss = observe("power", 0, NOISE["power"])
+    replicates = np.array([observe("power", seed, NOISE["power"])[1] for seed in range(1, 41)])
+    subsets = np.ones((24, len(loss)), dtype=bool)
+    subsets[np.arange(24), np.arange(24) % len(loss)] = False
+
+    def fits() -> tuple:
+        fit = laws.fit_law("power", inputs, loss, replicates=replicates)
+        return fit.params, fit.ci95, fit.profile, fit.bootstrap_params, laws.refit_subsets(
+            "power", inputs, loss, subsets, fit.params)
+
+    monkeypatch.setattr(laws, "THREADS", 1)
+    one_batch = fits()
+    monkeypatch.setattr(laws, "THREADS", 3)
+    monkeypatch.setattr(laws, "SPLIT_VALUES", 1)
+    calls = []
+    split = laws._rows_in_threads
+    monkeypatch.setattr(laws, "_rows_in_threads", lambda run, n_rows, n_points: (
+        calls.append(min(3, n_rows // laws.SPLIT_ROWS)), split(run, n_rows, n_points))[1])
+    in_parts = fits()
+    assert max(calls) == 3  # some batches did run in three parts
+    assert in_parts[0] == one_batch[0] and in_parts[1] == one_batch[1] and in_parts[2] == one_batch[2]
+    np.testing.assert_array_equal(in_parts[3], one_batch[3])
+    np.testing.assert_array_equal(in_parts[4], one_batch[4])
+
+
+def test_a_singular_row_gets_the_least_norm_step_and_leaves_the_others_exact():
+    """LM's step per row: an exactly singular system (a term that vanished) gets the pseudo-inverse's least-norm
+    solution; the other rows their exact solution, the same whichever rows share their batch."""
+    rng = np.random.default_rng(0)
+    regular = rng.normal(size=(3, 3, 3)) + 3 * np.eye(3)
+    singular = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    a = np.concatenate([regular, singular[None]])
+    b = rng.normal(size=(4, 3))
+    solution = laws._solve_rows(a, b)
+    np.testing.assert_array_equal(solution[:3], laws._solve_rows(regular, b[:3]))
+    np.testing.assert_allclose(solution[3], [b[3, 0] / 2, 0.0, b[3, 2]])
