@@ -415,8 +415,13 @@ def _polish(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
     a large batch runs in parts side by side (`_rows_in_threads`)."""
     free = np.ones(theta.shape, dtype=bool) if free is None else free
     return _rows_in_threads(lambda rows: _polish_rows(
-        design, theta[rows], target[rows], weights[rows], delta if np.ndim(delta) == 0 else delta[rows], free[rows],
+        design, theta[rows], target[rows], weights[rows], _delta_rows(delta, rows), free[rows],
         None if tie is None else (tie[0][rows], tie[1][rows]), iterations, tolerance), len(theta), design.n_points)
+
+
+def _delta_rows(delta: float | np.ndarray | None, rows: slice | np.ndarray) -> float | np.ndarray | None:
+    """Huber's δ for these rows of a batch: one δ for all rows (or None, least squares), or each row's own (M, 1)."""
+    return delta if np.ndim(delta) == 0 else delta[rows]
 
 
 def _rows_in_threads(run: Callable[[slice | np.ndarray], tuple[np.ndarray, np.ndarray]], n_rows: int, n_points: int
@@ -443,12 +448,9 @@ def _polish_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         every = np.arange(len(theta))
         held = theta[every, tied] - np.einsum("mp,mp->m", theta, coefficients)
 
-    def row_delta(rows: np.ndarray) -> float | np.ndarray | None:
-        return delta if np.ndim(delta) == 0 else delta[rows]
-
     def objective(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
         prediction, _ = design.log_predict(values, jacobian=False)
-        return (weights[rows] * _rho(prediction - target[rows], row_delta(rows))[0]).sum(axis=1)
+        return (weights[rows] * _rho(prediction - target[rows], _delta_rows(delta, rows))[0]).sum(axis=1)
 
     current = objective(theta, np.arange(len(theta)))
     damping = np.full(len(theta), 1e-3)
@@ -460,7 +462,7 @@ def _polish_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
             break
         prediction, jac = design.log_predict(theta[rows])
         residuals = prediction - target[rows]
-        _, psi, irls = _rho(residuals, row_delta(rows))
+        _, psi, irls = _rho(residuals, _delta_rows(delta, rows))
         if tie is not None:  # chain rule: moving a coefficient's parameter moves θ_j with it
             moved = np.isin(rows, tied_rows)
             jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=1) * \
@@ -532,7 +534,7 @@ def _refine(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.
     the refined θ and objectives (M,); a row that ends worse than it began keeps its start. A large batch runs in
     parts side by side (`_rows_in_threads`)."""
     return _rows_in_threads(lambda rows: _refine_rows(
-        design, theta[rows], target[rows], weights[rows], delta if np.ndim(delta) == 0 else delta[rows], iterations),
+        design, theta[rows], target[rows], weights[rows], _delta_rows(delta, rows), iterations),
         len(theta), design.n_points)
 
 
@@ -541,7 +543,7 @@ def _refine_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
     """`_refine` on one batch of rows."""
     def evaluate(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         prediction, jac = design.log_predict(values)
-        rho, psi, irls = _rho(prediction - target[rows], delta if np.ndim(delta) == 0 else delta[rows])
+        rho, psi, irls = _rho(prediction - target[rows], _delta_rows(delta, rows))
         return (weights[rows] * rho).sum(axis=1), jac, weights[rows] * psi, weights[rows] * irls
 
     every = np.arange(len(theta))
@@ -820,7 +822,7 @@ def _refit(design: _Design, targets: np.ndarray, weights: np.ndarray, delta: flo
     bootstrap's resamples and `refit_subsets`' subsets both come here."""
     thetas = []
     for rows in np.array_split(np.arange(len(targets)), max(1, int(np.ceil(len(targets) / BOOTSTRAP_BLOCK)))):
-        row_delta = delta if np.ndim(delta) == 0 else delta[rows]
+        row_delta = _delta_rows(delta, rows)
         theta, _ = _fit_batch(design, targets[rows], weights[rows], row_delta, BOOTSTRAP_GRID_DENSITY, 1,
                               also=estimate, **BOOTSTRAP_POLISH)
         if lbfgs:  # one row at a time: L-BFGS-B is scipy's, not batched
