@@ -16,6 +16,15 @@ __version__ = "0.1.0"
 # on it; numpy releases the GIL in the large array operations that these loops are made of.
 THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
+# Defaults and vocabularies that the params schema (mmc.params), the command line and the library share, here so
+# that the command line reads them without importing the schema's pydantic or the scoring engine's torch.
+FAMILIES = ("gpt2", "llama", "gpt_neox")  # the embedded zoo's architecture families
+TOKENIZER_KINDS = ("byte_bpe", "byte_bpe_bos", "metaspace_bpe")  # the zoo's tokenizer kinds
+BATCH_TOKENS = 16384  # padded tokens per scoring batch on an accelerator
+CPU_BATCH_TOKENS = 512  # padded tokens per scoring batch on a CPU (`mmc.losses.batch_budget`)
+FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
+HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
+
 
 class MMCError(Exception):
     """A problem with the user's input: the CLI prints it as one line, without a traceback."""

@@ -9,17 +9,16 @@ from pathlib import Path
 from collections.abc import Callable
 
 # Modules that import torch, transformers, scikit-learn or matplotlib (losses, merging, sweep, train, zoo, routing,
-# report) are imported by the commands that run them: every other command starts without those libraries.
-from mmc import __version__, check_number, corpus, exit_status
+# report) or the params schema's pydantic (params, presets) are imported by the commands that run them: every other
+# command starts without those libraries.
+from mmc import BATCH_TOKENS, CPU_BATCH_TOKENS, FAMILIES, FLUSH_SECONDS, HEAD_DTYPE, TOKENIZER_KINDS, __version__, \
+    check_number, corpus, exit_status
 from mmc.catalog import install_models, list_models, models_text
 from mmc.collaboration import HOLDOUT_FRACTION, fit_collaboration
 from mmc.interchange import export_losses, import_losses
 from mmc.merge_law import LOSSES, interval_text, plan_from_law, plan_text, fit_merge_study
 from mmc.merge_methods import DEFAULT_SWEEP, METHODS, SETTINGS, MergeSpec, merge_specs
 from mmc.oracle import oracle_study
-from mmc.params import (BATCH_TOKENS, CPU_BATCH_TOKENS, FAMILIES, FLUSH_SECONDS, HEAD_DTYPE, TOKENIZER_KINDS,
-                        params_reference, read_params)
-from mmc.presets import add_pool_entry, apply_preset, pool_entry_for, remove_pool_entry
 from mmc.store import MODEL_CHUNK, SAMPLE_CHUNK, write_pool
 
 EPILOG_LOSSES = """example:
@@ -795,6 +794,8 @@ EPILOG_PRESET = """examples:
 
 
 def _run_preset(args: argparse.Namespace) -> None:
+    from mmc.presets import apply_preset
+
     changed = apply_preset(args.preset, args.params)
     print(f"wrote {args.params}: {len(changed)} settings from {args.preset} ({', '.join(changed)})")
 
@@ -812,6 +813,8 @@ def _add_preset(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _run_params(args: argparse.Namespace) -> None:
+    from mmc.params import params_reference, read_params
+
     if args.reference:
         print(params_reference(), end="")
         return
@@ -862,6 +865,8 @@ POOL_SETTINGS = {  # per-model engine settings: only those given are written; th
 
 
 def _run_pool_add(args: argparse.Namespace) -> None:
+    from mmc.presets import add_pool_entry, pool_entry_for
+
     settings = {name: getattr(args, name) for name in (flag[2:].replace("-", "_") for flag in POOL_SETTINGS)}
     slug, entry = pool_entry_for(args.model, args.family, args.data, args.revision, root=Path(args.params).parent,
                                  **settings)
@@ -871,6 +876,8 @@ def _run_pool_add(args: argparse.Namespace) -> None:
 
 
 def _run_pool_remove(args: argparse.Namespace) -> None:
+    from mmc.presets import remove_pool_entry
+
     remove_pool_entry(args.params, args.name)
     print(f"removed {args.name} from the pool of {args.params}")
 

@@ -25,8 +25,7 @@ from mmc.laws import (EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_r
                       too_few_members)
 from mmc.oracle import (bootstrap_and_halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles,
                         winner_groups)
-from mmc.store import (SAMPLE_CHUNK, check_outputs, check_pool, dask_scheduler, open_store, write_json,
-                       write_tables)
+from mmc.store import (SAMPLE_CHUNK, check_outputs, streamed_pool, write_json, write_tables)
 
 COLLABORATION_LAW = "power"
 X_COLUMNS = {"total": "total_params", "nonembedding": "total_params_nonembedding"}
@@ -402,8 +401,7 @@ def fit_collaboration(pool_path: str | Path, oracle_dir: str | Path, out: str | 
     if x not in X_COLUMNS:
         raise MMCError(f"fit.x must be one of {', '.join(X_COLUMNS)} (got {x!r})")
     table = read_ensembles(oracle_dir)
-    with dask_scheduler(scheduler):
-        pool = check_pool(open_store(pool_path, chunks={}), pool_path)
+    with streamed_pool(pool_path, scheduler) as pool:
         replicates, halves = bootstrap_and_halves_ensembles(pool, table.members.tolist(), bootstrap, seed,
                                                             sample_chunk)
         matched = matched_heterogeneity(pool, bootstrap, seed, sample_chunk)

@@ -41,9 +41,9 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 import mmc
-from mmc import MMCError, check_number
+from mmc import BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, MMCError, check_number
 from mmc.corpus import fingerprint, load_samples, sample_bytes
-from mmc.params import BATCH_TOKENS, CPU_BATCH_TOKENS, FLUSH_SECONDS, HEAD_DTYPE, HUB_ID, is_gguf
+from mmc.params import HUB_ID, is_gguf
 from mmc.store import (
     Partial,
     atomic_path,

@@ -21,8 +21,8 @@ import pandas as pd
 import xarray as xr
 
 from mmc import THREADS, MMCError
-from mmc.store import (SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, check_pool, dask_scheduler, local_path,
-                       one_line, open_store, output_path, remote_filesystem, string_values)
+from mmc.store import (SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, local_path, one_line,
+                       output_path, remote_filesystem, streamed_pool, string_values)
 
 LN2 = math.log(2.0)
 # ensemble minima are taken for this many ensembles × samples at a time: small enough for the CPU caches
@@ -362,11 +362,14 @@ def _stream(pool: xr.Dataset, accumulators: Sequence[_Accumulator], sample_chunk
 
 
 def _sample_blocks(nll: xr.DataArray, sample_chunk: int) -> Iterator[tuple[int, int]]:
-    """[start, stop) ranges along `sample`: the dask chunks of nll itself (split to at most `sample_chunk`; its
-    coords' chunks do not matter), else even blocks."""
+    """[start, stop) ranges along `sample`: the chunks of nll itself, dask's or (opened lazily without dask) the
+    store's, each split to at most `sample_chunk` (its coords' chunks do not matter), else even blocks."""
     if sample_chunk < 1:
         raise MMCError(f"sample_chunk must be at least 1, got {sample_chunk}")
-    sizes = nll.variable.chunksizes.get("sample") or (nll.sizes["sample"],)
+    n_samples = nll.sizes["sample"]
+    stored = nll.encoding.get("preferred_chunks", {}).get("sample") or n_samples
+    sizes = nll.variable.chunksizes.get("sample") or [min(stored, n_samples - start)
+                                                      for start in range(0, n_samples, stored)]
     edges = np.cumsum((0, *sizes))
     for chunk_start, chunk_stop in zip(edges[:-1], edges[1:]):
         for start in range(int(chunk_start), int(chunk_stop), sample_chunk):
@@ -894,8 +897,7 @@ def oracle_study(pool_path: str | Path, out: str | Path, *, max_subsets_per_k: i
     """The oracle stage: `run_oracle` on the pool store (streamed in its stored chunks, read on the dask
     `scheduler` when given), written into `out`."""
     check_outputs([(out, "oracle tables")], [pool_path])
-    with dask_scheduler(scheduler):
-        pool = check_pool(open_store(pool_path, chunks={}), pool_path)
+    with streamed_pool(pool_path, scheduler) as pool:
         results = run_oracle(pool, max_subsets_per_k, seed, sample_chunk=sample_chunk)
     write_oracle_outputs(results, out)
     return results

@@ -19,20 +19,13 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from mmc import MMCError, check_name
+from mmc import BATCH_TOKENS, CPU_BATCH_TOKENS, FAMILIES, TOKENIZER_KINDS, MMCError, check_name
 from mmc.store import atomic_path
 
-FAMILIES = ("gpt2", "llama", "gpt_neox")  # the embedded zoo's architecture families
-TOKENIZER_KINDS = ("byte_bpe", "byte_bpe_bos", "metaspace_bpe")  # the zoo's tokenizer kinds
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # a Hugging Face hub model id (owner/name or name)
 ZOO_DIR = "data/zoo"  # where dvc.yaml's zoo stages write their members
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-# the scoring engine's defaults (`mmc losses`), here so that the command line reads them without importing torch
-BATCH_TOKENS = 16384  # padded tokens per scoring batch on an accelerator
-CPU_BATCH_TOKENS = 512  # padded tokens per scoring batch on a CPU (`mmc.losses.batch_budget`)
-FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
-HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
 
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps")]
 Dtype = Literal[DTYPES]
@@ -128,7 +121,8 @@ class Losses(Section):
     them for itself."""
     max_length: Count | None = Field(description="window length in tokens; null = the model's context")
     stride: Count | None = Field(description="null = lm-eval rolling windows; smaller = overlapping windows")
-    batch_tokens: Count | None = Field(description="padded tokens per batch; null = 512 on a CPU, 16384 on a GPU")
+    batch_tokens: Count | None = Field(description=f"padded tokens per batch; null = {CPU_BATCH_TOKENS} on a CPU, "
+                                                             f"{BATCH_TOKENS} on a GPU")
     device: Device
     dtype: Dtype = Field(description="auto = bf16 on GPU, fp32 on CPU")
     head_dtype: Dtype = Field(description="the output head's dtype; auto = fp32 on GPU, the weights' elsewhere")

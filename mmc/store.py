@@ -416,18 +416,21 @@ def files_signature(path: str | Path) -> str:
 
 
 @contextmanager
-def dask_scheduler(address: str | None) -> Iterator[None]:
-    """Run the dask computations of the block on the dask.distributed scheduler at `address` (None: in this
-    process, on dask's threads). Workers read the stores themselves, so their paths must be reachable there."""
-    if address is None:
-        import dask
-        import dask.threaded
-
-        # dask's default for arrays, given as the function: unnamed or named, dask imports distributed (0.2 s) to
-        # look for a client
-        with dask.config.set(scheduler=dask.threaded.get):
-            yield
+def streamed_pool(path: str | Path, scheduler: str | None) -> Iterator[xr.Dataset]:
+    """The pool at `path` opened for a reader that streams it block by block: with a dask `scheduler`,
+    dask-backed and read on its workers; without, read region by region in this process without dask (importing
+    dask.array and its scheduler is 0.3 s of a command's start)."""
+    if scheduler is None:
+        yield check_pool(open_store(path, lazy=True), path)
         return
+    with dask_scheduler(scheduler):
+        yield check_pool(open_store(path, chunks={}), path)
+
+
+@contextmanager
+def dask_scheduler(address: str) -> Iterator[None]:
+    """Run the dask computations of the block on the dask.distributed scheduler at `address`. Workers read the
+    stores themselves, so their paths must be reachable there."""
     # imported only when a cluster is asked for: it is slow to import
     from distributed import Client
 
@@ -525,9 +528,11 @@ def string_values(array: xr.DataArray) -> np.ndarray:
     return np.array(array.values.tolist(), dtype=str)
 
 
-def open_store(path: str | Path, chunks: dict | None = None, drop_variables: Sequence[str] = ()) -> xr.Dataset:
+def open_store(path: str | Path, chunks: dict | None = None, drop_variables: Sequence[str] = (),
+               lazy: bool = False) -> xr.Dataset:
     """Open a store written by `write_store`: read and verified (chunk checksums; `nll` finite and non-negative),
-    or lazily, dask-backed, when `chunks` is given (readers that stream it check each block they read).
+    or lazily when `chunks` is given (dask-backed) or `lazy` (no dask: xarray's lazy indexing reads the chunks of
+    the region a reader indexes); readers that stream a lazy store check each block they read.
     `drop_variables` are not read at all (a coordinate's index is read whole on opening, even lazily).
 
     `path` is a local path or any fsspec URL (file://, s3://, ...; remote filesystems need their fsspec package).
@@ -552,16 +557,17 @@ def open_store(path: str | Path, chunks: dict | None = None, drop_variables: Seq
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
             dataset = xr.open_zarr(location, consolidated=True, chunks=chunks, storage_options=options or None,
                                    drop_variables=list(drop_variables) or None)
-            if chunks is None:
+            if chunks is None and not lazy:
                 dataset = dataset.load()
     except MMCError:
         raise
     except Exception as error:  # corrupt metadata or chunks: zarr, numcodecs and JSON raise many kinds
         raise MMCError(f"store '{path}' cannot be read, it is corrupt or truncated: {one_line(error)}") from None
+    loaded = chunks is None and not lazy
     for name, variable in dataset.variables.items():
-        if variable.dtype == object:
-            dataset[name] = variable.astype(str) if chunks is None else variable
-    if chunks is None and "nll" in dataset:
+        if variable.dtype == object and loaded:
+            dataset[name] = variable.astype(str)
+    if loaded and "nll" in dataset:
         check_losses(dataset["nll"].values, f"store '{path}'")
     dataset.encoding["source"] = str(path)
     return dataset

@@ -15,10 +15,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import mmc
-from mmc import MMCError
+from mmc import FAMILIES, TOKENIZER_KINDS, MMCError
 from mmc.corpus import load_samples
 from mmc.losses import count_parameters, save_model
-from mmc.params import FAMILIES, TOKENIZER_KINDS
 from mmc.store import atomic_path, check_outputs
 from mmc.train import domain_texts, fit_model, token_stream, write_log
 
