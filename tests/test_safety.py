@@ -25,7 +25,7 @@ from mmc import MMCError
 from mmc.cli import main
 from mmc.corpus import fingerprint
 from mmc.report import _md, figure_attribution
-from mmc.store import MARKER, atomic_path, write_store
+from mmc.store import MARKER, atomic_path, open_store, write_store
 from test_merge_law import law_following_store
 
 
@@ -168,6 +168,21 @@ def test_a_flipped_byte_in_any_chunk_of_a_loss_store_is_refused_by_every_reader(
     nll_chunk.write_bytes(nll_chunk.read_bytes()[:5])
     assert main(["assemble", "--out", str(tmp_path / "pool3.zarr"), str(other), str(truncated)]) == 2
     assert "corrupt or truncated" in one_line(capsys, "assemble")
+
+
+def test_the_pool_is_read_one_block_at_a_time_and_a_corrupt_block_is_named(capsys, tmp_path):
+    """Without a scheduler, oracle and fit read the pool region by region as they stream it (no whole read on
+    opening): a flipped byte in the last chunk of samples is found there, after the blocks before it."""
+    pool = open_store(synthetic_pool(tmp_path / "one-chunk.zarr", n_samples=400))
+    chunked = tmp_path / "pool.zarr"
+    write_store(pool.chunk({"sample": 100}), chunked, "pool")
+    assert main(["oracle", "--pool", str(chunked), "--out", str(tmp_path / "oracle")]) == 0
+    flip_byte(chunked / "nll" / "c" / "0" / "3")
+    for command in (["oracle", "--out", str(tmp_path / "oracle2")],
+                    ["fit", "--oracle", str(tmp_path / "oracle"), "--out", str(tmp_path / "laws.json"),
+                     "--plots", str(tmp_path / "plots"), "--bootstrap", "3"]):
+        assert main([command[0], "--pool", str(chunked), *command[1:]]) == 2
+        assert f"store '{chunked}' cannot be read at samples 300..399, it is corrupt" in one_line(capsys, command[0])
 
 
 def test_the_fingerprint_cannot_be_shared_by_two_eval_sets():

@@ -307,8 +307,11 @@ def big_loss_stores(root, n_samples: int) -> tuple[list, np.ndarray]:
     return paths, np.array(rows)
 
 
-def test_a_pool_of_more_than_one_chunk_of_samples_runs_through_every_stage(tmp_path):
+def test_a_pool_of_more_than_one_chunk_of_samples_runs_through_every_stage(tmp_path, monkeypatch):
     n_samples = store.SAMPLE_CHUNK + 1
+    # the learned routers fit on a sample of 2,000 training documents, not 20,000: 150 s of this test otherwise
+    # (the sample itself is tested in test_routing_stream; every document is still featurised, routed and scored)
+    monkeypatch.setattr("mmc.routing.ROUTER_TRAINING_MAX", 2_000)
     paths, nll = big_loss_stores(tmp_path, n_samples)
     pool = tmp_path / "pool.zarr"
     assert main(["assemble", "--out", str(pool), *map(str, paths)]) == 0
@@ -356,6 +359,7 @@ def test_a_pool_of_more_than_one_chunk_of_samples_runs_through_every_stage(tmp_p
                  "--ngram-features", "64"]) == 0
     routed = json.loads((tmp_path / "routing.json").read_text())
     assert sum(routed["split"].values()) == n_samples
+    assert routed["router_training"]["documents"] == 2_000 and routed["router_training"]["sampled"]
     strategies = pd.read_parquet(tmp_path / "routing" / "strategies.parquet")
     oracle_bpb = strategies[(strategies.strategy == "oracle") & (strategies.k == len(paths))]
     assert len(oracle_bpb) == 1 and oracle_bpb.test_bpb.iloc[0] > 0
