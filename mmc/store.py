@@ -538,6 +538,7 @@ def open_store(path: str | Path, chunks: dict | None = None, drop_variables: Seq
     `path` is a local path or any fsspec URL (file://, s3://, ...; remote filesystems need their fsspec package).
     `encoding["source"]` names the store, so that a streaming reader can name it in its errors.
     """
+    loaded = chunks is None and not lazy
     location = local_path(path) or str(path)
     options: dict = {}
     if not isinstance(location, Path):  # refused before any network access where it cannot work
@@ -557,13 +558,12 @@ def open_store(path: str | Path, chunks: dict | None = None, drop_variables: Seq
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
             dataset = xr.open_zarr(location, consolidated=True, chunks=chunks, storage_options=options or None,
                                    drop_variables=list(drop_variables) or None)
-            if chunks is None and not lazy:
+            if loaded:
                 dataset = dataset.load()
     except MMCError:
         raise
     except Exception as error:  # corrupt metadata or chunks: zarr, numcodecs and JSON raise many kinds
         raise MMCError(f"store '{path}' cannot be read, it is corrupt or truncated: {one_line(error)}") from None
-    loaded = chunks is None and not lazy
     for name, variable in dataset.variables.items():
         if variable.dtype == object and loaded:
             dataset[name] = variable.astype(str)
