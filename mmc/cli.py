@@ -30,6 +30,8 @@ EPILOG_LOSSES = """example:
 
 
 BATCH_TOKENS_HELP = f"padded tokens per scoring batch (default: {CPU_BATCH_TOKENS} on a CPU, {BATCH_TOKENS} elsewhere)"
+SCHEDULER_HELP = ("read and sum the pool's blocks of samples on the workers of this dask.distributed scheduler "
+                  "(e.g. tcp://host:8786; the pool's path must be reachable from them; default: in this process)")
 
 
 def _optional_int(text: str) -> int | None:
@@ -485,9 +487,7 @@ def _add_oracle(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subsets (default 0)")
     parser.add_argument("--sample-chunk", type=int, default=SAMPLE_CHUNK,
                         help="samples per block streamed from the pool; memory grows with it (default %(default)s)")
-    parser.add_argument("--scheduler", type=_optional_str, default=None, metavar="ADDRESS",
-                        help="run the pool's dask computations on this dask.distributed scheduler "
-                             "(e.g. tcp://host:8786; default: in this process)")
+    parser.add_argument("--scheduler", type=_optional_str, default=None, metavar="ADDRESS", help=SCHEDULER_HELP)
     parser.set_defaults(run=_run_oracle)
 
 
@@ -533,9 +533,7 @@ def _add_fit(subparsers, common: argparse.ArgumentParser) -> None:
                         help="budget axis: total or non-embedding parameters (the other is reported too; default total)")
     parser.add_argument("--sample-chunk", type=int, default=SAMPLE_CHUNK,
                         help="samples per block streamed from the pool; memory grows with it (default %(default)s)")
-    parser.add_argument("--scheduler", type=_optional_str, default=None, metavar="ADDRESS",
-                        help="run the pool's dask computations on this dask.distributed scheduler "
-                             "(e.g. tcp://host:8786; default: in this process)")
+    parser.add_argument("--scheduler", type=_optional_str, default=None, metavar="ADDRESS", help=SCHEDULER_HELP)
     parser.set_defaults(run=_run_fit)
 
 

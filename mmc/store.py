@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -20,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -34,6 +36,9 @@ from tqdm.auto import tqdm
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from mmc import MMCError
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 
 CHECKSUMMED = (ZstdCodec(), Crc32cCodec())  # every chunk compressed, then checksummed: a flipped bit is an error
@@ -417,20 +422,31 @@ def files_signature(path: str | Path) -> str:
 
 @contextmanager
 def streamed_pool(path: str | Path, scheduler: str | None) -> Iterator[xr.Dataset]:
-    """The pool at `path` opened for a reader that streams it block by block: with a dask `scheduler`,
-    dask-backed and read on its workers; without, read region by region in this process without dask (importing
-    dask.array and its scheduler is 0.3 s of a command's start)."""
+    """The pool at `path` opened for a reader that streams it block by block, region by region through xarray's
+    lazy indexing (no dask: importing dask.array and its scheduler is 0.3 s of a command's start): in this
+    process, or, with a dask `scheduler`, on its workers (each reads and sums whole blocks; see `current_cluster`)."""
     if scheduler is None:
         yield check_pool(open_store(path, lazy=True), path)
         return
     with dask_scheduler(scheduler):
-        yield check_pool(open_store(path, chunks={}), path)
+        yield check_pool(open_store(path, lazy=True), path)
+
+
+def current_cluster() -> Client | None:
+    """The dask.distributed client of an enclosing `dask_scheduler` (or any client made the default), else None.
+    Readers that stream a pool send their blocks' work to its workers when there is one."""
+    if "distributed" not in sys.modules:  # never imported here: no client can exist
+        return None
+    try:
+        return sys.modules["distributed"].default_client()
+    except ValueError:
+        return None
 
 
 @contextmanager
 def dask_scheduler(address: str) -> Iterator[None]:
-    """Run the dask computations of the block on the dask.distributed scheduler at `address`. Workers read the
-    stores themselves, so their paths must be reachable there."""
+    """Run the dask computations and the streamed blocks of the `with` block on the dask.distributed scheduler at
+    `address`. Workers read the stores themselves, so their paths must be reachable there."""
     # imported only when a cluster is asked for: it is slow to import
     from distributed import Client
 

@@ -122,6 +122,13 @@ def loss_store(path, nll, family, n_params, fingerprint="fp-1", samples=None):
 FAMILIES = ("alpha", "beta", "gamma")
 
 
+def flip_byte(path: Path) -> None:
+    """Corrupt a file (a store's chunk) by one bit in its middle."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def synthetic_pool(path, n_samples=400, seed=0):
     """Three families x five sizes; a model's per-sample nll = bytes · (family floor + A·N^-0.3) · noise.
 

@@ -19,8 +19,8 @@ import xarray as xr
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import (EVAL_TEXTS, TRAIN_TEXTS, build_tiny_model, loss_store, make_experts, pool_entry, save_eval_set,
-                      stage_project, synthetic_pool)
+from conftest import (EVAL_TEXTS, TRAIN_TEXTS, build_tiny_model, flip_byte, loss_store, make_experts, pool_entry,
+                      save_eval_set, stage_project, synthetic_pool)
 from mmc import MMCError
 from mmc.cli import main
 from mmc.corpus import fingerprint
@@ -130,12 +130,6 @@ def test_a_nan_sample_in_a_merge_store_is_an_error_not_a_dropped_merge(capsys, t
                  "--bootstrap", "0", *paths]) == 2
     assert "40000.zarr' has 1 NaN" in one_line(capsys, "fit-merge")
     assert not (tmp_path / "law.json").exists()
-
-
-def flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def chunk_files(store: Path) -> list[Path]:

@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from conftest import EVAL_TEXTS, ROOT, synthetic_pool
+from conftest import EVAL_TEXTS, ROOT, flip_byte, synthetic_pool
 
 from mmc import MMCError, losses, oracle, store
+from mmc.collaboration import fit_collaboration
 from mmc.cli import main
 from mmc.store import (
     assemble_pool,
     check_outputs,
-    dask_scheduler,
     open_store,
     partial_path,
     write_store,
@@ -232,22 +232,67 @@ def read_tables(folder) -> dict[str, pd.DataFrame]:
     return {name: pd.read_csv(folder / f"{name}.csv") for name in oracle.OUTPUT_CSVS}
 
 
-def test_oracle_and_bootstrap_on_a_local_cluster_equal_one_process(pool_path, tmp_path):
+def files_of(folder) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """A dask LocalCluster of two worker processes of one thread each."""
     distributed = pytest.importorskip("distributed")
-    oracle.oracle_study(pool_path, tmp_path / "alone", max_subsets_per_k=20, seed=0, sample_chunk=64)
-    pool = open_store(pool_path, chunks={})
-    ensembles = oracle.read_ensembles(tmp_path / "alone").members.tolist()  # as `fit` bootstraps them
-    boot_alone = oracle.bootstrap_ensembles(pool, ensembles, 30, seed=1, sample_chunk=64)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        oracle.oracle_study(pool_path, tmp_path / "cluster", max_subsets_per_k=20, seed=0, sample_chunk=64,
-                            scheduler=cluster.scheduler_address)
-        with dask_scheduler(cluster.scheduler_address):
-            boot_cluster = oracle.bootstrap_ensembles(pool, ensembles, 30, seed=1, sample_chunk=64)
-        read_there = {prefix for prefix in cluster.scheduler.task_prefixes if "open_dataset" in prefix}
-    assert read_there  # the workers read the pool's chunks
-    for name, table in read_tables(tmp_path / "alone").items():
-        pd.testing.assert_frame_equal(read_tables(tmp_path / "cluster")[name], table, check_exact=True)
-    np.testing.assert_array_equal(boot_cluster, boot_alone)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        yield cluster
+
+
+def test_oracle_and_fit_on_a_local_cluster_equal_one_process_to_the_byte(pool_path, tmp_path, local_cluster):
+    """With --scheduler every block of samples is read and summed on a worker, and the blocks' sums are added in
+    their order, as one process adds them: every output of oracle and fit is the same to the byte (attribution
+    included), and the blocks were summed by both workers, none in this process."""
+    distributed = pytest.importorskip("distributed")
+    blocks = 5  # 300 samples in blocks of 64: the sums of several blocks are added
+    for where in ("alone", "cluster"):
+        (tmp_path / where).mkdir()
+
+    def study(where: str, scheduler: str | None) -> None:
+        folder = tmp_path / where
+        oracle.oracle_study(pool_path, folder / "oracle", max_subsets_per_k=20, seed=0, sample_chunk=64,
+                            scheduler=scheduler)
+        fit_collaboration(pool_path, folder / "oracle", folder / "laws.json", folder / "plots", bootstrap=30, seed=1,
+                          sample_chunk=64, scheduler=scheduler)
+
+    local_blocks = []
+    original = oracle._BlockWork.__call__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(oracle._BlockWork, "__call__", lambda work, *block: local_blocks.append(block[:2])
+                      or original(work, *block))
+        study("alone", None)
+        assert len(local_blocks) == 3 * blocks  # oracle, fit's bootstrap and halves, fit's matched ensembles
+        local_blocks.clear()
+        with distributed.Client(local_cluster.scheduler_address) as observer:
+            before = observer.run(summed_blocks)
+            study("cluster", local_cluster.scheduler_address)
+            summed = {worker: count - before[worker] for worker, count in observer.run(summed_blocks).items()}
+    assert local_blocks == []  # nothing summed here
+    assert len(summed) == 2 and all(summed.values()) and sum(summed.values()) == 3 * blocks
+    assert files_of(tmp_path / "cluster") == files_of(tmp_path / "alone")
+
+
+def summed_blocks(dask_worker) -> int:
+    """Blocks of samples this worker has summed (run on the worker by `Client.run`)."""
+    return len({entry[0] for entry in dask_worker.state.log if "_work_on_worker" in str(entry[0])})
+
+
+def test_a_corrupt_block_read_on_a_worker_is_named(tmp_path, local_cluster, capsys):
+    pool = open_store(synthetic_pool(tmp_path / "one-chunk.zarr", n_samples=400))
+    chunked = tmp_path / "pool.zarr"
+    write_store(pool.chunk({"sample": 100}), chunked, "pool")
+    flip_byte(chunked / "nll" / "c" / "0" / "3")
+    assert main(["oracle", "--pool", str(chunked), "--out", str(tmp_path / "oracle"),
+                 "--scheduler", local_cluster.scheduler_address]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"store '{chunked}' cannot be read at samples 300..399, it is corrupt" in err
 
 
 def test_unreachable_scheduler_is_one_line(pool_path, tmp_path, monkeypatch):
