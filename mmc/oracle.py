@@ -14,6 +14,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
@@ -396,13 +397,19 @@ class _BlockWork:
         sums = []
         for accumulator in self.accumulators:
             block_part = copy.copy(accumulator)
+            anys = [name for name in accumulator.SUMS if _is_any(getattr(accumulator, name))]
             for name in accumulator.SUMS:
-                value = getattr(accumulator, name)
-                if not (self.anys_in_place and isinstance(value, np.ndarray) and value.dtype == bool):
-                    setattr(block_part, name, _zeros(value))
+                if not (self.anys_in_place and name in anys):
+                    setattr(block_part, name, _zeros(getattr(accumulator, name)))
             block_part.update(chunk)
-            sums.append({name: getattr(block_part, name) for name in accumulator.SUMS})
+            sums.append({name: (getattr(block_part, name) if self.anys_in_place or name not in anys
+                                else np.packbits(getattr(block_part, name)))  # an eighth of the bytes to send
+                         for name in accumulator.SUMS})
         return sums, chunk.n_samples, float(chunk.n_bytes.sum())
+
+
+def _is_any(value: object) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype == bool
 
 
 def _zeros(value: object) -> object:
@@ -412,11 +419,16 @@ def _zeros(value: object) -> object:
 
 
 def _added(total: object, part: object) -> object:
-    """`total` plus a block's `part` (in place for arrays; an any for bool arrays)."""
+    """`total` plus a block's `part` (in place for arrays; an any for bool arrays, `part` maybe packed bits)."""
     if isinstance(total, dict):
         return {key: _added(value, part[key]) for key, value in total.items()}
+    if _is_any(total):
+        if part.dtype != bool:
+            part = np.unpackbits(part, count=total.size).reshape(total.shape).view(bool)
+        np.logical_or(total, part, out=total)
+        return total
     if isinstance(total, np.ndarray):
-        (np.logical_or if total.dtype == bool else np.add)(total, part, out=total)
+        np.add(total, part, out=total)
         return total
     return total + part
 
@@ -425,7 +437,8 @@ def _summed_on(cluster: Client, work: _BlockWork, blocks: list[tuple[int, int]],
                ) -> Iterator[tuple[list[dict], int, float]]:
     """`work` of every block on the cluster's workers (two blocks per worker thread in flight at most: the sums
     waiting to be added are bounded), yielded in the order of the blocks."""
-    shared = cluster.scatter(work, broadcast=True)
+    with _worker_errors():
+        shared = cluster.scatter(work, broadcast=True)
     in_flight = 2 * max(1, sum(cluster.nthreads().values()))
     queue = iter(zip(blocks, codes))
     pending: deque = deque()
@@ -439,7 +452,21 @@ def _summed_on(cluster: Client, work: _BlockWork, blocks: list[tuple[int, int]],
     while pending:
         done = pending.popleft()
         submit_next()
-        yield done.result()  # raises what the worker raised (a corrupt block: its MMCError)
+        with _worker_errors():
+            summed = done.result()
+        yield summed
+
+
+@contextmanager
+def _worker_errors() -> Iterator[None]:
+    """What a worker raised, as one line: its MMCError as it is (a corrupt block), any other error (a worker
+    that cannot import mmc or read the pool's path) named as the cluster's."""
+    try:
+        yield
+    except MMCError:
+        raise
+    except Exception as error:
+        raise MMCError(f"a worker of the dask cluster failed: {one_line(error)}") from error
 
 
 def _work_on_worker(work: _BlockWork, start: int, stop: int, domains: np.ndarray | None

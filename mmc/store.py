@@ -428,8 +428,9 @@ def streamed_pool(path: str | Path, scheduler: str | None) -> Iterator[xr.Datase
     if scheduler is None:
         yield check_pool(open_store(path, lazy=True), path)
         return
+    local = local_path(path)  # the workers open it where they run: a relative path would be relative to them
     with dask_scheduler(scheduler):
-        yield check_pool(open_store(path, lazy=True), path)
+        yield check_pool(open_store(local.absolute() if local else path, lazy=True), path)
 
 
 def current_cluster() -> Client | None:
@@ -483,7 +484,9 @@ def dask_scheduler(address: str) -> Iterator[None]:
         raise MMCError(f"cannot connect to the dask scheduler at '{address}': {one_line(error)}") from None
     if error is not None:
         raise error
-    with outcome["client"]:
+    with outcome["client"] as client:
+        if not client.nthreads():  # work sent to it would wait for a worker forever
+            raise MMCError(f"the dask scheduler at '{address}' has no workers: start some (`dask worker {address}`)")
         yield
 
 

@@ -295,6 +295,24 @@ def test_a_corrupt_block_read_on_a_worker_is_named(tmp_path, local_cluster, caps
     assert f"store '{chunked}' cannot be read at samples 300..399, it is corrupt" in err
 
 
+def test_a_cluster_without_workers_or_with_a_worker_that_cannot_sum_is_one_line(pool_path, tmp_path, capsys):
+    distributed = pytest.importorskip("distributed")
+    oracle_args = ["oracle", "--pool", str(pool_path), "--out", str(tmp_path / "oracle"), "--scheduler"]
+    with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=None) as cluster:
+        assert main([*oracle_args, cluster.scheduler_address]) == 2  # not a wait for a worker that never comes
+    assert capsys.readouterr().err.strip() == (f"mmc oracle: error: the dask scheduler at '{cluster.scheduler_address}' "
+                                               f"has no workers: start some (`dask worker {cluster.scheduler_address}`)")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        with distributed.Client(cluster.scheduler_address) as client:  # as if mmc were not installed there
+            client.run(lambda: sys.modules.__setitem__("mmc.oracle", None))
+        assert main([*oracle_args, cluster.scheduler_address]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("mmc oracle: error: a worker of the dask cluster failed: ")
+    assert "import of mmc.oracle halted" in error
+    assert not (tmp_path / "oracle").exists()
+
+
 def test_unreachable_scheduler_is_one_line(pool_path, tmp_path, monkeypatch):
     pytest.importorskip("distributed")
     monkeypatch.setattr(store, "DASK_CONNECT_SECONDS", 1)
