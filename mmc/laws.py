@@ -56,6 +56,7 @@ REFINE_ITERATIONS = 1000  # Gauss–Newton steps at most after the polish: a few
 REFINE_STEP = 1e-13  # a step this small in θ (log-scales, exponents, offsets) is the optimum to rounding
 REFINE_ROUNDING = 1e-13  # a rise of the objective this small, relative, is rounding, not a worse point
 REFINE_HALVINGS = 30  # a step halved this often without lowering the objective: the optimum, to rounding
+HALVING_VALUES = 2**16  # a refused step's halvings are tried this many values (trials × points) at a time
 
 
 @dataclass(frozen=True)
@@ -546,6 +547,13 @@ def _refine_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         rho, psi, irls = _rho(prediction - target[rows], _delta_rows(delta, rows))
         return (weights[rows] * rho).sum(axis=1), jac, weights[rows] * psi, weights[rows] * irls
 
+    def objective(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        prediction, _ = design.log_predict(values, jacobian=False)
+        return (weights[rows] * _rho(prediction - target[rows], _delta_rows(delta, rows))[0]).sum(axis=1)
+
+    def acceptable(trial_value: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return trial_value <= value[rows] + REFINE_ROUNDING * np.abs(value[rows])
+
     every = np.arange(len(theta))
     start, jac, psi, irls = evaluate(theta, every)
     refined, value = theta.copy(), start.copy()
@@ -559,20 +567,17 @@ def _refine_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         free = ~(((current <= design.lower) & (gradient > 0)) | ((current >= design.upper) & (gradient < 0)))
         hessian = (jac * irls[:, None, :]) @ jac.transpose(0, 2, 1) * (free[:, :, None] & free[:, None, :])
         step = -(np.linalg.pinv(hessian) @ np.where(free, gradient, 0.0)[..., None])[..., 0]
-        pending = np.ones(len(rows), dtype=bool)  # rows whose step is not yet accepted
-        accepted = np.empty_like(current), np.empty(len(rows)), np.empty_like(jac), np.empty_like(psi), \
-            np.empty_like(irls)
-        for _ in range(REFINE_HALVINGS):
-            trial = np.clip(current[pending] + step[pending], design.lower, design.upper)
-            trial_value, trial_jac, trial_psi, trial_irls = evaluate(trial, rows[pending])
-            ok = trial_value <= value[rows[pending]] + REFINE_ROUNDING * np.abs(value[rows[pending]])
-            done = np.flatnonzero(pending)[ok]
-            for part, values in zip(accepted, (trial, trial_value, trial_jac, trial_psi, trial_irls)):
-                part[done] = values[ok]
-            pending[done] = False
-            if not pending.any():
-                break
-            step[pending] /= 2
+        trial = np.clip(current + step, design.lower, design.upper)
+        accepted = list(evaluate(trial, rows))
+        accepted.insert(0, trial)
+        pending = ~acceptable(accepted[1], rows)  # rows whose full step raised the objective
+        if pending.any():  # their first halving of the step that does not, objective only, many at a time
+            late = np.flatnonzero(pending)
+            halved, found = _first_acceptable_halving(current[late], step[late], rows[late], design, objective,
+                                                      acceptable)
+            for part, values in zip(accepted, (halved[found], *evaluate(halved[found], rows[late[found]]))):
+                part[late[found]] = values
+            pending[late[found]] = False
         moved = np.abs(accepted[0] - current).max(axis=1)
         keep = ~pending  # rows whose step was never accepted stop where they are
         refined[rows[keep]], value[rows[keep]] = accepted[0][keep], accepted[1][keep]
@@ -581,6 +586,34 @@ def _refine_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         jac, psi, irls = accepted[2][still], accepted[3][still], accepted[4][still]
     worse = value > start + REFINE_ROUNDING * np.abs(start)
     return np.where(worse[:, None], theta, refined), np.where(worse, start, value)
+
+
+def _first_acceptable_halving(current: np.ndarray, step: np.ndarray, rows: np.ndarray, design: _Design,
+                              objective: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                              acceptable: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """For rows whose full Gauss–Newton step was refused: the first trial θ of the step halved 1, 2, …,
+    REFINE_HALVINGS − 1 times that `acceptable` takes, and whether there was one. The halvings are tried
+    HALVING_VALUES values at a time (one call for a small series instead of one per halving); every trial is the
+    same arithmetic, row by row, as one at a time, so the choice is the same."""
+    chosen, found = np.empty_like(current), np.zeros(len(rows), dtype=bool)
+    halved = step.copy()
+    per_call = max(1, HALVING_VALUES // (len(rows) * design.n_points))
+    remaining = REFINE_HALVINGS - 1
+    while remaining and not found.all():
+        count, open_rows = min(per_call, remaining), np.flatnonzero(~found)
+        ladder = np.empty((count, len(open_rows), current.shape[1]))
+        for halving in range(count):
+            halved /= 2
+            ladder[halving] = halved[open_rows]
+        trials = np.clip(current[open_rows] + ladder, design.lower, design.upper)
+        ok = acceptable(objective(trials.reshape(-1, current.shape[1]), np.tile(rows[open_rows], count)),
+                        np.tile(rows[open_rows], count)).reshape(count, len(open_rows))
+        hit = ok.any(axis=0)
+        chosen[open_rows[hit]] = trials[ok.argmax(axis=0)[hit], np.flatnonzero(hit)]
+        found[open_rows[hit]] = True
+        remaining -= count
+    return chosen, found
 
 
 def _fit_batch(design: _Design, target: np.ndarray, weights: np.ndarray, delta: float | np.ndarray | None,

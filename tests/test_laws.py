@@ -375,6 +375,33 @@ def test_a_batch_split_across_threads_gives_the_same_fits_to_the_bit(monkeypatch
     np.testing.assert_array_equal(in_parts[4], one_batch[4])
 
 
+def test_halvings_tried_many_at_a_time_choose_the_step_one_at_a_time_chooses(monkeypatch):
+    """A fit the data do not determine (a slow decline: E and alpha trade off) refuses most Gauss–Newton steps and
+    halves them many times: trying the halvings in one call gives the fit that trying them one by one gives, bit
+    for bit, in far fewer calls."""
+    x = np.geomspace(1e6, 1e9, 7)
+    loss = np.linspace(2.2, 2.0, 7) * np.exp(0.003 * np.random.default_rng(1).standard_normal(7))
+    objective_calls = []
+    log_predict = laws._Design.log_predict
+    monkeypatch.setattr(laws._Design, "log_predict", lambda design, theta, jacobian=True: (
+        objective_calls.append(jacobian), log_predict(design, theta, jacobian))[1])
+
+    def fit() -> tuple:
+        objective_calls.clear()
+        result = laws.fit_law("power", {"x": x}, loss, bootstrap=20)
+        return (result.params, result.objective, result.profile, result.bootstrap_params), objective_calls.count(False)
+
+    monkeypatch.setattr(laws, "HALVING_VALUES", 1)
+    one_at_a_time, calls_one_at_a_time = fit()
+    monkeypatch.undo()
+    monkeypatch.setattr(laws._Design, "log_predict", lambda design, theta, jacobian=True: (
+        objective_calls.append(jacobian), log_predict(design, theta, jacobian))[1])
+    many_at_a_time, calls_many_at_a_time = fit()
+    assert one_at_a_time[:3] == many_at_a_time[:3]
+    np.testing.assert_array_equal(one_at_a_time[3], many_at_a_time[3])
+    assert calls_many_at_a_time * 5 < calls_one_at_a_time
+
+
 def test_a_singular_row_gets_the_least_norm_step_and_leaves_the_others_exact():
     """LM's step per row: an exactly singular system (a term that vanished) gets the pseudo-inverse's least-norm
     solution; the other rows their exact solution, the same whichever rows share their batch."""
