@@ -245,21 +245,26 @@ def local_cluster():
         yield cluster
 
 
-def test_oracle_and_fit_on_a_local_cluster_equal_one_process_to_the_byte(pool_path, tmp_path, local_cluster):
+def test_oracle_and_fit_on_a_local_cluster_equal_one_process_to_the_byte(tmp_path, local_cluster):
     """With --scheduler every block of samples is read and summed on a worker, and the blocks' sums are added in
-    their order, as one process adds them: every output of oracle and fit is the same to the byte (attribution
-    included), and the blocks were summed by both workers, none in this process."""
+    their order, as one process adds them: every output of oracle and fit is the same to the byte (attribution by
+    domain included), and the blocks were summed by both workers, none in this process."""
     distributed = pytest.importorskip("distributed")
-    blocks = 5  # 300 samples in blocks of 64: the sums of several blocks are added
+    # 8,200 samples in 4 blocks of 2,050, each summed in two parts (oracle.SAMPLE_BLOCK is 2,048): sums of sums
+    n_samples, sample_chunk, blocks = 8200, 2050, 4
+    pool = open_store(synthetic_pool(tmp_path / "unlabelled.zarr", n_samples=n_samples))
+    pool_path = tmp_path / "pool.zarr"
+    write_store(pool.assign_coords(domain=("sample", np.array(["code", "prose", "math"])[np.arange(n_samples) % 3])),
+                pool_path, "pool")
     for where in ("alone", "cluster"):
         (tmp_path / where).mkdir()
 
     def study(where: str, scheduler: str | None) -> None:
         folder = tmp_path / where
-        oracle.oracle_study(pool_path, folder / "oracle", max_subsets_per_k=20, seed=0, sample_chunk=64,
+        oracle.oracle_study(pool_path, folder / "oracle", max_subsets_per_k=20, seed=0, sample_chunk=sample_chunk,
                             scheduler=scheduler)
         fit_collaboration(pool_path, folder / "oracle", folder / "laws.json", folder / "plots", bootstrap=30, seed=1,
-                          sample_chunk=64, scheduler=scheduler)
+                          sample_chunk=sample_chunk, scheduler=scheduler)
 
     local_blocks = []
     original = oracle._BlockWork.__call__
@@ -276,6 +281,8 @@ def test_oracle_and_fit_on_a_local_cluster_equal_one_process_to_the_byte(pool_pa
     assert local_blocks == []  # nothing summed here
     assert len(summed) == 2 and all(summed.values()) and sum(summed.values()) == 3 * blocks
     assert files_of(tmp_path / "cluster") == files_of(tmp_path / "alone")
+    assert set(pd.read_csv(tmp_path / "alone" / "oracle" / "attribution_by_domain.csv").domain) == {"code", "prose",
+                                                                                                   "math"}
 
 
 def summed_blocks(dask_worker) -> int:
