@@ -396,20 +396,24 @@ class _BlockWork:
         chunk = _Chunk(block, start, block_bytes, domains)
         sums = []
         for accumulator in self.accumulators:
+            in_place = [name for name in accumulator.SUMS
+                        if self.anys_in_place and _is_any(getattr(accumulator, name))]
             block_part = copy.copy(accumulator)
-            anys = [name for name in accumulator.SUMS if _is_any(getattr(accumulator, name))]
             for name in accumulator.SUMS:
-                if not (self.anys_in_place and name in anys):
+                if name not in in_place:
                     setattr(block_part, name, _zeros(getattr(accumulator, name)))
             block_part.update(chunk)
-            sums.append({name: (getattr(block_part, name) if self.anys_in_place or name not in anys
-                                else np.packbits(getattr(block_part, name)))  # an eighth of the bytes to send
-                         for name in accumulator.SUMS})
+            sums.append({name: _packed(getattr(block_part, name)) for name in accumulator.SUMS if name not in in_place})
         return sums, chunk.n_samples, float(chunk.n_bytes.sum())
 
 
 def _is_any(value: object) -> bool:
     return isinstance(value, np.ndarray) and value.dtype == bool
+
+
+def _packed(value: object) -> object:
+    """A block's sums as sent: a bool array as bits (an eighth of the bytes), the rest as they are."""
+    return np.packbits(value) if _is_any(value) else value
 
 
 def _zeros(value: object) -> object:
@@ -419,13 +423,11 @@ def _zeros(value: object) -> object:
 
 
 def _added(total: object, part: object) -> object:
-    """`total` plus a block's `part` (in place for arrays; an any for bool arrays, `part` maybe packed bits)."""
+    """`total` plus a block's `part` as `_packed` sent it (in place for arrays; an any for bool arrays)."""
     if isinstance(total, dict):
         return {key: _added(value, part[key]) for key, value in total.items()}
     if _is_any(total):
-        if part.dtype != bool:
-            part = np.unpackbits(part, count=total.size).reshape(total.shape).view(bool)
-        np.logical_or(total, part, out=total)
+        np.logical_or(total, np.unpackbits(part, count=total.size).reshape(total.shape).view(bool), out=total)
         return total
     if isinstance(total, np.ndarray):
         np.add(total, part, out=total)
@@ -471,7 +473,9 @@ def _worker_errors() -> Iterator[None]:
 
 def _work_on_worker(work: _BlockWork, start: int, stop: int, domains: np.ndarray | None
                     ) -> tuple[list[dict], int, float]:
-    import dask  # a dask-backed pool is read right here, not sent back to the cluster's scheduler
+    """One block's `work`, as a task on a worker: a dask-backed pool's block is read in this task, not sent back
+    to the cluster's scheduler as tasks of its own."""
+    import dask
 
     with dask.config.set(scheduler="synchronous"):
         return work(start, stop, domains)
