@@ -29,13 +29,20 @@ ensembles × members × one block of documents at a time (`document_blocks`) and
 the mixture weights' EM accumulates its statistics block by block, and the learned routers fit on at most
 ROUTER_TRAINING_MAX training documents (a seeded sample beyond that, said in the metrics) and build their
 features and predictions block by block. Blocks depend on the shapes alone, so sums are added in one order.
+
+Blocks, EM steps' blocks and the routers' fits run on THREADS threads (`_in_threads`), one BLAS and OpenMP thread
+each (`one_library_thread`: on small matrices, a BLAS's own threads contend, the perceptron's fits took 2.6 times as
+long): each block's reductions are computed whole on one thread and added in block order, so the results are the
+same to the bit however many threads.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
@@ -53,8 +60,9 @@ from sklearn.model_selection import KFold
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.neural_network import MLPRegressor
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
-from mmc import MMCError, check_number
+from mmc import THREADS, MMCError, check_number
 from mmc.corpus import load_samples
 from mmc.laws import LAWS, fit_law, json_ready, too_few_members
 from mmc.oracle import pareto_indices, read_ensembles
@@ -117,10 +125,33 @@ def document_blocks(n_documents: int, cells_per_document: int) -> list[slice]:
     return [slice(start, min(start + size, n_documents)) for start in range(0, n_documents, size)]
 
 
+def _in_threads(compute: Callable, items: Iterable) -> Iterator:
+    """`compute(item)` of each item, on THREADS threads, yielded in the items' order; at most 2·THREADS are computed
+    ahead of the one yielded, so memory holds a few blocks' temporaries. Called from one thread only (the
+    routing's caller): a task never starts threads of its own."""
+    items = list(items)
+    if THREADS < 2 or len(items) < 2:
+        yield from map(compute, items)
+        return
+    with ThreadPoolExecutor(THREADS) as executor:
+        ahead: deque = deque()
+        for item in items:
+            ahead.append(executor.submit(compute, item))
+            if len(ahead) > 2 * THREADS:
+                yield ahead.popleft().result()  # raises what the thread raised
+        while ahead:
+            yield ahead.popleft().result()
+
+
+# BLAS and OpenMP held to one thread each while the routing's own threads run (a decorator): results then do not
+# depend on the machine's cores (a perceptron's L-BFGS path turns a BLAS's last bits into 0.3% of bits per byte)
+one_library_thread = threadpool_limits.wrap(limits=1)
+
+
 def _by_block(reduce: Callable[[slice], np.ndarray], n_documents: int, member: np.ndarray) -> np.ndarray:
     """(ensembles, documents): `reduce` of each block of documents, so ensemble × model × document temporaries
     stay block-sized."""
-    return np.concatenate([reduce(block) for block in document_blocks(n_documents, member.size)], axis=-1)
+    return np.concatenate(list(_in_threads(reduce, document_blocks(n_documents, member.size))), axis=-1)
 
 
 def uniform_log_weights(member: np.ndarray) -> np.ndarray:
@@ -144,6 +175,11 @@ def _log_mixture(nll: np.ndarray, log_weights: np.ndarray) -> np.ndarray:
     return np.log(scaled.sum(axis=1)) + peak
 
 
+def _lowest(values: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """(ensembles, documents): the member with the lowest of `values` (models, documents) in each ensemble."""
+    return np.where(member[:, :, None], values[None], np.inf).argmin(axis=1)
+
+
 def oracle_nll(nll: np.ndarray, member: np.ndarray) -> np.ndarray:
     """(ensembles, documents): the per-document minimum over each ensemble's members."""
     return _by_block(lambda block: np.where(member[:, :, None], nll[None, :, block], np.inf).min(axis=1),
@@ -156,6 +192,7 @@ def mixture_nll(nll: np.ndarray, member: np.ndarray, log_weights: np.ndarray | N
     return _by_block(lambda block: -_log_mixture(nll[:, block], log_weights), nll.shape[1], member)
 
 
+@one_library_thread
 def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = EM_ITERATIONS,
                         tolerance: float = EM_TOLERANCE) -> np.ndarray:
     """(ensembles, models) log weights maximising each ensemble's mixture likelihood of the documents (EM).
@@ -168,14 +205,20 @@ def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = E
     active = np.arange(len(member))
     previous = np.full(len(member), np.inf)
     n_documents = nll.shape[1]
+
+    def e_step(block: slice, active_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scaled, peak = _scaled_joint(nll[:, block], active_weights)
+        total = scaled.sum(axis=1)  # responsibilities: scaled / total
+        return np.matmul(scaled, (1.0 / total)[:, :, None])[:, :, 0], (np.log(total) + peak).sum(axis=1)
+
     for _ in range(iterations):
         responsibility_sums = np.zeros((active.size, member.shape[1]))
         nll_sums = np.zeros(active.size)
-        for block in document_blocks(n_documents, active.size * member.shape[1]):
-            scaled, peak = _scaled_joint(nll[:, block], log_weights[active])
-            total = scaled.sum(axis=1)  # responsibilities: scaled / total
-            responsibility_sums += np.matmul(scaled, (1.0 / total)[:, :, None])[:, :, 0]
-            nll_sums -= (np.log(total) + peak).sum(axis=1)
+        blocks = document_blocks(n_documents, active.size * member.shape[1])
+        e_step_now = partial(e_step, active_weights=log_weights[active])
+        for responsibilities, block_nll in _in_threads(e_step_now, blocks):
+            responsibility_sums += responsibilities
+            nll_sums -= block_nll
         with np.errstate(divide="ignore"):
             log_weights[active] = np.where(member[active], np.log(responsibility_sums / n_documents), -np.inf)
         mean_nll = nll_sums / n_documents  # before this step's update
@@ -189,8 +232,7 @@ def fit_mixture_weights(nll: np.ndarray, member: np.ndarray, iterations: int = E
 
 def route(predicted: np.ndarray, member: np.ndarray) -> np.ndarray:
     """(ensembles, documents): the member each ensemble's router runs, the one with the lowest predicted loss."""
-    return _by_block(lambda block: np.where(member[:, :, None], predicted[None, :, block], np.inf).argmin(axis=1),
-                     predicted.shape[1], member)
+    return _by_block(lambda block: _lowest(predicted[:, block], member), predicted.shape[1], member)
 
 
 class Prediction(NamedTuple):
@@ -258,12 +300,18 @@ def cross_fit(make: Callable[[int], object], features: Features | np.ndarray, da
     rows = data.fit_rows
     target = data.bpb[:, rows].T
     fitting = features(rows)
-    regressor = make(len(rows)).fit(fitting, target)
-    predicted = np.concatenate([_predict(regressor, features(block)) for block in data.blocks()])
     folds = min(CROSS_FIT_FOLDS, len(rows))
-    if folds >= 2:
-        for fit, held in KFold(folds, shuffle=True, random_state=data.seed).split(rows):
-            predicted[rows[held]] = _predict(make(len(fit)).fit(fitting[fit], target[fit]), fitting[held])
+    splits = list(KFold(folds, shuffle=True, random_state=data.seed).split(rows)) if folds >= 2 else []
+
+    def fitted(fit: np.ndarray | None):
+        """The regressor fitted on all fitting rows (None) or on a fold's."""
+        return make(len(rows)).fit(fitting, target) if fit is None else make(len(fit)).fit(fitting[fit], target[fit])
+
+    regressors = list(_in_threads(fitted, [None, *(fit for fit, _ in splits)]))
+    predicted = np.concatenate(list(_in_threads(lambda block: _predict(regressors[0], features(block)),
+                                                data.blocks())))
+    for regressor, (_, held) in zip(regressors[1:], splits):
+        predicted[rows[held]] = _predict(regressor, fitting[held])
     return predicted.T
 
 
@@ -414,10 +462,27 @@ def oracle_gap(cost: np.ndarray, quality: np.ndarray, perfect_cost: np.ndarray, 
     return float(np.trapezoid(np.interp(knots, pxs, pys) - np.interp(knots, xs, ys), knots) / (xs[-1] - xs[0]))
 
 
+class BlockSums(NamedTuple):
+    """A strategy's per-ensemble sums over one block of documents (see `StrategyTotals`)."""
+    test: np.ndarray
+    train: np.ndarray
+    flops: np.ndarray
+    replicates: np.ndarray
+    correct: np.ndarray | None
+
+
+def block_sums(nll: np.ndarray, flops: np.ndarray, *, test: np.ndarray, weights: np.ndarray,
+               correct: np.ndarray | None = None) -> BlockSums:
+    """One block's sums of a strategy: (ensembles, block documents) NLL, FLOPs and choices; `test` the block's test
+    mask, `weights` its test documents' resample weights."""
+    return BlockSums(nll[:, test].sum(axis=1), nll[:, ~test].sum(axis=1), flops[:, test].sum(axis=1),
+                     nll[:, test] @ weights, None if correct is None else correct[:, test].sum(axis=1))
+
+
 class StrategyTotals:
-    """Per-ensemble sums of each strategy over the documents, added block by block: its NLL over the test and the
-    training documents, its FLOPs and its NLL under each resample over the test documents, and (routers) on how
-    many test documents it chose the ensemble's best member."""
+    """Per-ensemble sums of each strategy over the documents, added block by block, in block order: its NLL over
+    the test and the training documents, its FLOPs and its NLL under each resample over the test documents, and
+    (routers) on how many test documents it chose the ensemble's best member."""
 
     def __init__(self, n_ensembles: int, bootstrap: int) -> None:
         self.test = {strategy: np.zeros(n_ensembles) for strategy in STRATEGIES}
@@ -426,18 +491,16 @@ class StrategyTotals:
         self.replicates = {strategy: np.zeros((n_ensembles, bootstrap)) for strategy in STRATEGIES}
         self.correct: dict[str, np.ndarray] = {}
 
-    def add(self, strategy: str, nll: np.ndarray, flops: np.ndarray, *, test: np.ndarray, weights: np.ndarray,
-            correct: np.ndarray | None = None) -> None:
-        """One block: (ensembles, block documents) NLL, FLOPs and choices; `test` the block's test mask, `weights`
-        its test documents' resample weights."""
-        self.test[strategy] += nll[:, test].sum(axis=1)
-        self.train[strategy] += nll[:, ~test].sum(axis=1)
-        self.flops[strategy] += flops[:, test].sum(axis=1)
-        self.replicates[strategy] += nll[:, test] @ weights
-        if correct is not None:
-            self.correct[strategy] = self.correct.get(strategy, 0) + correct[:, test].sum(axis=1)
+    def add(self, strategy: str, sums: BlockSums) -> None:
+        self.test[strategy] += sums.test
+        self.train[strategy] += sums.train
+        self.flops[strategy] += sums.flops
+        self.replicates[strategy] += sums.replicates
+        if sums.correct is not None:
+            self.correct[strategy] = self.correct.get(strategy, 0) + sums.correct
 
 
+@one_library_thread
 def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence[str], *, test_fraction: float,
              seed: int, bootstrap: int, ngram_features: int = 4096, ridge_alpha: float = 1.0, knn_neighbors: int = 10,
              mlp_hidden: int = 64, sweep_points: int = 48) -> dict:
@@ -474,19 +537,27 @@ def realised(pool: xr.Dataset, members: Sequence[Sequence[str]], texts: Sequence
     weights = rng.poisson(1.0, (int(test.sum()), bootstrap)).astype(np.float64)
     totals = StrategyTotals(len(members), bootstrap)
     weight_row = np.cumsum(test) - 1  # a test document's row of `weights`
-    for block in document_blocks(nll.shape[1], member.size):
+    uniform_weights = uniform_log_weights(member)
+
+    def strategies_on(block: slice) -> dict[str, BlockSums]:
+        """Every strategy's sums over one block of documents (on one thread)."""
         block_nll, block_flops, block_test = nll[:, block], flops_per_document[:, block], test[block]
-        add = partial(totals.add, test=block_test, weights=weights[weight_row[block][block_test]])
+        sums = partial(block_sums, test=block_test, weights=weights[weight_row[block][block_test]])
         documents = np.arange(block_nll.shape[1])
-        best_member = route(block_nll, member)
+        best_member = _lowest(block_nll, member)
         every_member = member @ block_flops  # the oracle and the mixtures run every member
-        add("oracle", block_nll[best_member, documents], every_member)
-        add("mixture_uniform", mixture_nll(block_nll, member), every_member)
-        add("mixture_fitted", mixture_nll(block_nll, member, fitted_weights), every_member)
+        found = {"oracle": sums(block_nll[best_member, documents], every_member),
+                 "mixture_uniform": sums(-_log_mixture(block_nll, uniform_weights), every_member),
+                 "mixture_fitted": sums(-_log_mixture(block_nll, fitted_weights), every_member)}
         for name, prediction in predictions.items():
-            chosen = route(prediction.bpb[:, block], member)
-            add(f"router_{name}", block_nll[chosen, documents], spent(chosen, prediction.runs, block_flops),
-                correct=chosen == best_member)
+            chosen = _lowest(prediction.bpb[:, block], member)
+            cost = spent(chosen, prediction.runs, block_flops)
+            found[f"router_{name}"] = sums(block_nll[chosen, documents], cost, correct=chosen == best_member)
+        return found
+
+    for found in _in_threads(strategies_on, document_blocks(nll.shape[1], member.size)):
+        for strategy, sums in found.items():
+            totals.add(strategy, sums)
     whole = np.flatnonzero(member[int(np.argmax(member.sum(axis=1)))])  # the whole pool's members
     sweep = np.ix_(whole, np.flatnonzero(test))  # the curves: the whole pool on the test documents
     curves = {"perfect": lambda_curve(Prediction(bpb[sweep]), flops_per_document[sweep], n_bytes[test], sweep_points)}
