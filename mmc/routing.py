@@ -51,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import xarray as xr
-from sklearn import config_context
+from sklearn import config_context, get_config
 from sklearn.decomposition import TruncatedSVD
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import HashingVectorizer
@@ -128,15 +128,24 @@ def document_blocks(n_documents: int, cells_per_document: int) -> list[slice]:
 def _in_threads(compute: Callable, items: Iterable) -> Iterator:
     """`compute(item)` of each item, on THREADS threads, yielded in the items' order; at most 2·THREADS are computed
     ahead of the one yielded, so memory holds a few blocks' temporaries. Called from one thread only (the
-    routing's caller): a task never starts threads of its own."""
+    routing's caller): a task never starts threads of its own.
+
+    A thread's settings that are the caller's alone follow the tasks: scikit-learn's config (the knn router's
+    `working_memory`: at its 1 GiB default two threads took 30,000 documents to 4.17 GiB) and one OpenMP thread."""
     items = list(items)
     if THREADS < 2 or len(items) < 2:
         yield from map(compute, items)
         return
-    with ThreadPoolExecutor(THREADS) as executor:
+    config = get_config()
+
+    def configured(item):
+        with config_context(**config):
+            return compute(item)
+
+    with ThreadPoolExecutor(THREADS, initializer=threadpool_limits, initargs=(1, "openmp")) as executor:
         ahead: deque = deque()
         for item in items:
-            ahead.append(executor.submit(compute, item))
+            ahead.append(executor.submit(configured, item))
             if len(ahead) > 2 * THREADS:
                 yield ahead.popleft().result()  # raises what the thread raised
         while ahead:

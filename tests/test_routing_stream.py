@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from sklearn import config_context, get_config
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from mmc import routing
@@ -155,3 +156,19 @@ def test_work_in_threads_comes_back_in_order_and_at_most_two_per_thread_ahead(mo
         assert value == index * index
         assert max(started) <= index + 2 * 3  # the one yielded and 2·THREADS ahead of it, no more
     assert sorted(started) == list(range(40))
+
+
+def test_work_in_threads_keeps_the_callers_scikit_learn_config_and_one_openmp_thread(monkeypatch):
+    """scikit-learn's config is the calling thread's: without it the knn router's neighbour search ran at 1 GiB
+    chunks in the threads, 4.17 GiB peak at 30,000 documents instead of 0.77."""
+    monkeypatch.setattr(routing, "THREADS", 2)
+
+    def seen(_) -> tuple:
+        openmp = {info["num_threads"] for info in threadpool_info() if info["user_api"] == "openmp"}
+        return threading.get_ident(), get_config()["working_memory"], openmp
+
+    with config_context(working_memory=routing.KNN_WORKING_MEMORY_MB):
+        found = list(routing._in_threads(seen, range(8)))
+    assert threading.get_ident() not in {thread for thread, _, _ in found}
+    assert {memory for _, memory, _ in found} == {routing.KNN_WORKING_MEMORY_MB}
+    assert all(openmp <= {1} for _, _, openmp in found)
