@@ -21,7 +21,7 @@ THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity
 FAMILIES = ("gpt2", "llama", "gpt_neox")  # the embedded zoo's architecture families
 TOKENIZER_KINDS = ("byte_bpe", "byte_bpe_bos", "metaspace_bpe")  # the zoo's tokenizer kinds
 BATCH_TOKENS = 16384  # padded tokens per scoring batch on an accelerator
-CPU_BATCH_TOKENS = 512  # padded tokens per scoring batch on a CPU (`mmc.losses.batch_budget`)
+CPU_BATCH_TOKENS = 2048  # padded tokens per scoring batch on a CPU (`mmc.losses.batch_budget`)
 FLUSH_SECONDS = 60.0  # a scoring run saves its progress (resumable after a crash) at most this often
 HEAD_DTYPE = "auto"  # the output head's dtype: fp32 on a GPU, the weights' dtype elsewhere
 
