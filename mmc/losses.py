@@ -533,8 +533,8 @@ def batch_budget(loaded: LoadedModel, batch_tokens: int | None = None) -> int:
     """Padded tokens per batch: `batch_tokens`, by default `CPU_BATCH_TOKENS` on a CPU, else `BATCH_TOKENS`.
 
     On a CPU a forward's fixed cost (Python, small kernels) dominates a small model: 2,048 tokens per batch scored
-    zoo models of widths 12 to 128 1.3 to 2 times as fast as 512, and SmolLM2-135M (width 576) was as fast or 2-4%
-    faster; far larger batches lose to padding (docs/results/benchmarks.md).
+    zoo models of widths 12 to 128 1.3 to 2 times as fast as 512, and SmolLM2-135M (width 576) 1-6% faster; far
+    larger batches lose to padding (docs/results/benchmarks.md).
     """
     if batch_tokens is not None:
         return int(check_number("--batch-tokens", batch_tokens, 1, integer=True))
