@@ -312,15 +312,18 @@ def cross_fit(make: Callable[[int], object], features: Features | np.ndarray, da
     folds = min(CROSS_FIT_FOLDS, len(rows))
     splits = list(KFold(folds, shuffle=True, random_state=data.seed).split(rows)) if folds >= 2 else []
 
-    def fitted(fit: np.ndarray | None):
-        """The regressor fitted on all fitting rows (None) or on a fold's."""
-        return make(len(rows)).fit(fitting, target) if fit is None else make(len(fit)).fit(fitting[fit], target[fit])
+    def fitted(split: tuple[np.ndarray, np.ndarray] | None):
+        """The regressor fitted on every fitting row (None), or a fold's predictions of its held-out rows: a fold's
+        regressor (a knn one holds a copy of its rows) is dropped once it has predicted."""
+        if split is None:
+            return make(len(rows)).fit(fitting, target)
+        fit, held = split
+        return _predict(make(len(fit)).fit(fitting[fit], target[fit]), fitting[held])
 
-    regressors = list(_in_threads(fitted, [None, *(fit for fit, _ in splits)]))
-    predicted = np.concatenate(list(_in_threads(lambda block: _predict(regressors[0], features(block)),
-                                                data.blocks())))
-    for regressor, (_, held) in zip(regressors[1:], splits):
-        predicted[rows[held]] = _predict(regressor, fitting[held])
+    regressor, *out_of_fold = _in_threads(fitted, [None, *splits])
+    predicted = np.concatenate(list(_in_threads(lambda block: _predict(regressor, features(block)), data.blocks())))
+    for (_, held), values in zip(splits, out_of_fold):
+        predicted[rows[held]] = values
     return predicted.T
 
 
