@@ -7,9 +7,13 @@ label of `merging.domains` must not hold '-'.
 import sys
 from pathlib import Path
 
-from common import fill, params, run, stage_pair
+from mmc.warm import hand_over
 
-from mmc.train import train_expert
+hand_over()  # the script runs in a fork of a process with torch and transformers imported (mmc/warm.py)
+
+from common import fill, params, run, stage_pair  # noqa: E402
+
+from mmc.train import train_expert  # noqa: E402
 
 corpus_train, out, log = sys.argv[1:]
 values = params("merging.base_dir", "merging.expert_tokens",

@@ -6,11 +6,15 @@ for this model only; an entry with `import` instead of `model` reads lm-eval out
 """
 import sys
 
-from common import fill, params, run, stage_key
+from mmc.warm import hand_over
 
-from mmc.interchange import import_losses
-from mmc.losses import write_losses
-from mmc.params import ENGINE_SETTINGS
+hand_over()  # the script runs in a fork of a process with torch and transformers imported (mmc/warm.py)
+
+from common import fill, params, run, stage_key  # noqa: E402
+
+from mmc.interchange import import_losses  # noqa: E402
+from mmc.losses import write_losses  # noqa: E402
+from mmc.params import ENGINE_SETTINGS  # noqa: E402
 
 eval_split, out = sys.argv[1:]
 slug = stage_key("pool slug")

@@ -8,9 +8,13 @@ params `merging.domains` (globbing the folder would take experts of domains sinc
 import sys
 from pathlib import Path
 
-from common import fill, params, run, safe_names, stage_key
+from mmc.warm import hand_over
 
-from mmc.sweep import write_sweep
+hand_over()  # the script runs in a fork of a process with torch and transformers imported (mmc/warm.py)
+
+from common import fill, params, run, safe_names, stage_key  # noqa: E402
+
+from mmc.sweep import write_sweep  # noqa: E402
 
 experts_dir, eval_split, out = sys.argv[1:]
 values = params("merging.base_dir", "merging.domains", "merging.methods",

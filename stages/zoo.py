@@ -1,9 +1,13 @@
 """DVC stage zoo@<member>: train one member of the embedded zoo. Usage: zoo.py CORPUS_TRAIN OUT_TEMPLATE LOG_TEMPLATE"""
 import sys
 
-from common import comma_list, fill, params, run, stage_key
+from mmc.warm import hand_over
 
-from mmc.zoo import train_zoo_member
+hand_over()  # the script runs in a fork of a process with torch and transformers imported (mmc/warm.py)
+
+from common import comma_list, fill, params, run, stage_key  # noqa: E402
+
+from mmc.zoo import train_zoo_member  # noqa: E402
 
 corpus_train, out, log = sys.argv[1:]
 member = stage_key("zoo member")
