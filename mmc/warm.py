@@ -1,12 +1,12 @@
-"""A warm start for the stages that run models: torch and transformers imported once, not once per stage.
+"""A warm start for the pipeline's stages: torch, transformers and the array libraries imported once, not per stage.
 
-A model stage spends about 5 s importing torch, transformers and the array libraries before any work (more than
-its work, for the embedded zoo's models), and a study runs dozens of such stages, each in a new process. So the
-first model stage starts a *warm process* that imports those libraries and waits; every model stage, this first
-one included, hands its script to it (`hand_over`) and the warm process forks a copy that runs the script exactly
-as `python SCRIPT ARGS` would: the stage's arguments, working directory, environment, sys.path and its stdin,
-stdout and stderr (the file descriptors themselves), with Python's `random` and numpy's global generator drawn
-afresh. The stage process waits and exits with the script's status, or by the signal that ended it; the signals
+A stage that runs a model spends about 5 s importing torch, transformers and the array libraries before any work
+(more than its work, for the embedded zoo's models), the others about 1 s, and a study runs dozens of stages, each
+in a new process. So the first stage starts a *warm process* that imports those libraries and waits; every stage,
+this first one included, hands its script to it (`hand_over`) and the warm process forks a copy that runs the
+script exactly as `python SCRIPT ARGS` would: the stage's arguments, working directory, environment, sys.path and
+its stdin, stdout and stderr (the file descriptors themselves), with Python's `random` and numpy's global generator
+drawn afresh. The stage process waits and exits with the script's status, or by the signal that ended it; the signals
 it receives (Ctrl-C, a kill) are passed on, and the script is stopped if the stage process goes away.
 
 Only third-party libraries are imported ahead (`PRELOAD`): mmc and the stage scripts are imported by each run
@@ -33,7 +33,8 @@ import tempfile
 import time
 
 SWITCH = "MMC_WARM_START"  # "0": every stage runs in its own process
-PRELOAD = ("numpy", "scipy", "pandas", "xarray", "zarr", "yaml", "pydantic", "tqdm", "safetensors", "tokenizers",
+PRELOAD = ("numpy", "scipy.optimize", "scipy.stats", "pandas", "xarray", "zarr", "yaml", "pydantic", "tqdm",
+           "sklearn.linear_model", "sklearn.neighbors", "matplotlib.figure", "datasets", "safetensors", "tokenizers",
            "torch", "transformers", "transformers.modeling_utils", "transformers.modeling_layers",
            "transformers.masking_utils", "transformers.activations")
 IDLE_SECONDS = 60.0  # a warm process with no stage running for this long exits

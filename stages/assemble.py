@@ -6,9 +6,13 @@ would take stores of members since removed from the pool.
 import sys
 from pathlib import Path
 
-from common import params, run, safe_names
+from mmc.warm import hand_over
 
-from mmc.store import write_pool
+hand_over()  # the script runs in a fork of a process with its libraries imported (mmc/warm.py)
+
+from common import params, run, safe_names  # noqa: E402
+
+from mmc.store import write_pool  # noqa: E402
 
 losses, out = sys.argv[1:]
 slugs = safe_names("pool slug", list(params("pool")["pool"]))

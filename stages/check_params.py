@@ -7,10 +7,14 @@ pool slugs, bases, domains). OUT holds a constant text, so a params change rerun
 """
 import sys
 
-from common import params, run
+from mmc.warm import hand_over
 
-from mmc.merge_methods import merge_specs
-from mmc.params import write_check
+hand_over()  # the script runs in a fork of a process with its libraries imported (mmc/warm.py)
+
+from common import params, run  # noqa: E402
+
+from mmc.merge_methods import merge_specs  # noqa: E402
+from mmc.params import write_check  # noqa: E402
 
 out, = sys.argv[1:]
 methods = params("merging.methods")["merging.methods"]  # the whole file is checked against the schema on the way

@@ -1,9 +1,13 @@
 """DVC stage `corpus`: build the train/eval corpus from params `corpus`. Usage: corpus.py OUT"""
 import sys
 
-from common import comma_list, params, run
+from mmc.warm import hand_over
 
-from mmc.corpus import make_corpus
+hand_over()  # the script runs in a fork of a process with its libraries imported (mmc/warm.py)
+
+from common import comma_list, params, run  # noqa: E402
+
+from mmc.corpus import make_corpus  # noqa: E402
 
 out, = sys.argv[1:]
 settings = params("corpus")["corpus"]

@@ -6,9 +6,13 @@ The stores are MERGING/<base>.zarr for the bases listed (globbing the folder wou
 import sys
 from pathlib import Path
 
-from common import params, run, safe_names
+from mmc.warm import hand_over
 
-from mmc.merge_law import fit_merge_study
+hand_over()  # the script runs in a fork of a process with its libraries imported (mmc/warm.py)
+
+from common import params, run, safe_names  # noqa: E402
+
+from mmc.merge_law import fit_merge_study  # noqa: E402
 
 merging, metrics, plots = sys.argv[1:]
 values = params("merging.bases", "merging.bootstrap", "merging.seed", "merging.holdout_k")

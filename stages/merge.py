@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mmc.warm import hand_over
 
-hand_over()  # the script runs in a fork of a process with torch and transformers imported (mmc/warm.py)
+hand_over()  # the script runs in a fork of a process with its libraries imported (mmc/warm.py)
 
 from common import fill, params, run, safe_names, stage_key  # noqa: E402
 

@@ -2,9 +2,13 @@
 did not. Usage: report.py LAWS LAW_PLOTS ORACLE MERGE_LAW MERGE_PLOTS PLAN ROUTING ROUTING_METRICS OUT"""
 import sys
 
-from common import params, run
+from mmc.warm import hand_over
 
-from mmc.report import write_report
+hand_over()  # the script runs in a fork of a process with its libraries imported (mmc/warm.py)
+
+from common import params, run  # noqa: E402
+
+from mmc.report import write_report  # noqa: E402
 
 laws, law_plots, oracle, merge_law, merge_plots, plan, routing, routing_metrics, out = sys.argv[1:]
 merging_ran = bool(params("studies.merging")["studies.merging"])

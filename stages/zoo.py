@@ -3,7 +3,7 @@ import sys
 
 from mmc.warm import hand_over
 
-hand_over()  # the script runs in a fork of a process with torch and transformers imported (mmc/warm.py)
+hand_over()  # the script runs in a fork of a process with its libraries imported (mmc/warm.py)
 
 from common import comma_list, fill, params, run, stage_key  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""What a command costs beyond its work (issue 26: `mmc oracle` overhead ≤ 1 s).
+"""What a command costs beyond its work (issue 26: `mmc oracle` overhead ≤ 1 s), and a model stage's start.
 
 `mmc oracle` runs as a user runs it (a fresh interpreter, `python -m mmc.cli`) on a pool small enough that the
 oracle's own work takes milliseconds; the same work is timed in this process, and the difference is the
@@ -13,7 +13,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
+import pytest
 from conftest import ROOT, synthetic_pool
 
 from mmc.oracle import oracle_study
@@ -39,3 +41,26 @@ def test_bench_oracle_command_overhead(benchmark, tmp_path):
         benchmark.extra_info.update(overhead_seconds=overhead)
         print(f"\nmmc oracle: median {benchmark.stats.stats.median:.2f} s, of which the work {work:.3f} s: "
               f"overhead {overhead:.2f} s")
+
+
+# what a model stage imports before its work: the loss engine, the training loop, the zoo's model classes
+MODEL_STAGE_START = """\
+from mmc.warm import hand_over
+hand_over()
+import mmc.losses, mmc.train, mmc.sweep
+from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM
+"""
+
+
+@pytest.mark.parametrize("switch", ["1", "0"], ids=["warm", "alone"])
+def test_bench_model_stage_start(benchmark, tmp_path, switch):
+    """A model stage's start: warm (a fork of the warm process, which the warm-up round starts) or alone (a fresh
+    interpreter importing torch and transformers), as `MMC_WARM_START` says."""
+    script = tmp_path / "stage.py"
+    script.write_text(MODEL_STAGE_START)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MMC_WARM_START": switch, "BENCH_TOKEN": uuid.uuid4().hex}
+    benchmark.pedantic(lambda: subprocess.run([sys.executable, str(script)], env=env, check=True),
+                       rounds=5, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        mode = "warm" if switch == "1" else "alone"
+        print(f"\nmodel stage start, {mode}: median {benchmark.stats.stats.median:.2f} s")
