@@ -79,7 +79,7 @@ def test_nll_equals_lm_eval_loglikelihood_rolling(gguf_file, store):
                 for i, text in enumerate(TEXTS)]
     expected = -np.array(harness.loglikelihood_rolling(requests, disable_tqdm=True))
     # lm-eval's fp32 log-softmax is itself ~8e-6 nats per token off a float64 head, up to 0.004 per document
-    # (docs/explanation/loss-engine.md); measured apart: 2e-5 nats on Intel Xeon cores, 1.6e-3 on AMD EPYC (AVX2)
+    # (docs/explanation/loss-engine.md); measured apart: 2e-5 nats where first measured, 1.6e-3 on AMD EPYC (AVX2)
     np.testing.assert_allclose(store.nll.values, expected, rtol=0, atol=5e-3)
 
 
