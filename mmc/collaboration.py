@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from mmc import MMCError, check_number
+from mmc import MMCError, check_number, one_library_thread
 from mmc.laws import (EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_ready, refit_subsets,
                       too_few_members)
 from mmc.oracle import (bootstrap_and_halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles,
@@ -204,6 +204,7 @@ def _interval_fields(fit: Fit, refits: np.ndarray, n_members: int) -> dict:
                         "(delete-one jackknife, ensembles re-enumerated)"}
 
 
+@one_library_thread
 def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None, *, seed: int = 0,
                        holdout_fraction: float = HOLDOUT_FRACTION, grid_points: int = 50, x: str = "total",
                        halves: np.ndarray | None = None) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
@@ -868,6 +869,7 @@ def _matched_ensembles(members: pd.DataFrame) -> tuple[list[tuple], pd.DataFrame
     return cells, pd.DataFrame(rows, columns=["data", "k", "size_set", "heterogeneous", "cells"])
 
 
+@one_library_thread
 def matched_heterogeneity(pool: xr.Dataset, n_bootstrap: int, seed: int, sample_chunk: int = SAMPLE_CHUNK) -> dict:
     """Heterogeneous minus homogeneous collaboration gain at matched k and size composition, within each
     training-data label of the pool (`design_cells`), with intervals over documents, over models and over both.

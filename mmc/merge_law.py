@@ -19,7 +19,7 @@ import pandas as pd
 import xarray as xr
 from tqdm.auto import tqdm
 
-from mmc import MMCError, check_number
+from mmc import MMCError, check_number, one_library_thread
 from mmc.laws import LAWS, fit_law, get_law, holdout_check, json_ready, predict_held_out
 from mmc.store import check_outputs, open_store, string_values, write_json, write_tables
 
@@ -144,6 +144,7 @@ def fit_merge_study(stores: Sequence[str | Path], out: str | Path, plots: str | 
     return metrics
 
 
+@one_library_thread
 def fit_merging_law(curves: pd.DataFrame, target: str, replicates: np.ndarray | None = None, *, seed: int = 0,
                     holdout_k: int = 2, forecast_from: Sequence[int] = FORECAST_FROM_K) -> dict:
     """The merging law L(N, k) fitted to the `target` column of merge curves (one row per base size N and k).

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from mmc import THREADS, MMCError
+from mmc import THREADS, MMCError, one_library_thread
 from mmc.store import (SAMPLE_CHUNK, atomic_path, check_losses, check_outputs, current_cluster, local_path,
                        one_line, output_path, remote_filesystem, streamed_pool, string_values)
 
@@ -385,6 +385,7 @@ class _BlockWork:
         self.nll, self.n_bytes, self.where, self.accumulators = nll, n_bytes, where, accumulators
         self.anys_in_place = anys_in_place
 
+    @one_library_thread  # here, so that a dask worker holds BLAS to one thread too
     def __call__(self, start: int, stop: int, domains: np.ndarray | None) -> tuple[list[dict], int, float]:
         try:
             block = np.asarray(self.nll[:, start:stop].values, dtype=np.float64)

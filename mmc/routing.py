@@ -62,7 +62,7 @@ from sklearn.neural_network import MLPRegressor
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from mmc import THREADS, MMCError, check_number
+from mmc import THREADS, MMCError, check_number, one_library_thread
 from mmc.corpus import load_samples
 from mmc.laws import LAWS, fit_law, json_ready, too_few_members
 from mmc.oracle import pareto_indices, read_ensembles
@@ -150,11 +150,6 @@ def _in_threads(compute: Callable, items: Iterable) -> Iterator:
                 yield ahead.popleft().result()  # raises what the thread raised
         while ahead:
             yield ahead.popleft().result()
-
-
-# BLAS and OpenMP held to one thread each while the routing's own threads run (a decorator): results then do not
-# depend on the machine's cores (a perceptron's L-BFGS path turns a BLAS's last bits into 0.3% of bits per byte)
-one_library_thread = threadpool_limits.wrap(limits=1)
 
 
 def _by_block(reduce: Callable[[slice], np.ndarray], n_documents: int, member: np.ndarray) -> np.ndarray:
