@@ -35,6 +35,7 @@ def one_library_thread(function: Callable) -> Callable:
 
     return held
 
+
 # Defaults and vocabularies that the params schema (mmc.params), the command line and the library share, here so
 # that the command line reads them without importing the schema's pydantic or the scoring engine's torch.
 FAMILIES = ("gpt2", "llama", "gpt_neox")  # the embedded zoo's architecture families
