@@ -282,39 +282,48 @@ class _Design:
         self.upper = np.array([LOG_SCALE_BOUND if law.kind(n) == "scale" else law.bounds[n][1] for n in law.params])
         self.n_points = len(next(iter(inputs.values())))
 
-    def log_terms(self, theta: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """(T, M, n) centred log of every term, and the shifted inputs (M, n) of the terms that have one. Terms
-        lead the layout: a reduction over them is an elementwise operation on contiguous (M, n) slices."""
-        out = np.empty((len(self.law.terms), len(theta), self.n_points))
-        shifted = {}
+    def log_terms(self, theta: np.ndarray) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+        """The centred log of every term, (M, n), or (M, 1) for a term without inputs (one number per row), and the
+        shifted inputs (M, n) of the terms that have one."""
+        logs, shifted = [], {}
         for t, term in enumerate(self.law.terms):
-            out[t] = theta[:, self.index[term.scale], None]
+            log_term = theta[:, self.index[term.scale], None]
             for name, exponent in term.powers:
-                out[t] -= theta[:, self.index[exponent], None] * self.logs[name]
+                log_term = log_term - theta[:, self.index[exponent], None] * self.logs[name]
             if term.shift:
                 name, offset = term.shift
                 shifted[t] = self.shifts[name] + theta[:, self.index[offset], None]
-                out[t] -= np.log(shifted[t])
-        return out, shifted
+                log_term = log_term - np.log(shifted[t])
+            logs.append(log_term)
+        return logs, shifted
 
     def log_predict(self, theta: np.ndarray, jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Centred log L_pred (M, n) and its Jacobian (M, P, n): a softmax-weighted sum over the terms. Points
-        are the last axis of both, so the normal equations are batched (P, n) @ (n, P) products."""
-        terms, shifted = self.log_terms(theta)
-        peak = terms.max(axis=0)
-        weights = np.exp(terms - peak)
-        total = weights.sum(axis=0)
-        prediction = peak + np.log(total)
+        are the last axis of both, so the normal equations are batched (P, n) @ (n, P) products.
+
+        The fit's innermost loop, and its cost is the exponentials and logarithms (scalar libm calls on a machine
+        without AVX-512): one exp per term that has inputs and one log per point, each row shifted by its largest
+        term (a sum of terms ≤ 1 cannot overflow), a term without inputs one exp per row."""
+        log_terms, shifted = self.log_terms(theta)
+        peak = np.max([log_term.max(axis=1) for log_term in log_terms], axis=0)[:, None]
+        values = [np.exp(log_term - peak) for log_term in log_terms]
+        total = np.zeros((len(theta), self.n_points))
+        for value in values:
+            total += value
+        with np.errstate(divide="ignore"):  # a row whose terms span more than float64 holds: -inf, never accepted
+            prediction = np.log(total)
+        prediction += peak
         if not jacobian:
             return prediction, None
-        weights /= total
-        jac = np.zeros((len(theta), len(self.law.params), self.n_points))
+        jac = np.empty((len(theta), len(self.law.params), self.n_points))  # every parameter is in one term
         for t, term in enumerate(self.law.terms):
-            jac[:, self.index[term.scale]] = weights[t]
+            weight = np.divide(values[t], total, out=jac[:, self.index[term.scale]])
             for name, exponent in term.powers:
-                jac[:, self.index[exponent]] = -weights[t] * self.logs[name]
+                np.negative(np.multiply(weight, self.logs[name], out=jac[:, self.index[exponent]]),
+                            out=jac[:, self.index[exponent]])
             if term.shift:
-                jac[:, self.index[term.shift[1]]] = -weights[t] / shifted[t]
+                np.negative(np.divide(weight, shifted[t], out=jac[:, self.index[term.shift[1]]]),
+                            out=jac[:, self.index[term.shift[1]]])
         return prediction, jac
 
     def candidates(self, density: int) -> np.ndarray:
@@ -337,8 +346,9 @@ class _Design:
         sets of the ≤ 3 terms. Returns θ (B, G, P) and that error (B, G)."""
         theta = np.zeros((len(nonlinear), len(self.law.params)))
         theta[:, self.nonlinear] = nonlinear
-        terms, _ = self.log_terms(theta)
-        features = np.exp(terms)  # (T, G, n): each term with scale 1
+        log_terms, _ = self.log_terms(theta)
+        features = [np.broadcast_to(np.exp(log_term), (len(theta), self.n_points)) for log_term in log_terms]
+        # (G, n) per term: each term with scale 1
         loss = np.exp(target)  # (B, n) centred losses
         n_terms = len(features)
         by_term = [np.ascontiguousarray(feature.T) for feature in features]  # (n, G) each
@@ -392,15 +402,20 @@ def _det3(a: np.ndarray) -> np.ndarray:
             + a[..., 0, 2] * (a[..., 1, 0] * a[..., 2, 1] - a[..., 1, 1] * a[..., 2, 0]))
 
 
-def _rho(residuals: np.ndarray, delta: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The loss ρ, its derivative ψ and the IRLS weight ψ(r)/r of log residuals: Huber_δ, or squares (δ None)."""
+def _rho(residuals: np.ndarray, delta: float | np.ndarray | None, derivatives: bool = True
+         ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The loss ρ, its derivative ψ and the IRLS weight ψ(r)/r of log residuals: Huber_δ, or squares (δ None).
+    Huber's ρ is written ψ·(r − ψ/2): r²/2 inside δ and δ(|r| − δ/2) outside, the same bits as each formula."""
     if delta is None:
         return 0.5 * residuals**2, residuals, np.ones_like(residuals)
-    small = np.abs(residuals) <= delta
-    rho = np.where(small, 0.5 * residuals**2, delta * (np.abs(residuals) - 0.5 * delta))
     psi = np.clip(residuals, -delta, delta)
+    rho = residuals - 0.5 * psi
+    rho *= psi
+    if not derivatives:
+        return rho, None, None
+    magnitude = np.abs(residuals)
     with np.errstate(divide="ignore", invalid="ignore"):
-        irls = np.where(small, 1.0, delta / np.abs(residuals))
+        irls = np.where(magnitude <= delta, 1.0, delta / magnitude)
     return rho, psi, irls
 
 
@@ -449,11 +464,24 @@ def _polish_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         every = np.arange(len(theta))
         held = theta[every, tied] - np.einsum("mp,mp->m", theta, coefficients)
 
-    def objective(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        prediction, _ = design.log_predict(values, jacobian=False)
-        return (weights[rows] * _rho(prediction - target[rows], _delta_rows(delta, rows))[0]).sum(axis=1)
+    all_free = bool(free.all())
 
-    current = objective(theta, np.arange(len(theta)))
+    def evaluate(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The objectives (M,) at `values` of these rows, with the normal matrices (M, P, P) and gradients (M, P) an
+        LM step from there takes: computed with the trial, so an accepted trial's step needs no second pass."""
+        prediction, jac = design.log_predict(values)
+        rho, psi, irls = _rho(prediction - target[rows], _delta_rows(delta, rows))
+        if tie is not None:  # chain rule: moving a coefficient's parameter moves θ_j with it
+            moved = np.isin(rows, tied_rows)
+            jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=1) * \
+                coefficients[rows[moved], :, None]
+        if not all_free:
+            jac *= free[rows, :, None]
+        hessian = jac @ (jac * (weights[rows] * irls)[:, None, :]).transpose(0, 2, 1)
+        gradient = (jac @ (weights[rows] * psi)[:, :, None])[..., 0]
+        return (weights[rows] * rho).sum(axis=1), hessian, gradient
+
+    current, hessians, gradients = evaluate(theta, np.arange(len(theta)))
     damping = np.full(len(theta), 1e-3)
     active = np.ones(len(theta), dtype=bool)
     eye = np.eye(theta.shape[1])
@@ -461,16 +489,7 @@ def _polish_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         rows = np.flatnonzero(active)
         if not len(rows):
             break
-        prediction, jac = design.log_predict(theta[rows])
-        residuals = prediction - target[rows]
-        _, psi, irls = _rho(residuals, _delta_rows(delta, rows))
-        if tie is not None:  # chain rule: moving a coefficient's parameter moves θ_j with it
-            moved = np.isin(rows, tied_rows)
-            jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=1) * \
-                coefficients[rows[moved], :, None]
-        jac *= free[rows, :, None]
-        hessian = jac @ (jac * (weights[rows] * irls)[:, None, :]).transpose(0, 2, 1)
-        gradient = (jac @ (weights[rows] * psi)[:, :, None])[..., 0]
+        hessian, gradient = hessians[rows], gradients[rows]
         diagonal = np.einsum("mpp->mp", hessian)
         scaled = hessian + damping[rows, None, None] * (diagonal[:, :, None] * eye + 1e-12 * eye)
         scaled += np.where(free[rows], 0.0, 1.0)[:, :, None] * eye  # held parameters: a unit pivot, zero step
@@ -479,13 +498,15 @@ def _polish_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         step = -_solve_rows(scaled, gradient)
         trial = np.clip(theta[rows] + step, design.lower, design.upper)
         if tie is not None:
+            moved = np.isin(rows, tied_rows)
             trial[moved, tied[rows[moved]]] = held[rows[moved]] + np.einsum(
                 "mp,mp->m", trial[moved], coefficients[rows[moved]])
-        value = objective(trial, rows)
+        value, trial_hessian, trial_gradient = evaluate(trial, rows)
         better = value < current[rows]
         improvement = np.where(better, current[rows] - value, 0.0)
         theta[rows[better]] = trial[better]
         current[rows[better]] = value[better]
+        hessians[rows[better]], gradients[rows[better]] = trial_hessian[better], trial_gradient[better]
         damping[rows] = np.where(better, damping[rows] * 0.3, damping[rows] * 10.0)
         converged = (better & (improvement <= tolerance * np.maximum(current[rows], 1e-300) + 1e-300)) | \
             (damping[rows] > 1e12)
@@ -549,7 +570,7 @@ def _refine_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
 
     def objective(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
         prediction, _ = design.log_predict(values, jacobian=False)
-        return (weights[rows] * _rho(prediction - target[rows], _delta_rows(delta, rows))[0]).sum(axis=1)
+        return (weights[rows] * _rho(prediction - target[rows], _delta_rows(delta, rows), False)[0]).sum(axis=1)
 
     def acceptable(trial_value: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return trial_value <= value[rows] + REFINE_ROUNDING * np.abs(value[rows])

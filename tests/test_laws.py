@@ -413,3 +413,42 @@ def test_a_singular_row_gets_the_least_norm_step_and_leaves_the_others_exact():
     solution = laws._solve_rows(a, b)
     np.testing.assert_array_equal(solution[:3], laws._solve_rows(regular, b[:3]))
     np.testing.assert_allclose(solution[3], [b[3, 0] / 2, 0.0, b[3, 2]])
+
+
+def test_huber_rho_is_each_formula_to_the_bit():
+    rng = np.random.default_rng(3)
+    delta = np.array([[0.01], [0.2]])
+    residuals = rng.normal(0, 0.1, (2, 1000))
+    residuals[:, :2] = np.hstack([delta, -delta])  # exactly at the threshold: inside
+    rho, psi, irls = laws._rho(residuals, delta)
+    inside = np.abs(residuals) <= delta
+    assert inside.any() and (~inside).any()
+    expected = np.where(inside, 0.5 * residuals**2, delta * (np.abs(residuals) - 0.5 * delta))
+    assert np.array_equal(rho, expected)
+    assert np.array_equal(psi, np.where(inside, residuals, np.sign(residuals) * delta))
+    assert np.array_equal(irls, np.where(inside, 1.0, delta / np.abs(residuals)))
+    assert np.array_equal(laws._rho(residuals, delta, False)[0], rho)
+
+
+@pytest.mark.parametrize("law_name", list(laws.LAWS))
+def test_the_designs_prediction_and_jacobian_are_the_laws(law_name):
+    law = laws.LAWS[law_name]
+    rng = np.random.default_rng(4)
+    inputs = {name: rng.uniform(1.0, 50.0, 30) for name in law.inputs}
+    log_inputs = {name: float(np.log(values).mean()) for name, values in inputs.items()}
+    design = laws._Design(law, inputs, laws._Centre(0.3, log_inputs))
+    theta = np.clip(rng.normal(0, 0.5, (4, len(law.params))), design.lower, design.upper)
+    prediction, jac = design.log_predict(theta)
+    for row in range(len(theta)):
+        params = dict(zip(law.params, laws._natural(design, theta[row])))
+        assert np.exp(prediction[row] + 0.3) == pytest.approx(law.predict(params, **inputs), rel=1e-12)
+        for j in range(len(law.params)):
+            step = np.zeros_like(theta[row])
+            step[j] = 1e-6
+            up, down = design.log_predict((theta[row] + step)[None])[0], design.log_predict((theta[row] - step)[None])[0]
+            difference = (up - down)[0]
+            assert jac[row, j] == pytest.approx(difference / 2e-6, rel=1e-5, abs=1e-8)
+    # a term far beyond float64's range (e^800) still gives a finite log prediction: each row is shifted
+    far = theta[:1].copy()
+    far[0, design.scales[0]] = 800.0
+    assert np.isfinite(design.log_predict(far)[0]).all()
