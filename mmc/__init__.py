@@ -19,6 +19,18 @@ __version__ = "0.1.0"
 THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def in_threads(compute: Callable, items: list) -> list:
+    """[compute(item) for item in items], on up to THREADS threads, in the items' order: for independent pieces of
+    numeric work (the law fits of a study's series), each computed as it would be alone, so the results are those of
+    the loop, bit for bit. A piece's exception is raised here."""
+    if THREADS < 2 or len(items) < 2:
+        return [compute(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(THREADS, len(items))) as executor:
+        return list(executor.map(compute, items))
+
+
 def one_library_thread(function: Callable) -> Callable:
     """`function` run with BLAS and OpenMP held to one thread each (a decorator), for numeric work that mmc spreads
     over its own THREADS threads. A BLAS's threads change its sums' last bits (OpenBLAS on two AMD EPYC cores: the

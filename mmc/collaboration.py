@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from mmc import MMCError, check_number, one_library_thread
+from mmc import MMCError, check_number, in_threads, one_library_thread
 from mmc.laws import (EXPONENT_BOUNDS, LAWS, Fit, fit_law, holdout_check, json_ready, refit_subsets,
                       too_few_members)
 from mmc.oracle import (bootstrap_and_halves_ensembles, pareto_indices, read_ensembles, resampled_ensembles,
@@ -118,35 +118,45 @@ def member_jackknife(table: pd.DataFrame, params: np.ndarray, bpb: np.ndarray, g
     others are refitted together (`refit_subsets`: the same optimum as a `fit_law` per drop, to rounding).
     Documents are the same in every drop; what varies is which models the pool holds, the variation a
     document bootstrap cannot see (points of one pool share members)."""
-    law = LAWS[COLLABORATION_LAW]
+    drops, whole = _member_drop_series(table, series), _series_points(table)
+    return dict(zip(series, in_threads(  # the series side by side
+        lambda name: _series_refits(params, bpb, groups, np.flatnonzero(whole[name]), drops[name],
+                                    None if fits is None else fits[name]), series)))
+
+
+def _member_drop_series(table: pd.DataFrame, series: list[str]) -> dict[str, list[np.ndarray]]:
+    """For each series, its rows of `table` in every drop of one pool member that leaves the series a law to fit."""
     members, contains = _member_drops(table)
-    if too_few_members(law, len(members) - 1, len(table)):  # no drop leaves a pool that determines the law
-        contains = contains[:0]
+    if too_few_members(LAWS[COLLABORATION_LAW], len(members) - 1, len(table)):
+        contains = contains[:0]  # no drop leaves a pool that determines the law
     chosen: dict[str, list[np.ndarray]] = {name: [] for name in series}
     for without in contains:
         kept = np.flatnonzero(~without)
         for name, rows in _series_points(table.iloc[kept]).items():
             if name in chosen:
                 chosen[name].append(kept[rows])
-    whole_series = _series_points(table)
-    refits = {}
-    for name, drops in chosen.items():
-        whole = np.flatnonzero(whole_series[name])
-        fit = fits[name] if fits is not None else fit_law(COLLABORATION_LAW, {"x": params[whole]}, bpb[whole],
-                                                          groups=groups[whole], profile=False)
-        union = np.unique(np.concatenate([whole, *drops]))
-        subsets = np.zeros((len(drops), len(union)), dtype=bool)
-        for drop, rows in enumerate(drops):
-            subsets[drop, np.searchsorted(union, rows)] = True
-        values = np.tile([fit.params[p] for p in law.params], (len(drops), 1))
-        changed = (subsets != np.isin(union, whole)).any(axis=1)
-        if changed.any():
-            values[changed] = refit_subsets(law, {"x": params[union]}, bpb[union], subsets[changed], fit.params,
-                                            groups=groups[union])
-        values = values[np.isfinite(values).all(axis=1)]
-        refits[name] = np.column_stack([law.to_fitted_scale(p, values[:, j]) for j, p in enumerate(law.params)]
-                                       ).reshape(-1, len(law.params))
-    return refits
+    return chosen
+
+
+def _series_refits(params: np.ndarray, bpb: np.ndarray, groups: np.ndarray, whole: np.ndarray,
+                   drops: list[np.ndarray], fit: Fit | None) -> np.ndarray:
+    """One series' member-jackknife refits (`member_jackknife`): `whole` its rows with every member, `drops` its rows
+    in each usable drop, `fit` its fit on `whole` (None: fitted here)."""
+    law = LAWS[COLLABORATION_LAW]
+    if fit is None:
+        fit = fit_law(law, {"x": params[whole]}, bpb[whole], groups=groups[whole], profile=False)
+    union = np.unique(np.concatenate([whole, *drops]))
+    subsets = np.zeros((len(drops), len(union)), dtype=bool)
+    for drop, rows in enumerate(drops):
+        subsets[drop, np.searchsorted(union, rows)] = True
+    values = np.tile([fit.params[p] for p in law.params], (len(drops), 1))
+    changed = (subsets != np.isin(union, whole)).any(axis=1)
+    if changed.any():
+        values[changed] = refit_subsets(law, {"x": params[union]}, bpb[union], subsets[changed], fit.params,
+                                        groups=groups[union])
+    values = values[np.isfinite(values).all(axis=1)]
+    return np.column_stack([law.to_fitted_scale(p, values[:, j]) for j, p in enumerate(law.params)]
+                           ).reshape(-1, len(law.params))
 
 
 def jackknife_se(refits: np.ndarray) -> np.ndarray | None:
@@ -232,22 +242,29 @@ def collaboration_laws(table: pd.DataFrame, replicates: np.ndarray | None = None
         raise MMCError(f"{replicates.shape[0]} rows of bootstrap replicates for {len(table)} ensembles")
     params, bpb = table[X_COLUMNS[x]].to_numpy(np.float64), table.oracle_bpb.to_numpy(np.float64)
     groups = winner_groups(table)
-    fits, points, curves, fitted = {}, [], [], {}
     too_few_models = too_few_members(COLLABORATION_LAW, int(table.k.eq(1).sum()), len(table))
-    for name, rows in _series_points(table).items():
+    series = _series_points(table)
+
+    def series_fit(name: str) -> tuple[dict, Fit | None]:
+        """A series' metrics entry and fit (None where skipped): the series are fitted side by side."""
+        rows = series[name]
         xs, y = params[rows], bpb[rows]
         if too_few_models:
-            fits[name] = {"skipped": too_few_models}
-            continue
+            return {"skipped": too_few_models}, None
         try:
             fit = _fit_series(xs, y, None if replicates is None else replicates[rows], seed, groups[rows])
         except MMCError as error:
-            fits[name] = {"skipped": str(error)}
-            continue
-        fitted[name] = fit
-        fits[name] = {**fit.to_dict(), "holdout": _holdout(xs, y, holdout_fraction, groups[rows])}
-        points.append(pd.DataFrame({"series": name, "total_params": xs, "bpb": y}))
-        curves.append(_curve(name, fit, xs, grid_points))
+            return {"skipped": str(error)}, None
+        return {**fit.to_dict(), "holdout": _holdout(xs, y, holdout_fraction, groups[rows])}, fit
+
+    fits, points, curves, fitted = {}, [], [], {}
+    for name, (entry, fit) in zip(series, in_threads(series_fit, list(series))):
+        fits[name] = entry
+        if fit is not None:
+            fitted[name] = fit
+            xs = params[series[name]]
+            points.append(pd.DataFrame({"series": name, "total_params": xs, "bpb": bpb[series[name]]}))
+            curves.append(_curve(name, fit, xs, grid_points))
     n_members = int(table.k.eq(1).sum())
     for name, refits in member_jackknife(table, params, bpb, groups, list(fitted), fitted).items():
         fits[name].update(_interval_fields(fitted[name], refits, n_members))
@@ -630,28 +647,31 @@ def _refit_batch(points: JointPoints, log_y: np.ndarray, shape: str, start: np.n
     theta = start.copy()
     theta[:, exponents] = np.clip(theta[:, exponents], *EXPONENT_BOUNDS)
 
-    def residuals(theta: np.ndarray) -> np.ndarray:
+    def residuals(theta: np.ndarray, log_y: np.ndarray) -> np.ndarray:
         return _joint_log_curve(theta, points, shape) - log_y
 
-    r = residuals(theta)
+    r = residuals(theta, log_y)
     cost = (r ** 2).sum(axis=1)
     damping = np.full(len(theta), 1e-3)
+    active = np.arange(len(theta))  # rows still moving: a converged row steps no more
     for _ in range(steps):
-        jacobian = _joint_jacobian(theta, points, shape)
+        jacobian = _joint_jacobian(theta[active], points, shape)
         hessian = jacobian.transpose(0, 2, 1) @ jacobian
-        gradient = (jacobian.transpose(0, 2, 1) @ r[..., None])[..., 0]
+        gradient = (jacobian.transpose(0, 2, 1) @ r[active, :, None])[..., 0]
         diagonal = np.einsum("bii->bi", hessian) + 1e-12
-        step = -np.linalg.solve(hessian + (damping[:, None] * diagonal)[..., None] * np.eye(theta.shape[1]),
+        step = -np.linalg.solve(hessian + (damping[active, None] * diagonal)[..., None] * np.eye(theta.shape[1]),
                                 gradient[..., None])[..., 0]
-        trial = theta + step
+        trial = theta[active] + step
         trial[:, exponents] = np.clip(trial[:, exponents], *EXPONENT_BOUNDS)
-        r_trial = residuals(trial)
+        r_trial = residuals(trial, log_y[active])
         cost_trial = (r_trial ** 2).sum(axis=1)
-        better = cost_trial < cost
-        converged = np.abs(cost - cost_trial) <= 1e-14 * np.maximum(cost, 1e-300) + 1e-30
-        theta[better], r[better], cost[better] = trial[better], r_trial[better], cost_trial[better]
-        damping = np.where(better, damping / 3, damping * 4)
-        if (converged | (damping > 1e12)).all():
+        better = cost_trial < cost[active]
+        converged = np.abs(cost[active] - cost_trial) <= 1e-14 * np.maximum(cost[active], 1e-300) + 1e-30
+        moved = active[better]
+        theta[moved], r[moved], cost[moved] = trial[better], r_trial[better], cost_trial[better]
+        damping[active] = np.where(better, damping[active] / 3, damping[active] * 4)
+        active = active[~(converged | (damping[active] > 1e12))]
+        if not len(active):
             break
     return theta, cost
 

@@ -496,6 +496,23 @@ def test_the_member_jackknife_is_the_delete_one_jackknife_over_re_enumerated_poo
             assert fit["ci95_note"].startswith("documents: no document bootstrap ran"), name
 
 
+def test_the_series_fitted_side_by_side_are_the_series_fitted_one_after_another(monkeypatch):
+    """`collaboration_laws` fits the series, and refits them for the member jackknife, on THREADS threads
+    (`mmc.in_threads`): the metrics, points and curves are those of one thread, to the bit."""
+    import mmc
+
+    table = six_member_table()
+    replicates = np.random.default_rng(3).normal(1.0, 0.01, (len(table), 40)) * table.oracle_bpb.to_numpy()[:, None]
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(mmc, "THREADS", threads)
+        results[threads] = collaboration.collaboration_laws(table, replicates)
+    assert json.dumps(results[1][0], sort_keys=True) == json.dumps(results[3][0], sort_keys=True)
+    for one, three in zip(results[1][1:], results[3][1:]):
+        pd.testing.assert_frame_equal(one, three, check_exact=True)
+    assert sum("jackknife" in fit for fit in results[1][0]["fits"].values()) >= 3  # several series, each refitted
+
+
 def test_the_interval_shown_combines_documents_and_members_on_the_fitted_scale():
     x = np.geomspace(1e4, 1e8, 12)
     truth = {"E": 1.5, "A": 40.0, "alpha": 0.3}
