@@ -57,6 +57,8 @@ REFINE_STEP = 1e-13  # a step this small in θ (log-scales, exponents, offsets) 
 REFINE_ROUNDING = 1e-13  # a rise of the objective this small, relative, is rounding, not a worse point
 REFINE_HALVINGS = 30  # a step halved this often without lowering the objective: the optimum, to rounding
 HALVING_VALUES = 2**16  # a refused step's halvings are tried this many values (trials × points) at a time
+# a term under this share of every point's prediction whose scale a Gauss–Newton step lowers is also tried dropped
+DROP_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -545,28 +547,35 @@ def _scipy_polish(design: _Design, theta: np.ndarray, target: np.ndarray, weight
 
 
 def _refine(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray,
-            delta: float | np.ndarray | None, iterations: int = REFINE_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+            delta: float | np.ndarray | None, iterations: int = REFINE_ITERATIONS, drop_terms: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Gauss–Newton steps with IRLS weights (Huber: ψ(r)/r) from polished θ (M, P) until the step vanishes, every
     row against its own row of target and weights (M, n) (and of δ, (M, 1), where δ is an array).
 
     A fixed point solves the normal equations Σ w ψ(r) ∂r/∂θ = 0 to rounding, so fits of data that differ in the
     tenth digit agree to about that digit: the quasi-Newton polish before it stops at a relative change of the
     objective, which leaves the parameters of a flat valley several digits short. A parameter at a bound that
-    the gradient pushes outward stays there; a step that raises the objective beyond rounding is halved. Returns
-    the refined θ and objectives (M,); a row that ends worse than it began keeps its start. A large batch runs in
-    parts side by side (`_rows_in_threads`)."""
+    the gradient pushes outward stays there; a step that raises the objective beyond rounding is halved. With
+    `drop_terms` a vanishing term is also tried dropped (`_term_dropped`), its scale at the bound, where that lowers
+    the objective more than the step and the objective rises with the term there (the refits of `refit_subsets`; not
+    a fit's estimate, from which the profiles start: at the bound, e^-40 below the data, their Levenberg–Marquardt
+    cannot lift a scale again). Returns the refined θ and objectives (M,); a row that ends worse than it began keeps
+    its start. A large batch runs in parts side by side (`_rows_in_threads`)."""
     return _rows_in_threads(lambda rows: _refine_rows(
-        design, theta[rows], target[rows], weights[rows], _delta_rows(delta, rows), iterations),
+        design, theta[rows], target[rows], weights[rows], _delta_rows(delta, rows), iterations, drop_terms),
         len(theta), design.n_points)
 
 
 def _refine_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights: np.ndarray,
-                 delta: float | np.ndarray | None, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+                 delta: float | np.ndarray | None, iterations: int, drop_terms: bool
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """`_refine` on one batch of rows."""
-    def evaluate(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def evaluate(values: np.ndarray, rows: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         prediction, jac = design.log_predict(values)
-        rho, psi, irls = _rho(prediction - target[rows], _delta_rows(delta, rows))
-        return (weights[rows] * rho).sum(axis=1), jac, weights[rows] * psi, weights[rows] * irls
+        residuals = prediction - target[rows]
+        rho, psi, irls = _rho(residuals, _delta_rows(delta, rows))
+        return (weights[rows] * rho).sum(axis=1), jac, weights[rows] * psi, weights[rows] * irls, residuals
 
     def objective(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
         prediction, _ = design.log_predict(values, jacobian=False)
@@ -576,7 +585,7 @@ def _refine_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         return trial_value <= value[rows] + REFINE_ROUNDING * np.abs(value[rows])
 
     every = np.arange(len(theta))
-    start, jac, psi, irls = evaluate(theta, every)
+    start, jac, psi, irls, residuals = evaluate(theta, every)
     refined, value = theta.copy(), start.copy()
     active = np.ones(len(theta), dtype=bool)
     for _ in range(iterations):
@@ -599,14 +608,62 @@ def _refine_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
             for part, values in zip(accepted, (halved[found], *evaluate(halved[found], rows[late[found]]))):
                 part[late[found]] = values
             pending[late[found]] = False
+        dropping, dropped, scale = _term_dropped(design, current, step, jac, residuals, weights[rows],
+                                                 _delta_rows(delta, rows)) if drop_terms else ((), None, None)
+        if len(dropping):  # a vanishing term's scale crawls towards its bound: its fit without it, where lower
+            dropped_value = objective(dropped, rows[dropping])
+            lower = np.flatnonzero(
+                dropped_value < np.where(pending[dropping], value[rows[dropping]], accepted[1][dropping]))
+            evaluated = evaluate(dropped[lower], rows[dropping[lower]])
+            # and only where the objective rises with the term at its bound (a constrained optimum in its scale):
+            # where it falls, the term belongs in the fit and the step keeps it
+            rising = np.einsum("mn,mn->m", evaluated[1][np.arange(len(lower)), scale[lower]], evaluated[2]) > 0
+            taken = dropping[lower[rising]]
+            for part, values in zip(accepted, (dropped[lower[rising]], *(part[rising] for part in evaluated))):
+                part[taken] = values
+            pending[taken] = False
         moved = np.abs(accepted[0] - current).max(axis=1)
         keep = ~pending  # rows whose step was never accepted stop where they are
         refined[rows[keep]], value[rows[keep]] = accepted[0][keep], accepted[1][keep]
         active[rows[pending | (moved <= REFINE_STEP)]] = False
         still = keep & (moved > REFINE_STEP)
-        jac, psi, irls = accepted[2][still], accepted[3][still], accepted[4][still]
+        jac, psi, irls, residuals = accepted[2][still], accepted[3][still], accepted[4][still], accepted[5][still]
     worse = value > start + REFINE_ROUNDING * np.abs(start)
     return np.where(worse[:, None], theta, refined), np.where(worse, start, value)
+
+
+def _term_dropped(design: _Design, theta: np.ndarray, step: np.ndarray, jac: np.ndarray, residuals: np.ndarray,
+                  weights: np.ndarray, delta: float | np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows whose Gauss–Newton `step` lowers the scale of a term under DROP_SHARE of every point's prediction, their
+    θ with that term dropped (its scale at the lower bound, its exponents and offset left) and the other parameters
+    at the Gauss–Newton step of the fit without it, and the dropped scale's index.
+
+    In the log scale a vanishing term's optimum at 0 is e^-40 away, and where it trades off with another term (a floor
+    beside a slowly falling power) Gauss–Newton crawls there, hundreds of steps of a few hundredths; the fit without
+    the term comes from the same evaluation: dropping a term of share w leaves the log residuals r + log(1 − w) and
+    divides the other terms' derivatives by 1 − w. The caller takes it only where its objective is the lower."""
+    scales = np.array(design.scales)
+    share = jac[:, scales].max(axis=2)  # (M, terms): each term's largest share of a point's prediction
+    candidate = (step[:, scales] < 0) & (share < DROP_SHARE) & (theta[:, scales] > design.lower[scales])
+    rows = np.flatnonzero(candidate.any(axis=1))
+    if not len(rows):
+        return rows, theta[:0], rows
+    term = np.where(candidate[rows], share[rows], np.inf).argmin(axis=1)  # the smallest such term of each row
+    dropped = scales[term]
+    within = np.arange(len(rows))
+    remaining = 1.0 - jac[rows, dropped]
+    reduced = jac[rows] / remaining[:, None, :]
+    owned = np.zeros((len(design.law.terms), len(design.law.params)), dtype=bool)  # each term's parameters
+    for t, law_term in enumerate(design.law.terms):
+        owned[t, [design.index[name] for name in (law_term.scale, *(e for _, e in law_term.powers),
+                                                  *(law_term.shift or ())[1:])]] = True
+    reduced *= ~owned[term][:, :, None]
+    _, psi, irls = _rho(residuals[rows] + np.log(remaining), _delta_rows(delta, rows))
+    gradient = (reduced @ (weights[rows] * psi)[..., None])[..., 0]
+    hessian = (reduced * (weights[rows] * irls)[:, None, :]) @ reduced.transpose(0, 2, 1)
+    moved = np.clip(theta[rows] - (np.linalg.pinv(hessian) @ gradient[..., None])[..., 0], design.lower, design.upper)
+    moved[within, dropped] = design.lower[dropped]
+    return rows, moved, dropped
 
 
 def _first_acceptable_halving(current: np.ndarray, step: np.ndarray, rows: np.ndarray, design: _Design,
@@ -872,8 +929,8 @@ def _refit(design: _Design, targets: np.ndarray, weights: np.ndarray, delta: flo
     """θ (M, P) refitted to every row of targets and weights (M, n), BOOTSTRAP_BLOCK rows at a time: LM from the
     best candidate of a coarse grid and from `estimate`, the better kept (never from the estimate alone: a flat
     direction shows); then, as `fit_law` finishes, with `lbfgs` an L-BFGS-B polish of each row and with `refine`
-    Gauss–Newton steps to the optimum to rounding (`_refine`). δ: one for all rows, or (M, 1) a row's own. The
-    bootstrap's resamples and `refit_subsets`' subsets both come here."""
+    Gauss–Newton steps to the optimum to rounding (`_refine`, a vanishing term tried dropped). δ: one for all rows,
+    or (M, 1) a row's own. The bootstrap's resamples and `refit_subsets`' subsets both come here."""
     thetas = []
     for rows in np.array_split(np.arange(len(targets)), max(1, int(np.ceil(len(targets) / BOOTSTRAP_BLOCK)))):
         row_delta = _delta_rows(delta, rows)
@@ -884,7 +941,7 @@ def _refit(design: _Design, targets: np.ndarray, weights: np.ndarray, delta: flo
                                             delta if np.ndim(delta) == 0 else delta[row, 0])[0]
                               for i, row in enumerate(rows)])
         if refine:
-            theta, _ = _refine(design, theta, targets[rows], weights[rows], row_delta)
+            theta, _ = _refine(design, theta, targets[rows], weights[rows], row_delta, drop_terms=True)
         thetas.append(theta)
     return np.concatenate(thetas)
 
