@@ -430,14 +430,20 @@ def test_huber_rho_is_each_formula_to_the_bit():
     assert np.array_equal(laws._rho(residuals, delta, False)[0], rho)
 
 
+def random_design(law: laws.Law, rng: np.random.Generator, n_points: int, log_loss: float, n_rows: int,
+                  spread: float) -> tuple[dict, laws._Design, np.ndarray]:
+    """Random inputs (1 to 50), the law at them in the fitting parameterisation, and `n_rows` random θ within its
+    bounds."""
+    inputs = {name: rng.uniform(1.0, 50.0, n_points) for name in law.inputs}
+    log_inputs = {name: float(np.log(values).mean()) for name, values in inputs.items()}
+    design = laws._Design(law, inputs, laws._Centre(log_loss, log_inputs))
+    return inputs, design, np.clip(rng.normal(0, spread, (n_rows, len(law.params))), design.lower, design.upper)
+
+
 @pytest.mark.parametrize("law_name", list(laws.LAWS))
 def test_the_designs_prediction_and_jacobian_are_the_laws(law_name):
     law = laws.LAWS[law_name]
-    rng = np.random.default_rng(4)
-    inputs = {name: rng.uniform(1.0, 50.0, 30) for name in law.inputs}
-    log_inputs = {name: float(np.log(values).mean()) for name, values in inputs.items()}
-    design = laws._Design(law, inputs, laws._Centre(0.3, log_inputs))
-    theta = np.clip(rng.normal(0, 0.5, (4, len(law.params))), design.lower, design.upper)
+    inputs, design, theta = random_design(law, np.random.default_rng(4), 30, 0.3, 4, 0.5)
     prediction, jac = design.log_predict(theta)
     for row in range(len(theta)):
         params = dict(zip(law.params, laws._natural(design, theta[row])))
@@ -461,10 +467,7 @@ def test_a_dropped_terms_step_is_gauss_newtons_without_the_term(law_name):
     scale at the bound and its own parameters held, to 1e-9."""
     law = laws.LAWS[law_name]
     rng = np.random.default_rng(5)
-    inputs = {name: rng.uniform(1.0, 50.0, 40) for name in law.inputs}
-    log_inputs = {name: float(np.log(values).mean()) for name, values in inputs.items()}
-    design = laws._Design(law, inputs, laws._Centre(0.0, log_inputs))
-    theta = np.clip(rng.normal(0, 0.3, (3, len(law.params))), design.lower, design.upper)
+    _, design, theta = random_design(law, rng, 40, 0.0, 3, 0.3)
     theta[:, design.scales[0]] = -9.0  # the first term: under 1% of every prediction, a scale a step lowers
     target = design.log_predict(theta, jacobian=False)[0] + rng.normal(0, 0.05, (3, 40))
     weights, delta = np.ones((3, 40)), 0.04
