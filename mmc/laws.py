@@ -279,6 +279,10 @@ class _Design:
                        for term in law.terms if term.shift}
         self.index = {name: i for i, name in enumerate(law.params)}
         self.scales = [self.index[term.scale] for term in law.terms]
+        self.owned = np.zeros((len(law.terms), len(law.params)), dtype=bool)  # (terms, P): each term's parameters
+        for t, term in enumerate(law.terms):
+            self.owned[t, [self.index[name] for name in (term.scale, *(exponent for _, exponent in term.powers),
+                                                         *(term.shift or ())[1:])]] = True
         self.nonlinear = [i for i, name in enumerate(law.params) if law.kind(name) != "scale"]
         self.lower = np.array([-LOG_SCALE_BOUND if law.kind(n) == "scale" else law.bounds[n][0] for n in law.params])
         self.upper = np.array([LOG_SCALE_BOUND if law.kind(n) == "scale" else law.bounds[n][1] for n in law.params])
@@ -462,7 +466,7 @@ def _polish_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
     theta = np.clip(theta, design.lower, design.upper)
     if tie is not None:
         tied, coefficients = tie
-        tied_rows = np.flatnonzero(coefficients.any(axis=1))
+        is_tied = coefficients.any(axis=1)  # rows with a tied parameter
         every = np.arange(len(theta))
         held = theta[every, tied] - np.einsum("mp,mp->m", theta, coefficients)
 
@@ -474,7 +478,7 @@ def _polish_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         prediction, jac = design.log_predict(values)
         rho, psi, irls = _rho(prediction - target[rows], _delta_rows(delta, rows))
         if tie is not None:  # chain rule: moving a coefficient's parameter moves θ_j with it
-            moved = np.isin(rows, tied_rows)
+            moved = is_tied[rows]
             jac[moved] += np.take_along_axis(jac[moved], tied[rows[moved], None, None], axis=1) * \
                 coefficients[rows[moved], :, None]
         if not all_free:
@@ -500,7 +504,7 @@ def _polish_rows(design: _Design, theta: np.ndarray, target: np.ndarray, weights
         step = -_solve_rows(scaled, gradient)
         trial = np.clip(theta[rows] + step, design.lower, design.upper)
         if tie is not None:
-            moved = np.isin(rows, tied_rows)
+            moved = is_tied[rows]
             trial[moved, tied[rows[moved]]] = held[rows[moved]] + np.einsum(
                 "mp,mp->m", trial[moved], coefficients[rows[moved]])
         value, trial_hessian, trial_gradient = evaluate(trial, rows)
@@ -653,11 +657,7 @@ def _term_dropped(design: _Design, theta: np.ndarray, step: np.ndarray, jac: np.
     within = np.arange(len(rows))
     remaining = 1.0 - jac[rows, dropped]
     reduced = jac[rows] / remaining[:, None, :]
-    owned = np.zeros((len(design.law.terms), len(design.law.params)), dtype=bool)  # each term's parameters
-    for t, law_term in enumerate(design.law.terms):
-        owned[t, [design.index[name] for name in (law_term.scale, *(e for _, e in law_term.powers),
-                                                  *(law_term.shift or ())[1:])]] = True
-    reduced *= ~owned[term][:, :, None]
+    reduced *= ~design.owned[term][:, :, None]
     _, psi, irls = _rho(residuals[rows] + np.log(remaining), _delta_rows(delta, rows))
     gradient = (reduced @ (weights[rows] * psi)[..., None])[..., 0]
     hessian = (reduced * (weights[rows] * irls)[:, None, :]) @ reduced.transpose(0, 2, 1)
