@@ -1,7 +1,8 @@
 """The merge sweep (the merge stage): every k-subset of a base's experts merged with each method, scored per sample.
 
-The base and its experts are loaded once and stacked (`mmc.merging.stack_experts`); each merge is copied into
-the one loaded model and the eval samples are scored with the loss engine (`mmc.losses.score_texts`).
+The base and its experts are loaded once and stacked (`mmc.merging.stack_experts`); the eval samples are tokenized
+and batched once (`mmc.losses.plan_scoring`); each merge is copied into the one loaded model and scores them with
+the loss engine (`mmc.losses.score_windows`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 import mmc
 from mmc import MMCError, check_name, check_number
 from mmc.corpus import fingerprint, load_samples, sample_bytes
-from mmc.losses import count_parameters, load_model, score_texts
+from mmc.losses import count_parameters, load_model, per_text, plan_scoring, score_windows
 from mmc.merge_methods import METHODS, MergeSpec
 from mmc.merging import check_expert_base, copy_into, merge, stack_experts
 from mmc.store import check_outputs, write_store
@@ -82,12 +83,14 @@ def merge_sweep(base: str, experts: Mapping[str, str | Path], data_dir: str | Pa
     runs = [("base", ())] + [(spec, subset) for spec in specs for subset in subsets
                              if METHODS[spec.method].accepts(len(subset))]
     texts = list(samples["text"])
+    # every merge shares the base's tokenizer: the texts are tokenized and batched once, each merge scores them
+    windows, groups = plan_scoring(loaded, texts, batch_tokens=batch_tokens)
     nll = np.empty((len(runs), len(texts)))
-    n_tokens = np.empty((len(runs), len(texts)), dtype=np.int64)
     bar = tqdm(runs, desc=f"merge {Path(base).name}", unit="merge", disable=None if progress is None else not progress)
     for row, (spec, subset) in enumerate(bar):
         copy_into(loaded.model, stack.base if spec == "base" else merge(stack, spec, [domains[i] for i in subset]))
-        nll[row], n_tokens[row] = score_texts(loaded, texts, batch_tokens=batch_tokens, progress=False)
+        nll[row] = per_text(windows.doc, score_windows(loaded, windows, groups, progress=False), len(texts))
+    n_tokens = np.tile(per_text(windows.doc, windows.n_pred, len(texts)).astype(np.int64), (len(runs), 1))
     n_params, n_params_nonembedding = count_parameters(loaded.model)
     return xr.Dataset(
         {"nll": (("merge", "sample"), nll, {"units": "nats"}), "n_tokens": (("merge", "sample"), n_tokens)},
