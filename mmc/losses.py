@@ -25,6 +25,7 @@ import copy
 import errno
 import hashlib
 import importlib.util
+import itertools
 import json
 import re
 import subprocess
@@ -427,18 +428,26 @@ class Windows:
     n_pred: np.ndarray  # number of scored (predicted) positions, at the end of the window
 
 
+def prefixed_tokens(token_lists: list[list[int]], prefix: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every document as [prefix, t1, ..., tT], concatenated (as scored, and as trained on), with each document's
+    token count (without the prefix) and the offset of its prefix."""
+    n_tokens = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+    seq_start = np.concatenate([[0], np.cumsum(n_tokens + 1)[:-1]]).astype(np.int64)
+    flat = np.empty(int((n_tokens + 1).sum()), dtype=np.int64)
+    is_prefix = np.zeros(flat.size, dtype=bool)
+    is_prefix[seq_start] = True
+    flat[is_prefix] = prefix
+    flat[~is_prefix] = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64,
+                                   count=int(n_tokens.sum()))
+    return flat, n_tokens, seq_start
+
+
 def make_windows(token_lists: list[list[int]], prefix: int, max_length: int, stride: int | None = None) -> Windows:
     """Cut documents into rolling windows (stride None or = max_length) or overlapping ones (stride < max_length)."""
     stride = max_length if stride is None else stride
     if not 1 <= stride <= max_length:
         raise MMCError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
-    n_tokens = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
-    seq_start = np.concatenate([[0], np.cumsum(n_tokens + 1)[:-1]])
-    flat = np.empty(int((n_tokens + 1).sum()), dtype=np.int64)
-    is_prefix = np.zeros(flat.size, dtype=bool)
-    is_prefix[seq_start] = True
-    flat[is_prefix] = prefix
-    flat[~is_prefix] = np.fromiter((t for tokens in token_lists for t in tokens), dtype=np.int64, count=int(n_tokens.sum()))
+    flat, n_tokens, seq_start = prefixed_tokens(token_lists, prefix)
 
     # Block j of a document predicts sequence positions (s, t]; block 0 is max_length long, later ones stride.
     n_windows = np.where(n_tokens > 0, 1 + -(-np.maximum(n_tokens - max_length, 0) // stride), 0)

@@ -19,23 +19,14 @@ from tqdm.auto import tqdm
 import mmc
 from mmc import MMCError
 from mmc.corpus import load_samples
-from mmc.losses import context_length, load_model, save_model
+from mmc.losses import context_length, load_model, prefix_token, prefixed_tokens, save_model
 from mmc.store import atomic_path, check_outputs
 
 
 def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
     """All texts as one token array, each preceded by the prefix token (as they are scored)."""
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     token_lists = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
-    stream = np.empty(int(lengths.sum()), dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    is_prefix = np.zeros(stream.size, dtype=bool)
-    is_prefix[starts] = True
-    stream[is_prefix] = prefix
-    stream[~is_prefix] = np.fromiter((t for tokens in token_lists for t in tokens), dtype=np.int64,
-                                     count=int(lengths.sum()) - len(token_lists))
-    return stream
+    return prefixed_tokens(token_lists, prefix_token(tokenizer))[0]
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
