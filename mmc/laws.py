@@ -30,12 +30,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmc import THREADS, MMCError, check_number
+from mmc import THREADS, MMCError, check_number, in_threads
 
 # fitted log-scales stay within e^±40 of the data's typical loss at its typical inputs
 LOG_SCALE_BOUND = 40.0
@@ -454,8 +453,7 @@ def _rows_in_threads(run: Callable[[slice | np.ndarray], tuple[np.ndarray, np.nd
     parts = min(THREADS, n_rows // SPLIT_ROWS, n_rows * n_points // SPLIT_VALUES)
     if parts < 2:
         return run(slice(None))
-    with ThreadPoolExecutor(parts) as executor:
-        results = list(executor.map(run, np.array_split(np.arange(n_rows), parts)))
+    results = in_threads(run, np.array_split(np.arange(n_rows), parts))
     return np.concatenate([result[0] for result in results]), np.concatenate([result[1] for result in results])
 
 
